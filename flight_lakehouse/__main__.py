@@ -1,0 +1,5 @@
+"""Entry point for ``python -m flight_lakehouse``."""
+
+from flight_lakehouse.cli import main
+
+main()

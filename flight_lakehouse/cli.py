@@ -1,0 +1,206 @@
+"""The ``flight-lakehouse`` command line: ``serve``, and client commands that talk to a running server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
+from flight_lakehouse.settings import SettingsError, load_settings
+
+server_option = click.option(
+    "--server", envvar="LAKEHOUSE_SERVER", default=DEFAULT_SERVER, show_default=True, help="Flight location."
+)
+
+
+@click.group()
+@click.version_option(package_name="flight-lakehouse")
+def main() -> None:
+    """flight-lakehouse: a small lakehouse behind one Arrow Flight server."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8815; 0 picks a free one).")
+@click.option("--root", default=None, help="Data root: a directory or s3://bucket/prefix.")
+@click.option("--catalog-uri", default=None, help="SQLAlchemy URI of the Iceberg SQL catalog.")
+@click.option(
+    "--insecure-no-auth", is_flag=True, default=None, help="Allow a non-loopback bind without auth."
+)
+@click.option("--query-timeout-seconds", type=float, default=None, help="Time limit of one query.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+def serve(**options: object) -> None:
+    """Run the server until SIGINT/SIGTERM."""
+    try:
+        settings = load_settings(**options)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
+
+    try:
+        server = LakehouseServer(settings)
+    except (SettingsError, OSError, flight.FlightError, pa.ArrowException) as exc:
+        raise click.ClickException(f"cannot start: {str(exc).splitlines()[0]}") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    where = f"grpc://{settings.host}:{server.port}"
+    logging.getLogger("flight_lakehouse").info("ready at %s, root %s", where, settings.root)
+    while not stop.wait(0.5):
+        pass
+    _shutdown(server, settings.shutdown_grace_seconds)
+
+
+def _shutdown(server: flight.FlightServerBase, grace_seconds: float) -> None:
+    """Stop taking calls, let running ones finish within the grace period, then exit 0."""
+    log = logging.getLogger("flight_lakehouse")
+    log.info("shutting down (waiting up to %g s for running calls)", grace_seconds)
+    done = threading.Thread(target=server.shutdown, daemon=True)
+    done.start()
+    done.join(grace_seconds)
+    if done.is_alive():
+        log.warning("running calls did not finish in %g s; exiting anyway", grace_seconds)
+    logging.shutdown()
+    os._exit(0)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dataset", required=True, help="Target dataset name.")
+@click.option(
+    "--mode", type=click.Choice(["append", "create", "overwrite"]), default="append", show_default=True
+)
+@click.option("--schema-mode", type=click.Choice(["strict", "evolve"]), default="strict", show_default=True)
+@click.option("--batch-rows", type=int, default=65_536, show_default=True)
+@server_option
+def ingest(file: Path, dataset: str, mode: str, schema_mode: str, batch_rows: int, server: str) -> None:
+    """Stream a CSV or Parquet FILE into DATASET through DoPut."""
+    schema, batches = _read_file(file, batch_rows)
+    client = LakehouseClient(server)
+    columns = (
+        TextColumn("{task.description}"),
+        TextColumn("{task.fields[rows]:,} rows"),
+        TextColumn("{task.fields[rate]:.1f} MB/s"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"ingest {file.name}", rows=0, rate=0.0)
+        started, sent = time.monotonic(), [0, 0]
+
+        def counted() -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                yield batch
+                sent[0] += batch.num_rows
+                sent[1] += batch.nbytes
+                elapsed = max(time.monotonic() - started, 1e-6)
+                progress.update(task, rows=sent[0], rate=sent[1] / elapsed / 1e6)
+
+        result = _call(lambda: client.ingest(dataset, schema, counted(), mode=mode, schema_mode=schema_mode))
+    click.echo(
+        f"{result['rows_written']} rows into {result['dataset']} "
+        f"(snapshot {result['snapshot_id']}, {time.monotonic() - started:.1f} s)"
+    )
+
+
+def _read_file(file: Path, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """A schema and a lazy batch iterator for a CSV or Parquet file."""
+    if file.suffix.lower() in (".parquet", ".pq"):
+        parquet = pq.ParquetFile(file)
+        return parquet.schema_arrow, parquet.iter_batches(batch_size=batch_rows)
+    if file.suffix.lower() in (".csv", ".tsv", ".txt"):
+        delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
+        reader = pacsv.open_csv(
+            file,
+            read_options=pacsv.ReadOptions(block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        )
+        return reader.schema, iter(reader)
+    raise click.BadParameter(f"{file.name}: expected a .csv or .parquet file", param_hint="FILE")
+
+
+@main.command()
+@click.argument("sql")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "parquet"]), default="table", show_default=True
+)
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE."
+)
+@click.option("--max-rows", type=int, default=100, show_default=True, help="Rows shown by --format table.")
+@server_option
+def query(sql: str, fmt: str, output: Path | None, max_rows: int, server: str) -> None:
+    """Run SQL on the server and print or save the streamed result."""
+    client = LakehouseClient(server)
+    reader = _call(lambda: client.query(sql))
+    if fmt == "parquet" and output is None:
+        raise click.BadParameter("--format parquet needs --output FILE", param_hint="--output")
+    rows = _call(lambda: _write_result(reader, fmt, output, max_rows))
+    if output is not None:
+        click.echo(f"{rows} rows written to {output}", err=True)
+
+
+def _write_result(reader: flight.FlightStreamReader, fmt: str, output: Path | None, max_rows: int) -> int:
+    if fmt == "table":
+        return _print_table(reader, max_rows)
+    sink = pa.OSFile(str(output), "wb") if output else pa.PythonFile(sys.stdout.buffer, mode="w")
+    writer = (
+        pq.ParquetWriter(sink, reader.schema, compression="zstd")
+        if fmt == "parquet"
+        else pacsv.CSVWriter(sink, reader.schema)
+    )
+    rows = 0
+    with writer:
+        for chunk in reader:
+            writer.write_batch(chunk.data)
+            rows += chunk.data.num_rows
+    sink.flush()
+    return rows
+
+
+def _print_table(reader: flight.FlightStreamReader, max_rows: int) -> int:
+    table = Table(*reader.schema.names)
+    rows = 0
+    for chunk in reader:
+        for row in chunk.data.to_pylist():
+            if rows < max_rows:
+                table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
+            rows += 1
+    Console().print(table)
+    if rows > max_rows:
+        click.echo(f"({rows} rows, {max_rows} shown)", err=True)
+    return rows
+
+
+@main.command()
+@server_option
+def datasets(server: str) -> None:
+    """List the datasets on the server."""
+    rows = _call(lambda: LakehouseClient(server).action("list_datasets"))
+    table = Table("name", "format", "rows", "bytes", "updated_at")
+    for row in rows:
+        table.add_row(row["name"], row["format"], f"{row['rows']:,}", f"{row['bytes']:,}", row["updated_at"])
+    Console().print(table)
+
+
+def _call(function):  # type: ignore[no-untyped-def]
+    """Run a client call; Flight errors become one-line CLI errors."""
+    try:
+        return function()
+    except (flight.FlightError, pa.ArrowException) as exc:
+        raise click.ClickException(str(exc).split(". Detail:")[0].splitlines()[0]) from None

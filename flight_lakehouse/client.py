@@ -1,0 +1,54 @@
+"""A small typed client for the server's Flight surface, used by the CLI (and handy in scripts)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+DEFAULT_SERVER = "grpc://127.0.0.1:8815"
+
+
+class LakehouseClient:
+    """Talks to a running flight-lakehouse server over Arrow Flight."""
+
+    def __init__(self, location: str = DEFAULT_SERVER) -> None:
+        self.location = location
+        self.flight = flight.connect(location)
+
+    def action(self, name: str, body: dict[str, Any] | None = None) -> Any:
+        """Run an action and decode its JSON result."""
+        results = list(self.flight.do_action(flight.Action(name, json.dumps(body or {}).encode())))
+        return json.loads(results[0].body.to_pybytes()) if results else None
+
+    def ingest(
+        self, dataset: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], **options: Any
+    ) -> dict[str, Any]:
+        """Stream ``batches`` into ``dataset`` with one DoPut; returns the PutResult metadata."""
+        command = {"ingest": {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}}
+        descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
+        writer, metadata = self.flight.do_put(descriptor, schema)
+        try:
+            for batch in batches:
+                writer.write_batch(batch)
+            writer.done_writing()
+            result = metadata.read()
+        finally:
+            writer.close()
+        return json.loads(result.to_pybytes()) if result is not None else {}
+
+    def query(self, sql: str) -> flight.FlightStreamReader:
+        """Run SQL; the reader yields the result batch by batch."""
+        return self.flight.do_get(flight.Ticket(json.dumps({"sql": sql}).encode()))
+
+    def query_batches(self, sql: str) -> Iterator[pa.RecordBatch]:
+        """The result batches of ``sql``."""
+        for chunk in self.query(sql):
+            yield chunk.data
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.flight.close()

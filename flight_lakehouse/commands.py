@@ -1,0 +1,145 @@
+"""Typed JSON commands, tickets and action bodies: every byte a client sends is parsed here.
+
+Each model refuses unknown fields and wrong types; a refusal names the field and the offending value.
+``scripts/gen_schemas.py`` writes the JSON Schemas of these models to ``schemas/``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from flight_lakehouse.errors import InvalidArgument
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+MAX_COMMAND_BYTES = 1 << 20
+MAX_SQL_CHARS = 100_000
+
+DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+SqlText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SQL_CHARS)]
+
+
+class Command(BaseModel):
+    """Base of every client-sent JSON object: strict types, unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class IngestOptions(Command):
+    """How a DoPut stream is written."""
+
+    dataset: DatasetName
+    mode: Literal["append", "overwrite", "create", "upsert"] = "append"
+    key: ColumnName | None = None
+    format: Literal["parquet", "lance"] | None = None
+    schema_mode: Literal["strict", "evolve"] = "strict"
+
+
+class IngestCommand(Command):
+    """DoPut descriptor command: ``{"ingest": {...}}``."""
+
+    ingest: IngestOptions
+
+
+class SqlQuery(Command):
+    """DoGet ticket or GetFlightInfo command: ``{"sql": "SELECT ..."}``."""
+
+    sql: SqlText
+
+
+class ScanRequest(Command):
+    """DoGet ticket scanning one dataset: projection, filter, limit and time travel."""
+
+    dataset: DatasetName
+    columns: list[ColumnName] | None = Field(default=None, max_length=10_000)
+    filter: SqlText | None = None
+    limit: Annotated[int, Field(ge=0)] | None = None
+    snapshot_id: int | None = None
+
+
+class EmptyBody(Command):
+    """Body of actions without parameters (``health``, ``list_datasets``)."""
+
+
+class DatasetRef(Command):
+    """Body naming one dataset (``describe_dataset``, ``dataset_history``)."""
+
+    dataset: DatasetName
+
+
+class DropDataset(Command):
+    """Body of ``drop_dataset``."""
+
+    dataset: DatasetName
+    if_exists: bool = False
+
+
+M = TypeVar("M", bound=Command)
+
+#: Models whose JSON Schemas are published in ``schemas/``.
+PUBLISHED_MODELS: dict[str, type[Command]] = {
+    "ingest_command": IngestCommand,
+    "sql_query": SqlQuery,
+    "scan_request": ScanRequest,
+    "empty_body": EmptyBody,
+    "dataset_ref": DatasetRef,
+    "drop_dataset": DropDataset,
+}
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first offending field and value."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if first["type"] == "missing":
+        return f"missing field {where!r}"
+    value = repr(first.get("input"))
+    if len(value) > 80:
+        value = value[:77] + "..."
+    message = first["msg"]
+    if first["type"] == "string_pattern_mismatch" and where.endswith("dataset"):
+        message = f"invalid dataset name (must match {NAME_PATTERN})"
+    return f"{where}: {message}: {value}"
+
+
+def decode_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    """Decode client bytes into a JSON object, refusing anything else with one clear line."""
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"{what} is too large ({len(raw)} bytes, limit {MAX_COMMAND_BYTES})")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_model(model: type[M], payload: dict[str, Any]) -> M:
+    """Validate ``payload`` as ``model``; a refusal becomes :class:`InvalidArgument`."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidArgument(describe_validation_error(exc)) from None
+
+
+def parse_body(model: type[M], raw: bytes | str, what: str) -> M:
+    """Decode and validate a JSON body in one step."""
+    return parse_model(model, decode_json_object(raw, what))
+
+
+def validate_dataset_name(name: str | bytes) -> str:
+    """Check a dataset name from a path descriptor (before any storage is touched)."""
+    if isinstance(name, bytes):
+        try:
+            name = name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"invalid dataset name {name!r}: not UTF-8") from None
+    return parse_model(DatasetRef, {"dataset": name}).dataset

@@ -1,0 +1,126 @@
+"""Client-facing errors and their mapping onto Flight/gRPC status codes.
+
+Every refusal the server sends is one of the classes below. Each maps to one gRPC status code:
+
+* :class:`InvalidArgument` -> INVALID_ARGUMENT
+* :class:`NotFound` -> NOT_FOUND
+* :class:`Unimplemented` -> UNIMPLEMENTED
+* :class:`Unavailable` -> UNAVAILABLE
+* :class:`TimedOut` -> DEADLINE_EXCEEDED
+* :class:`Cancelled` -> CANCELLED
+
+pyarrow turns a Python exception raised by a Flight handler into a status whose detail is the
+formatted traceback. For our own client-facing errors we refuse that formatting (see
+:func:`install_traceback_filter`), so the client only sees the one-line message and the error's class
+name. Anything else is turned into a generic INTERNAL error by :func:`client_safe`, after logging it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ClientError(Exception):
+    """Marker base class: an error whose message is meant for the client."""
+
+
+class InvalidArgument(ClientError, pa.ArrowInvalid):
+    """Bad input: INVALID_ARGUMENT."""
+
+
+class NotFound(ClientError, pa.ArrowKeyError):
+    """Unknown dataset, snapshot, column or action: NOT_FOUND."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want the plain message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(InvalidArgument):
+    """The dataset exists already (``create`` mode): INVALID_ARGUMENT, as the contract allows."""
+
+
+class SchemaConflict(InvalidArgument):
+    """The uploaded schema differs from the dataset's: INVALID_ARGUMENT."""
+
+
+class Unimplemented(ClientError, pa.ArrowNotImplementedError):
+    """A command the server does not serve: UNIMPLEMENTED."""
+
+
+class Unavailable(flight.FlightUnavailableError):
+    """Busy, or storage unreachable: UNAVAILABLE."""
+
+
+class TimedOut(flight.FlightTimedOutError):
+    """A query ran past its time limit: DEADLINE_EXCEEDED."""
+
+
+class Cancelled(flight.FlightCancelledError):
+    """The client cancelled the call: CANCELLED."""
+
+
+_CLIENT_FACING = (ClientError, flight.FlightError)
+
+
+def install_traceback_filter() -> None:
+    """Keep tracebacks of client-facing errors out of what pyarrow sends to clients.
+
+    pyarrow formats the status detail with ``traceback.format_exception``; when that raises, it falls back
+    to the exception's class name. We make it raise for :class:`ClientError`, and only for it.
+    """
+    original = traceback.format_exception
+    if getattr(original, "_lakehouse_filter", False):
+        return
+
+    def format_exception(exc: Any, *args: Any, **kwargs: Any) -> list[str]:
+        value = args[0] if args and not isinstance(exc, BaseException) else exc
+        if isinstance(value, ClientError):
+            raise RuntimeError("client-facing error: no traceback")
+        return original(exc, *args, **kwargs)
+
+    format_exception._lakehouse_filter = True  # type: ignore[attr-defined]
+    traceback.format_exception = format_exception  # type: ignore[assignment]
+
+
+def to_client_error(exc: BaseException) -> BaseException:
+    """Return ``exc`` when it is client-facing, else a generic INTERNAL error (the cause is logged)."""
+    if isinstance(exc, _CLIENT_FACING):
+        return exc
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error %s", incident, exc_info=exc)
+    return flight.FlightInternalError(f"internal error (incident {incident}); see the server log")
+
+
+def client_safe(handler: F) -> F:
+    """Decorate a Flight handler so that only client-facing errors reach the client."""
+
+    @functools.wraps(handler)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except BaseException as exc:
+            raise to_client_error(exc) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def client_safe_iter(items: Iterator[Any]) -> Iterator[Any]:
+    """Wrap a lazily consumed iterator (a streamed result) the way :func:`client_safe` wraps a call."""
+    try:
+        yield from items
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        raise to_client_error(exc) from None

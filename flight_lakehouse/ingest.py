@@ -1,0 +1,314 @@
+"""Streaming ingest: a DoPut stream becomes rolling Parquet files and, at its end, one Iceberg commit.
+
+Nothing is visible before the commit; a stream that fails or is cut off deletes the files it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.io.pyarrow import parquet_file_to_data_file
+from pyiceberg.table import TableProperties, Transaction
+
+from flight_lakehouse.catalog import DatasetCatalog, arrow_schema
+from flight_lakehouse.commands import IngestOptions
+from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, SchemaConflict, Unavailable
+from flight_lakehouse.schema_types import canonical_type, storage_schema
+from flight_lakehouse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the client gets back in the PutResult."""
+
+    dataset: str
+    rows_written: int
+    bytes_written: int
+    files_written: int
+    snapshot_id: int | None
+    created: bool
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        """The PutResult ``app_metadata`` object."""
+        return {
+            "dataset": self.dataset,
+            "rows_written": self.rows_written,
+            "bytes_written": self.bytes_written,
+            "files_written": self.files_written,
+            "snapshot_id": self.snapshot_id,
+            "created": self.created,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class RollingParquetWriter:
+    """Writes batches into Parquet files of bounded size, buffering up to one row group."""
+
+    def __init__(self, catalog: DatasetCatalog, dataset: str, schema: pa.Schema, settings: Settings) -> None:
+        self._storage = catalog.storage
+        self._data_dir = f"{catalog.table_location(dataset)}/data"
+        self._schema = schema
+        self._target_bytes = settings.target_file_mb << 20
+        self._row_group_rows = settings.row_group_rows
+        self._buffer: list[pa.RecordBatch] = []
+        self._buffered_rows = 0
+        self._buffered_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None
+        self.files: list[str] = []
+        self.rows = 0
+        self.bytes = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Buffer a batch; flush a row group when enough rows or bytes are buffered."""
+        if batch.num_rows == 0:
+            return
+        self._buffer.append(batch)
+        self._buffered_rows += batch.num_rows
+        self._buffered_bytes += batch.nbytes
+        self.rows += batch.num_rows
+        if self._buffered_rows >= self._row_group_rows or self._buffered_bytes >= 64 << 20:
+            self._flush_row_group()
+
+    def close(self) -> list[str]:
+        """Flush what is buffered and close the current file; returns the files written."""
+        self._flush_row_group()
+        self._close_file()
+        return self.files
+
+    def abort(self) -> None:
+        """Close quietly and delete every file written so far."""
+        self._buffer.clear()
+        try:
+            self._close_file()
+        except Exception:  # the stream is already failing; the deletion below is what matters
+            log.debug("closing an aborted file failed", exc_info=True)
+        self._storage.delete_files(self.files)
+        self.files.clear()
+
+    def _flush_row_group(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_batches(self._buffer, schema=self._schema)
+        self._buffer, self._buffered_rows, self._buffered_bytes = [], 0, 0
+        writer = self._writer or self._open_file()
+        writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        assert self._sink is not None
+        if self._sink.tell() >= self._target_bytes:
+            self._close_file()
+
+    def _open_file(self) -> pq.ParquetWriter:
+        uri = f"{self._data_dir}/{uuid.uuid4().hex}.parquet"
+        self.files.append(uri)
+        self._sink = self._storage.open_output(uri)
+        self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd", compression_level=1)
+        return self._writer
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._sink is not None:
+            self.bytes += self._sink.tell()
+            self._sink.close()
+            self._sink = None
+
+
+class IngestSession:
+    """One DoPut: plans the target schema, writes the batches, commits once at the end."""
+
+    def __init__(
+        self, catalog: DatasetCatalog, settings: Settings, options: IngestOptions, schema: pa.Schema
+    ):
+        self.catalog = catalog
+        self.settings = settings
+        self.options = options
+        self.started = time.monotonic()
+        self._check_mode()
+        self.incoming_schema = storage_schema(schema)
+        self.base_metadata_location = catalog.metadata_locations().get(options.dataset)
+        self.file_schema = self._plan_file_schema()
+        self.writer = RollingParquetWriter(catalog, options.dataset, self.file_schema, settings)
+        self._max_batch_bytes = settings.max_batch_mb << 20
+
+    # -- planning --------------------------------------------------------------------------------
+    def _check_mode(self) -> None:
+        options = self.options
+        if options.format == "lance" or options.mode == "upsert":
+            raise InvalidArgument(
+                f"dataset {options.dataset!r}: format 'lance' and mode 'upsert' need a vector table"
+            )
+        if options.key is not None:
+            raise InvalidArgument("field 'key' is only used with mode 'upsert'")
+        exists = self.catalog.exists(options.dataset)
+        if options.mode == "create" and exists:
+            raise AlreadyExists(f"dataset {options.dataset!r} already exists (mode 'create')")
+        if not exists:
+            self.catalog.refuse_case_twin(options.dataset)
+
+    def _plan_file_schema(self) -> pa.Schema:
+        """The schema files are written with: the upload's, checked against and ordered like the table's."""
+        if self.base_metadata_location is None:
+            return self.incoming_schema
+        table_schema = arrow_schema(self.catalog.load(self.options.dataset))
+        return reconcile(table_schema, self.incoming_schema, self._schema_mode, self.options.dataset)
+
+    @property
+    def _schema_mode(self) -> str:
+        """Overwrite may add and remove columns (not retype them), like ``evolve``."""
+        return "evolve" if self.options.mode == "overwrite" else self.options.schema_mode
+
+    # -- streaming -------------------------------------------------------------------------------
+    def write(self, batch: pa.RecordBatch) -> None:
+        """Check, convert and write one uploaded batch."""
+        if batch.nbytes > self._max_batch_bytes:
+            raise InvalidArgument(
+                f"batch of {batch.nbytes} bytes exceeds the limit of {self.settings.max_batch_mb} MB; "
+                "send smaller batches"
+            )
+        self.writer.write(conform(batch, self.file_schema))
+
+    def abort(self) -> None:
+        """Forget the stream: delete its files, commit nothing."""
+        self.writer.abort()
+
+    def commit(self) -> IngestResult:
+        """Close the files and make the whole stream visible in one Iceberg commit."""
+        try:
+            files = self.writer.close()
+            snapshot_id, created = self._commit(files)
+        except BaseException:
+            self.writer.abort()
+            raise
+        result = IngestResult(
+            dataset=self.options.dataset,
+            rows_written=self.writer.rows,
+            bytes_written=self.writer.bytes,
+            files_written=len(files),
+            snapshot_id=snapshot_id,
+            created=created,
+            seconds=time.monotonic() - self.started,
+        )
+        log.info("ingest %s", result.to_json())
+        return result
+
+    def _commit(self, files: list[str]) -> tuple[int | None, bool]:
+        name = self.options.dataset
+        with self.catalog.write_lock(name):
+            current = self.catalog.metadata_locations().get(name)
+            if current is None:
+                if self.base_metadata_location is not None:
+                    raise NotFound(f"dataset {name!r} was dropped during the upload; nothing was written")
+                self.catalog.refuse_case_twin(name)
+                return self._create_table(files), True
+            if current != self.base_metadata_location:
+                table_schema = arrow_schema(self.catalog.load(name))
+                reconcile(table_schema, self.file_schema, self._schema_mode, name)
+            if self.options.mode == "create":
+                raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
+            tx = self.catalog.load(name).transaction()
+            return self._add_files(tx, files), False
+
+    def _create_table(self, files: list[str]) -> int | None:
+        name = self.options.dataset
+        try:
+            tx = self.catalog.iceberg.create_table_transaction(
+                self.catalog.identifier(name),
+                schema=self.file_schema,
+                location=self.catalog.table_location(name),
+                properties={"write.parquet.compression-codec": "zstd"},
+            )
+        except TableAlreadyExistsError:
+            raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
+        return self._add_files(tx, files)
+
+    def _evolve_schema(self, tx: Transaction) -> None:
+        """Add the upload's new columns; an overwrite also removes the columns it does not have."""
+        current = [field.name for field in tx.table_metadata.schema().fields]
+        with tx.update_schema() as update:
+            update.union_by_name(self.file_schema)
+            if self.options.mode == "overwrite":
+                for name in current:
+                    if name not in self.file_schema.names:
+                        update.delete_column(name)
+
+    def _add_files(self, tx: Transaction, files: list[str]) -> int | None:
+        """Stage schema changes and the new files in ``tx`` and commit it."""
+        if tx.table_metadata.name_mapping() is None:
+            mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
+            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        if self._schema_mode == "evolve":
+            self._evolve_schema(tx)
+        if self.options.mode == "overwrite":
+            tx.delete(AlwaysTrue())
+        if files:
+            with tx.update_snapshot().fast_append() as append:
+                for data_file in data_files(tx, files):
+                    append.append_data_file(data_file)
+        try:
+            table = tx.commit_transaction()
+        except CommitFailedException:
+            raise Unavailable(f"dataset {self.options.dataset!r} changed during the commit; retry") from None
+        snapshot = table.current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+
+
+def data_files(tx: Transaction, files: Iterable[str]) -> list:
+    """Iceberg DataFile entries (with column statistics) of freshly written Parquet files."""
+    metadata = tx.table_metadata
+    io = tx._table.io
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda path: parquet_file_to_data_file(io, metadata, path), files))
+
+
+def reconcile(table: pa.Schema, upload: pa.Schema, schema_mode: str, dataset: str) -> pa.Schema:
+    """The file schema for ``upload`` into a table of schema ``table``, or a SchemaConflict naming fields."""
+    table_types = {field.name: canonical_type(field.type) for field in table}
+    upload_types = {field.name: canonical_type(field.type) for field in upload}
+    changed = [
+        name for name in upload_types if name in table_types and upload_types[name] != table_types[name]
+    ]
+    added = [name for name in upload_types if name not in table_types]
+    missing = [name for name in table_types if name not in upload_types]
+    problems = []
+    if changed:
+        problems.append(
+            "type differs: " + ", ".join(f"{n} ({upload_types[n]} vs {table_types[n]})" for n in changed)
+        )
+    if schema_mode == "strict":
+        if added:
+            problems.append("not in dataset: " + ", ".join(added))
+        if missing:
+            problems.append("missing from upload: " + ", ".join(missing))
+    if problems:
+        hint = "" if schema_mode == "evolve" or changed else "; use schema_mode 'evolve' to add columns"
+        raise SchemaConflict(
+            f"schema of upload differs from dataset {dataset!r}: {'; '.join(problems)}{hint}"
+        )
+    ordered = [upload.field(name) for name in table_types if name in upload_types]
+    return pa.schema(ordered + [upload.field(name) for name in added])
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """Reorder and cast an uploaded batch to the file schema."""
+    if batch.schema.equals(schema):
+        return batch
+    try:
+        columns = [batch.column(field.name).cast(field.type) for field in schema]
+    except KeyError as exc:
+        raise InvalidArgument(f"batch lacks column {exc.args[0]!r} announced by the stream schema") from None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InvalidArgument(f"cannot convert uploaded batch: {exc}") from None
+    return pa.RecordBatch.from_arrays(columns, schema=schema)

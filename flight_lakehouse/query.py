@@ -1,0 +1,280 @@
+"""SQL over the datasets: DuckDB on the current snapshots, streamed batch by batch, sandboxed.
+
+Each distinct state of the catalog (the set of current metadata files) gets its own in-memory DuckDB
+database with one view per dataset over exactly that snapshot's Parquet files. A query takes the
+database current when it starts and a cursor of its own, so it sees one snapshot of every dataset
+(read-your-writes on this server, never a mix) and runs in parallel with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+
+from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
+from flight_lakehouse.commands import ScanRequest
+from flight_lakehouse.errors import Cancelled, InvalidArgument, NotFound, TimedOut, Unavailable
+from flight_lakehouse.sandbox import check_select, first_line
+from flight_lakehouse.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH_ROWS = 128 * 1024
+
+
+def quote_identifier(name: str) -> str:
+    """A DuckDB identifier literal."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """A DuckDB string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+class SnapshotDatabase:
+    """An in-memory DuckDB database whose views are the datasets at fixed snapshots, locked down."""
+
+    def __init__(
+        self,
+        views: dict[str, SnapshotFiles],
+        scan_path: Callable[[str], str],
+        settings: Settings,
+        temp_dir: str,
+    ):
+        self.views = views
+        self.names = {name.lower() for name in views}
+        config: dict[str, str | int | bool] = {
+            "temp_directory": temp_dir,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+        }
+        if settings.query_threads:
+            config["threads"] = settings.query_threads
+        if settings.query_memory_mb:
+            config["memory_limit"] = f"{settings.query_memory_mb}MB"
+        self._connection = duckdb.connect(":memory:", config=config)
+        allowed: list[str] = []
+        for name, snapshot in views.items():
+            paths = [scan_path(uri) for uri in snapshot.files]
+            allowed.extend(paths)
+            self._create_view(name, snapshot.schema, paths)
+        self._lock_down(allowed)
+
+    def _create_view(self, name: str, schema: pa.Schema, paths: list[str]) -> None:
+        if paths:
+            files = ", ".join(quote_literal(path) for path in paths)
+            source = f"read_parquet([{files}], union_by_name = true)"
+            self._connection.execute(f"CREATE VIEW {quote_identifier(name)} AS SELECT * FROM {source}")
+        else:
+            empty = schema.empty_table()  # noqa: F841 - read by DuckDB's replacement scan below
+            self._connection.execute(f"CREATE TABLE {quote_identifier(name)} AS SELECT * FROM empty")
+
+    def _lock_down(self, allowed_paths: list[str]) -> None:
+        con = self._connection
+        con.execute("SET allowed_paths = ?", [allowed_paths])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for one query."""
+        return self._connection.cursor()
+
+    def close(self) -> None:
+        """Release the database (running cursors keep it alive until they finish)."""
+        self._connection.close()
+
+
+@dataclass
+class RunningQuery:
+    """A query in flight, watched for cancellation and its deadline."""
+
+    cursor: duckdb.DuckDBPyConnection
+    deadline: float
+    is_cancelled: Callable[[], bool]
+    stop_reason: str | None = None
+    key: int = field(default=0)
+
+
+class Watchdog:
+    """Interrupts queries whose client went away or whose time is up."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self._interval = interval
+        self._queries: dict[int, RunningQuery] = {}
+        self._guard = threading.Lock()
+        self._next_key = 0
+        self._thread = threading.Thread(target=self._run, name="query-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, query: RunningQuery) -> None:
+        """Start watching a query."""
+        with self._guard:
+            self._next_key += 1
+            query.key = self._next_key
+            self._queries[query.key] = query
+
+    def forget(self, query: RunningQuery) -> None:
+        """Stop watching a query."""
+        with self._guard:
+            self._queries.pop(query.key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._guard:
+                queries = list(self._queries.values())
+            now = time.monotonic()
+            for query in queries:
+                if query.stop_reason is None:
+                    self._check(query, now)
+
+    @staticmethod
+    def _check(query: RunningQuery, now: float) -> None:
+        try:
+            if query.is_cancelled():
+                query.stop_reason = "cancelled"
+            elif now > query.deadline:
+                query.stop_reason = "timeout"
+            if query.stop_reason is not None:
+                query.cursor.interrupt()
+        except Exception:  # a cursor closed under our feet has nothing left to interrupt
+            log.debug("interrupting a query failed", exc_info=True)
+
+
+@dataclass
+class QueryStream:
+    """A started query: its schema and its batches (consumed once)."""
+
+    schema: pa.Schema
+    batches: Iterator[pa.RecordBatch]
+
+
+class QueryEngine:
+    """Runs SQL and scans on DuckDB over the catalog's current snapshots."""
+
+    def __init__(self, catalog: DatasetCatalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-")
+        self._database: tuple[frozenset[tuple[str, str]], SnapshotDatabase] | None = None
+        self._guard = threading.Lock()
+        self._watchdog = Watchdog()
+        self._sanitise = catalog.storage.root_uri
+
+    # -- databases -------------------------------------------------------------------------------
+    def current_database(self) -> SnapshotDatabase:
+        """The database of the catalog's current state, built when the state changed."""
+        state = frozenset(self.catalog.metadata_locations().items())
+        with self._guard:
+            if self._database is not None and self._database[0] == state:
+                return self._database[1]
+            views = {name: self.catalog.snapshot_files(location) for name, location in state}
+            database = self._build(views)
+            self._database = (state, database)
+            return database
+
+    def _build(self, views: dict[str, SnapshotFiles]) -> SnapshotDatabase:
+        return SnapshotDatabase(views, self.catalog.storage.scan_path, self.settings, self._temp_dir.name)
+
+    def scan_database(self, request: ScanRequest) -> SnapshotDatabase:
+        """A database with the scanned dataset, at the requested snapshot when there is one."""
+        locations = self.catalog.metadata_locations()
+        location = locations.get(request.dataset)
+        if location is None:
+            raise NotFound(f"dataset {request.dataset!r} not found")
+        if request.snapshot_id is None:
+            return self.current_database()
+        return self._build({request.dataset: self.catalog.snapshot_files(location, request.snapshot_id)})
+
+    # -- statements ------------------------------------------------------------------------------
+    def scan_sql(self, request: ScanRequest, database: SnapshotDatabase) -> str:
+        """The SELECT a scan ticket stands for, with its columns checked."""
+        known = {f.name.lower() for f in database.views[request.dataset].schema}
+        for column in request.columns or []:
+            if column.lower() not in known:
+                raise InvalidArgument(f"unknown column {column!r} in dataset {request.dataset!r}")
+        columns = ", ".join(quote_identifier(c) for c in request.columns) if request.columns else "*"
+        sql = f"SELECT {columns} FROM {quote_identifier(request.dataset)}"
+        if request.filter:
+            sql += f" WHERE ({request.filter}\n)"
+        if request.limit is not None:
+            sql += f" LIMIT {request.limit}"
+        return sql
+
+    def schema(self, sql: str, database: SnapshotDatabase | None = None) -> pa.Schema:
+        """The result schema of ``sql``, without running it."""
+        database = database or self.current_database()
+        cursor = database.cursor()
+        try:
+            check_select(cursor, sql, database.names)
+            return cursor.sql(sql).limit(0).to_arrow_table().schema
+        except duckdb.Error as exc:
+            raise self._client_error(exc, None) from None
+        finally:
+            cursor.close()
+
+    def run(
+        self, sql: str, is_cancelled: Callable[[], bool], database: SnapshotDatabase | None = None
+    ) -> QueryStream:
+        """Start ``sql``; the batches are produced as the client reads them."""
+        database = database or self.current_database()
+        cursor = database.cursor()
+        query = RunningQuery(cursor, time.monotonic() + self.settings.query_timeout_seconds, is_cancelled)
+        self._watchdog.watch(query)
+        try:
+            check_select(cursor, sql, database.names)
+            reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)
+        except BaseException as exc:
+            self._finish(query)
+            raise self._client_error(exc, query) from None
+        return QueryStream(reader.schema, self._batches(reader, query))
+
+    def _batches(self, reader: pa.RecordBatchReader, query: RunningQuery) -> Iterator[pa.RecordBatch]:
+        try:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    return
+                yield batch
+        except GeneratorExit:
+            query.stop_reason = query.stop_reason or "cancelled"
+            raise
+        except BaseException as exc:
+            raise self._client_error(exc, query) from None
+        finally:
+            self._finish(query)
+
+    def _finish(self, query: RunningQuery) -> None:
+        self._watchdog.forget(query)
+        try:
+            query.cursor.close()
+        except duckdb.Error:
+            log.debug("closing a cursor failed", exc_info=True)
+
+    def _client_error(self, exc: BaseException, query: RunningQuery | None) -> BaseException:
+        """The client-facing error for a DuckDB failure (server paths removed)."""
+        reason = query.stop_reason if query else None
+        if reason == "timeout":
+            return TimedOut(f"query exceeded the time limit of {self.settings.query_timeout_seconds:g} s")
+        if reason == "cancelled" or isinstance(exc, duckdb.InterruptException):
+            return Cancelled("query cancelled")
+        if not isinstance(exc, duckdb.Error) or isinstance(exc, pa.ArrowException):
+            return exc
+        message = first_line(exc).replace(self._sanitise, "<storage>")
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            return Unavailable(f"query ran out of memory: {message}")
+        if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
+            log.warning("query I/O error: %s", exc)
+            return Unavailable(f"storage error while reading: {message}")
+        if isinstance(exc, duckdb.PermissionException):
+            return InvalidArgument("queries may read registered datasets only")
+        return InvalidArgument(message)

@@ -1,0 +1,249 @@
+"""The Flight server: decodes each call once and dispatches to one typed method per command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_lakehouse import __version__
+from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, summarise
+from flight_lakehouse.commands import (
+    Command,
+    DatasetRef,
+    DropDataset,
+    EmptyBody,
+    IngestCommand,
+    IngestOptions,
+    ScanRequest,
+    SqlQuery,
+    decode_json_object,
+    parse_body,
+    parse_model,
+    validate_dataset_name,
+)
+from flight_lakehouse.errors import (
+    InvalidArgument,
+    NotFound,
+    Unimplemented,
+    client_safe,
+    client_safe_iter,
+    install_traceback_filter,
+)
+from flight_lakehouse.ingest import IngestSession
+from flight_lakehouse.query import QueryEngine, QueryStream
+from flight_lakehouse.settings import Settings
+from flight_lakehouse.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+#: Type URL prefix of Flight SQL commands (protobuf ``Any``), served by a later release.
+FLIGHT_SQL_TYPE_PREFIX = b"type.googleapis.com/arrow.flight.protocol.sql."
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """One action: its body model, what it does, and the method serving it."""
+
+    body: type[Command]
+    description: str
+    handler: Callable[[Any], Any]
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(value, separators=(",", ":"), default=str).encode("utf-8")
+
+
+def decode_request(raw: bytes, what: str) -> SqlQuery | ScanRequest | IngestCommand:
+    """A command or ticket: ``{"sql"}``, ``{"dataset"}`` (scan) or ``{"ingest"}``."""
+    if raw.startswith(b"\n") and FLIGHT_SQL_TYPE_PREFIX in raw[:200]:
+        raise Unimplemented("Flight SQL commands are not served yet; use JSON commands")
+    payload = decode_json_object(raw, what)
+    if "sql" in payload:
+        return parse_model(SqlQuery, payload)
+    if "ingest" in payload:
+        return parse_model(IngestCommand, payload)
+    if "dataset" in payload:
+        return parse_model(ScanRequest, payload)
+    if "search" in payload:
+        raise Unimplemented("vector search is not served yet")
+    raise InvalidArgument(
+        f"{what} must have one of the keys 'sql', 'dataset' or 'ingest'; got {sorted(payload)}"
+    )
+
+
+class LakehouseServer(flight.FlightServerBase):
+    """flight-lakehouse over Arrow Flight: ingest by DoPut, SQL and scans by DoGet, catalog by actions."""
+
+    def __init__(self, settings: Settings, **server_options: Any) -> None:
+        install_traceback_filter()
+        self.settings = settings
+        self.storage = open_storage(settings)
+        self.catalog = DatasetCatalog(self.storage, settings.catalog_uri)
+        self.engine = QueryEngine(self.catalog, settings)
+        self.actions: dict[str, ActionSpec] = {
+            "health": ActionSpec(
+                EmptyBody, "Liveness and version: {status, version, storage, datasets}.", self.health
+            ),
+            "list_datasets": ActionSpec(
+                EmptyBody, "Every dataset with format, rows, bytes, updated_at.", self.list_datasets
+            ),
+            "describe_dataset": ActionSpec(
+                DatasetRef, "Schema (Arrow IPC, base64) and facts of one dataset.", self.describe_dataset
+            ),
+            "dataset_history": ActionSpec(
+                DatasetRef, "Snapshots of one dataset, newest first.", self.dataset_history
+            ),
+            "drop_dataset": ActionSpec(
+                DropDataset, "Drop a dataset and delete its files.", self.drop_dataset
+            ),
+        }
+        super().__init__(settings.location, **server_options)
+
+    # -- actions ---------------------------------------------------------------------------------
+    def health(self, _: EmptyBody) -> dict[str, Any]:
+        """The ``health`` action."""
+        return {
+            "status": "ok",
+            "version": __version__,
+            "storage": self.storage.public_facts(),
+            "datasets": len(self.catalog.metadata_locations()),
+        }
+
+    def list_datasets(self, _: EmptyBody) -> list[dict[str, Any]]:
+        """The ``list_datasets`` action."""
+        return self.catalog.list_datasets()
+
+    def describe_dataset(self, body: DatasetRef) -> dict[str, Any]:
+        """The ``describe_dataset`` action."""
+        return self.catalog.describe(body.dataset)
+
+    def dataset_history(self, body: DatasetRef) -> list[dict[str, Any]]:
+        """The ``dataset_history`` action."""
+        return self.catalog.history(body.dataset)
+
+    def drop_dataset(self, body: DropDataset) -> dict[str, Any]:
+        """The ``drop_dataset`` action."""
+        return {"dropped": self.catalog.drop(body.dataset, body.if_exists)}
+
+    @client_safe
+    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+        return [(name, spec.description) for name, spec in self.actions.items()]
+
+    @client_safe
+    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        spec = self.actions.get(action.type)
+        if spec is None:
+            raise NotFound(f"unknown action {action.type!r}; ListActions lists them")
+        body = parse_body(spec.body, action.body.to_pybytes() if action.body else b"", f"{action.type} body")
+        return [json_bytes(spec.handler(body))]
+
+    # -- ingest ----------------------------------------------------------------------------------
+    @client_safe
+    def do_put(
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.FlightMetadataWriter,
+    ) -> None:
+        options = self._ingest_options(descriptor)
+        session = IngestSession(self.catalog, self.settings, options, reader.schema)
+        try:
+            for chunk in reader:
+                if context.is_cancelled():
+                    raise InvalidArgument("upload cancelled by the client")
+                if chunk.data is not None:
+                    session.write(chunk.data)
+        except BaseException:
+            session.abort()
+            raise
+        result = session.commit()
+        writer.write(pa.py_buffer(json_bytes(result.to_json())))
+
+    def _ingest_options(self, descriptor: flight.FlightDescriptor) -> IngestOptions:
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            return IngestOptions(dataset=self._path_dataset(descriptor))
+        request = decode_request(descriptor.command, "DoPut command")
+        if not isinstance(request, IngestCommand):
+            raise InvalidArgument("DoPut takes a path descriptor or an {'ingest': {...}} command")
+        return request.ingest
+
+    # -- queries ---------------------------------------------------------------------------------
+    @client_safe
+    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        request = decode_request(ticket.ticket, "ticket")
+        stream = self._start(request, context.is_cancelled)
+        return flight.GeneratorStream(stream.schema, client_safe_iter(stream.batches))
+
+    def _start(
+        self, request: SqlQuery | ScanRequest | IngestCommand, is_cancelled: Callable[[], bool]
+    ) -> QueryStream:
+        if isinstance(request, SqlQuery):
+            return self.engine.run(request.sql, is_cancelled)
+        if isinstance(request, ScanRequest):
+            database = self.engine.scan_database(request)
+            return self.engine.run(self.engine.scan_sql(request, database), is_cancelled, database)
+        raise InvalidArgument("an ingest command is not a ticket; send it with DoPut")
+
+    @client_safe
+    def get_flight_info(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.FlightInfo:
+        return self._flight_info(descriptor)
+
+    @client_safe
+    def get_schema(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
+    ) -> flight.SchemaResult:
+        return flight.SchemaResult(self._flight_info(descriptor).schema)
+
+    @client_safe
+    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
+        return [self._dataset_info(name) for name in self.catalog.names()]
+
+    @client_safe
+    def do_exchange(
+        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor, reader, writer
+    ) -> None:
+        raise Unimplemented("DoExchange serves vector search, which is not available yet")
+
+    def _flight_info(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        if descriptor.descriptor_type == flight.DescriptorType.PATH:
+            return self._dataset_info(self._path_dataset(descriptor))
+        request = decode_request(descriptor.command, "command")
+        if isinstance(request, ScanRequest):
+            database = self.engine.scan_database(request)
+            schema = self.engine.schema(self.engine.scan_sql(request, database), database)
+            return self._info(descriptor, schema, request.model_dump_json(exclude_none=True).encode(), -1, -1)
+        if isinstance(request, SqlQuery):
+            schema = self.engine.schema(request.sql)
+            return self._info(descriptor, schema, request.model_dump_json().encode(), -1, -1)
+        raise InvalidArgument("an ingest command has no FlightInfo; send it with DoPut")
+
+    def _dataset_info(self, name: str) -> flight.FlightInfo:
+        table = self.catalog.load(name)
+        facts = summarise(name, table)
+        ticket = json_bytes({"dataset": name})
+        descriptor = flight.FlightDescriptor.for_path(name)
+        return self._info(descriptor, arrow_schema(table), ticket, facts["rows"], facts["bytes"])
+
+    @staticmethod
+    def _info(
+        descriptor: flight.FlightDescriptor, schema: pa.Schema, ticket: bytes, rows: int, size: int
+    ) -> flight.FlightInfo:
+        endpoint = flight.FlightEndpoint(flight.Ticket(ticket), [])
+        return flight.FlightInfo(schema, descriptor, [endpoint], rows, size)
+
+    @staticmethod
+    def _path_dataset(descriptor: flight.FlightDescriptor) -> str:
+        path = descriptor.path or []
+        if len(path) != 1:
+            raise InvalidArgument(f"a path descriptor names one dataset, got {len(path)} path elements")
+        return validate_dataset_name(path[0])

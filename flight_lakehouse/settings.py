@@ -1,0 +1,117 @@
+"""Server settings: pydantic-settings with the ``LAKEHOUSE_`` prefix, a ``.env`` file, and CLI overrides."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SUPPORTED_SCHEMES = ("", "file", "s3")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start a server; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    """Everything the server is configured with. Field names match the CLI flags."""
+
+    model_config = SettingsConfigDict(env_prefix="LAKEHOUSE_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8815, ge=0, le=65535)
+    root: str = "./lakehouse-data"
+    catalog_uri: str | None = None
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    insecure_no_auth: bool = False
+    query_timeout_seconds: float = Field(default=300.0, gt=0)
+    query_threads: int = Field(
+        default=0, ge=0, description="DuckDB threads per query database; 0 = all cores"
+    )
+    query_memory_mb: int = Field(default=0, ge=0, description="DuckDB memory limit; 0 = DuckDB's default")
+    target_file_mb: int = Field(default=128, ge=1, le=4096)
+    row_group_rows: int = Field(default=1 << 20, ge=1024)
+    max_batch_mb: int = Field(default=256, ge=1)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("root")
+    @classmethod
+    def _known_scheme(cls, root: str) -> str:
+        scheme = urlparse(root).scheme if "://" in root else ""
+        if scheme not in SUPPORTED_SCHEMES:
+            raise ValueError(f"unknown storage scheme {scheme!r} in root {root!r} (use a directory or s3://)")
+        if scheme == "s3" and not urlparse(root).netloc:
+            raise ValueError(f"root {root!r} names no bucket (use s3://bucket/prefix)")
+        return root
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"unknown log level {level!r}")
+        return level.upper()
+
+    @model_validator(mode="after")
+    def _loopback_without_auth(self) -> Settings:
+        if not self.insecure_no_auth and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and authentication is off; "
+                "bind to 127.0.0.1 or pass --insecure-no-auth"
+            )
+        return self
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the root is an S3 location."""
+        return self.root.startswith("s3://")
+
+    @property
+    def location(self) -> str:
+        """The Flight location the server binds to."""
+        return f"grpc://{self.host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from env/.env with CLI ``overrides`` on top; refuse bad ones with one line."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            message += f" (got {first.get('input')!r})"
+        raise SettingsError(f"invalid setting {field}: {message}") from None
+    if not settings.is_s3:
+        check_local_root(Path(settings.root))
+    return settings
+
+
+def check_local_root(root: Path) -> None:
+    """Create the root directory if needed and check that it is writable."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SettingsError(f"root {str(root)!r} is not a writable directory: {exc.strerror}") from None
