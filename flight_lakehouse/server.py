@@ -28,6 +28,7 @@ from flight_lakehouse.commands import (
     validate_dataset_name,
 )
 from flight_lakehouse.errors import (
+    Cancelled,
     InvalidArgument,
     NotFound,
     Unimplemented,
@@ -157,10 +158,10 @@ class LakehouseServer(flight.FlightServerBase):
         session = IngestSession(self.catalog, self.settings, options, reader.schema)
         try:
             for chunk in reader:
-                if context.is_cancelled():
-                    raise InvalidArgument("upload cancelled by the client")
                 if chunk.data is not None:
                     session.write(chunk.data)
+            if context.is_cancelled():  # a client that died mid-stream can look like a finished one
+                raise Cancelled("upload cancelled by the client; nothing was committed")
         except BaseException:
             session.abort()
             raise

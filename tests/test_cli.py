@@ -1,0 +1,93 @@
+"""The command line: client commands against a real server, and start-up refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from scripts.gen_workers import write_workers
+from tests.conftest import ServerProcess
+
+ROWS = 500_000
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``flight-lakehouse ARGS``."""
+    return subprocess.run(
+        [sys.executable, "-m", "flight_lakehouse", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_cli_ingest_query_and_list(server: ServerProcess, tmp_path: Path) -> None:
+    source = tmp_path / "workers.csv"
+    assert write_workers(source, rows=ROWS, fmt="csv") == ROWS
+    ingested = cli("ingest", str(source), "--dataset", "workers", "--server", server.location)
+    assert ingested.returncode == 0, ingested.stderr
+    assert f"{ROWS} rows into workers" in ingested.stdout
+    assert "MB/s" in ingested.stderr  # the progress bar
+    expected = pacsv.read_csv(source).column("hourly_rate").to_pylist()
+    assert server.sql("select count(*) as n, sum(hourly_rate) as s from workers").to_pylist() == [
+        {"n": ROWS, "s": pytest.approx(sum(expected))}
+    ]
+
+    as_csv = cli(
+        "query",
+        "select state, count(*) as n from workers group by state order by state",
+        "--format",
+        "csv",
+        "--server",
+        server.location,
+    )
+    assert as_csv.returncode == 0, as_csv.stderr
+    lines = as_csv.stdout.strip().splitlines()
+    assert lines[0] == '"state","n"' and sum(int(line.split(",")[1]) for line in lines[1:]) == ROWS
+
+    out = tmp_path / "top.parquet"
+    as_parquet = cli(
+        "query",
+        "select * from workers where id < 1000",
+        "--format",
+        "parquet",
+        "--output",
+        str(out),
+        "--server",
+        server.location,
+    )
+    assert as_parquet.returncode == 0, as_parquet.stderr
+    assert pq.read_table(out).num_rows == 1000
+
+    listed = cli("datasets", "--server", server.location)
+    assert listed.returncode == 0 and "workers" in listed.stdout and "500,000" in listed.stdout
+
+    again = cli(
+        "ingest", str(source), "--dataset", "workers", "--mode", "create", "--server", server.location
+    )
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1] == "Error: dataset 'workers' already exists (mode 'create')"
+
+
+def test_cli_query_errors_are_one_line(server: ServerProcess) -> None:
+    result = cli("query", "select * from missing", "--server", server.location)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: dataset 'missing' not found"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "invalid setting port"),
+        (["--root", "gs://bucket/x"], "unknown storage scheme 'gs'"),
+        (["--root", "/proc/forbidden"], "is not a writable directory"),
+        (["--host", "0.0.0.0"], "is not a loopback address"),
+    ],
+)
+def test_serve_refuses_bad_settings(args: list[str], message: str) -> None:
+    result = cli("serve", *args, timeout=60)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

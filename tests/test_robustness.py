@@ -1,0 +1,180 @@
+"""Failures mid-way: cut-off uploads, a killed server, readers racing writers, shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from tests.conftest import ServerProcess, data_files
+
+CHUNK = 10_000
+
+# A client in its own process that streams batches forever (slowly) until it is killed.
+ENDLESS_UPLOAD = textwrap.dedent(
+    """
+    import json, sys, time
+    import pyarrow as pa, pyarrow.flight as flight
+    location, dataset = sys.argv[1], sys.argv[2]
+    client = flight.connect(location)
+    batch = pa.record_batch({"id": pa.array(range(10_000), pa.int64()), "tag": pa.array(["late"] * 10_000)})
+    command = json.dumps({"ingest": {"dataset": dataset}}).encode()
+    writer, _ = client.do_put(flight.FlightDescriptor.for_command(command), batch.schema)
+    sent = 0
+    while True:
+        writer.write_batch(batch)
+        sent += 1
+        if sent == 20:
+            print("streaming", flush=True)
+        time.sleep(0.01)
+    """
+)
+
+
+def tagged(rows: int, tag: str) -> pa.Table:
+    """``rows`` rows whose ids count from 0, all tagged ``tag``."""
+    return pa.table({"id": pa.array(range(rows), pa.int64()), "tag": pa.array([tag] * rows)})
+
+
+def start_endless_upload(server: ServerProcess, dataset: str) -> subprocess.Popen[str]:
+    """Start the slow uploader and wait until it has sent 20 batches."""
+    uploader = subprocess.Popen(
+        [sys.executable, "-c", ENDLESS_UPLOAD, server.location, dataset], stdout=subprocess.PIPE, text=True
+    )
+    assert uploader.stdout is not None
+    assert uploader.stdout.readline().strip() == "streaming"
+    return uploader
+
+
+def history_ids(server: ServerProcess, dataset: str) -> list[int]:
+    """Snapshot ids of a dataset, newest first."""
+    return [entry["snapshot_id"] for entry in server.action("dataset_history", {"dataset": dataset})]
+
+
+def wait_until(condition, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+SMALL_FILES = {"LAKEHOUSE_TARGET_FILE_MB": "1", "LAKEHOUSE_ROW_GROUP_ROWS": "4096"}
+
+
+def test_client_killed_mid_upload_commits_nothing_and_leaves_no_files(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(env=SMALL_FILES)  # small row groups: files exist on disk mid-stream
+    server.put("events", tagged(CHUNK, "first"))
+    before_files = data_files(server.root)
+    before_ids = history_ids(server, "events")
+    uploader = start_endless_upload(server, "events")
+    assert wait_until(lambda: len(data_files(server.root)) > len(before_files)), "upload wrote no file yet"
+    os.kill(uploader.pid, signal.SIGKILL)
+    uploader.wait(10)
+    assert wait_until(lambda: data_files(server.root) == before_files), "orphan files left behind"
+    assert history_ids(server, "events") == before_ids
+    assert server.sql(
+        "select count(*) as n, count(*) filter (where tag = 'late') as late from events"
+    ).to_pylist() == [{"n": CHUNK, "late": 0}]
+
+
+def test_client_killed_while_creating_leaves_no_dataset(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(env=SMALL_FILES)
+    uploader = start_endless_upload(server, "never")
+    assert wait_until(lambda: bool(data_files(server.root))), "upload wrote no file yet"
+    os.kill(uploader.pid, signal.SIGKILL)
+    uploader.wait(10)
+    assert wait_until(lambda: not data_files(server.root))
+    assert server.action("list_datasets") == []
+    with pytest.raises(pa.ArrowKeyError, match="never"):
+        server.sql("select * from never")
+
+
+def test_server_killed_mid_ingest_keeps_previous_snapshot(server: ServerProcess) -> None:
+    server.put("events", tagged(CHUNK, "first"))
+    before_ids = history_ids(server, "events")
+    uploader = start_endless_upload(server, "events")
+    try:
+        server.kill()
+    finally:
+        uploader.kill()
+        uploader.wait(10)
+    server.start()
+    assert history_ids(server, "events") == before_ids
+    assert server.sql("select count(*) as n, min(tag) as tag from events").to_pylist() == [
+        {"n": CHUNK, "tag": "first"}
+    ]
+    server.put("events", tagged(CHUNK, "second"))
+    assert server.sql("select count(*) as n from events").to_pylist() == [{"n": 2 * CHUNK}]
+
+
+def test_queries_during_ingest_see_whole_snapshots(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Small files and row groups: every append writes several files, so a torn read would show.
+    server = start_server(env=SMALL_FILES)
+    appends = 12
+    server.put("events", tagged(5 * CHUNK, "0"))
+    seen: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read_loop() -> None:
+        client = flight.connect(server.location)
+        ticket = flight.Ticket(b'{"sql": "select count(*) as n, count(distinct tag) as tags from events"}')
+        try:
+            while not done.is_set():
+                row = client.do_get(ticket).read_all().to_pylist()[0]
+                seen.append((row["n"], row["tags"]))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    readers = [threading.Thread(target=read_loop) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        for number in range(1, appends + 1):
+            server.put("events", tagged(5 * CHUNK, str(number)), batch_rows=2_000)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(30)
+    assert not errors, errors
+    assert len(seen) > appends
+    for rows, tags in seen:
+        assert rows == tags * 5 * CHUNK, f"torn snapshot: {rows} rows over {tags} appends"
+    assert seen[-1][1] == appends + 1 or server.sql("select count(*) as n from events").to_pylist()[0][
+        "n"
+    ] == ((appends + 1) * 5 * CHUNK)
+
+
+def test_sigterm_lets_a_running_query_finish_and_exits_zero(server: ServerProcess) -> None:
+    server.put("numbers", pa.table({"x": pa.array(range(200_000), pa.int64())}))
+    reader = server.client.do_get(flight.Ticket(b'{"sql": "select x from numbers, range(20) order by x"}'))
+    first = reader.read_chunk().data
+    assert first.num_rows > 0
+    os.kill(server.pid, signal.SIGTERM)
+    rows = first.num_rows + sum(chunk.data.num_rows for chunk in reader)
+    assert rows == 4_000_000
+    assert server.process is not None
+    assert server.process.wait(30) == 0
+
+
+def test_restart_keeps_data_on_disk_layout(server: ServerProcess) -> None:
+    server.put("kept", tagged(CHUNK, "a"))
+    files = data_files(server.root)
+    assert files and all(Path(server.root) in path.parents for path in files)
+    server.restart()
+    assert data_files(server.root) == files
+    assert server.sql("select count(*) as n from kept").to_pylist() == [{"n": CHUNK}]
