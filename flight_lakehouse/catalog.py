@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from flight_lakehouse.errors import AlreadyExists, NotFound
+from flight_lakehouse.schema_types import storage_schema
 from flight_lakehouse.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,8 @@ class DatasetCatalog:
 
 
 def arrow_schema(table: Table) -> pa.Schema:
-    """The dataset's current schema as Arrow, without Iceberg field ids."""
-    return schema_to_pyarrow(table.schema(), include_field_ids=False)
+    """The dataset's current schema as Arrow, in the types its files are written with (no large types)."""
+    return storage_schema(schema_to_pyarrow(table.schema(), include_field_ids=False))
 
 
 def files_of(table: Table, snapshot_id: int | None) -> SnapshotFiles:

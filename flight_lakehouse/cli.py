@@ -56,7 +56,8 @@ def serve(**options: object) -> None:
     try:
         server = LakehouseServer(settings)
     except (SettingsError, OSError, flight.FlightError, pa.ArrowException) as exc:
-        raise click.ClickException(f"cannot start: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).split(". Detail:")[0].splitlines()[0]
+        raise click.ClickException(f"cannot start on {settings.location} (port in use?): {reason}") from None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

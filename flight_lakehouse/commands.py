@@ -114,7 +114,7 @@ def decode_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        value = json.loads(raw)
+        value = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"{what} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(value, dict):

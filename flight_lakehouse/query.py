@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
-from flight_lakehouse.errors import Cancelled, InvalidArgument, NotFound, TimedOut, Unavailable
+from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.sandbox import check_select, first_line
 from flight_lakehouse.settings import Settings
 
@@ -79,6 +80,8 @@ class SnapshotDatabase:
 
     def _lock_down(self, allowed_paths: list[str]) -> None:
         con = self._connection
+        con.execute("SET parquet_metadata_cache = true")  # footers are immutable: read them once
+        con.execute("SET GLOBAL TimeZone = 'UTC'")  # results must not depend on the server's local zone
         con.execute("SET allowed_paths = ?", [allowed_paths])
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
@@ -167,7 +170,7 @@ class QueryEngine:
         self._database: tuple[frozenset[tuple[str, str]], SnapshotDatabase] | None = None
         self._guard = threading.Lock()
         self._watchdog = Watchdog()
-        self._sanitise = catalog.storage.root_uri
+        self._storage_root = catalog.storage.root_uri
 
     # -- databases -------------------------------------------------------------------------------
     def current_database(self) -> SnapshotDatabase:
@@ -216,7 +219,7 @@ class QueryEngine:
         try:
             check_select(cursor, sql, database.names)
             return cursor.sql(sql).limit(0).to_arrow_table().schema
-        except duckdb.Error as exc:
+        except BaseException as exc:
             raise self._client_error(exc, None) from None
         finally:
             cursor.close()
@@ -260,6 +263,17 @@ class QueryEngine:
         except duckdb.Error:
             log.debug("closing a cursor failed", exc_info=True)
 
+    def _redact(self, text: str) -> str:
+        """``text`` without the server's storage root."""
+        return text.replace(self._storage_root, "<storage>")
+
+    def _redacted(self, exc: BaseException) -> BaseException:
+        """A client-facing error with the storage root removed from its message."""
+        message = str(exc)
+        if self._storage_root not in message:
+            return exc
+        return type(exc)(self._redact(message))
+
     def _client_error(self, exc: BaseException, query: RunningQuery | None) -> BaseException:
         """The client-facing error for a DuckDB failure (server paths removed)."""
         reason = query.stop_reason if query else None
@@ -267,9 +281,15 @@ class QueryEngine:
             return TimedOut(f"query exceeded the time limit of {self.settings.query_timeout_seconds:g} s")
         if reason == "cancelled" or isinstance(exc, duckdb.InterruptException):
             return Cancelled("query cancelled")
-        if not isinstance(exc, duckdb.Error) or isinstance(exc, pa.ArrowException):
+        if isinstance(exc, ClientError | flight.FlightError):
+            return self._redacted(exc)
+        if not isinstance(exc, duckdb.Error | OSError | pa.ArrowException):
             return exc
-        message = first_line(exc).replace(self._sanitise, "<storage>")
+        message = self._redact(first_line(exc))
+        if not isinstance(exc, duckdb.Error):  # DuckDB's error re-raised by the Arrow stream reader
+            if message.startswith(("IO Error", "HTTP Error")):
+                return Unavailable(f"storage error while reading: {message}")
+            return InvalidArgument(message)
         if isinstance(exc, duckdb.OutOfMemoryException):
             return Unavailable(f"query ran out of memory: {message}")
         if isinstance(exc, duckdb.IOException | duckdb.HTTPException):

@@ -46,7 +46,9 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
             f"only SELECT queries are allowed; writes go through DoPut and actions (got {kind.name})"
         )
     tree = serialize(connection, sql)
-    ctes = {name.lower() for name in cte_names(tree)}
+    # CTE names count only when they are plain identifiers: a CTE named like a file path could
+    # otherwise vouch for a file read elsewhere in the query, outside the CTE's scope.
+    ctes = {name.lower() for name in cte_names(tree) if re.fullmatch(NAME_PATTERN, name)}
     for node in walk(tree):
         check_node(node, datasets | ctes)
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_lakehouse import __version__
-from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, summarise
+from flight_lakehouse.catalog import DatasetCatalog, summarise
 from flight_lakehouse.commands import (
     Command,
     DatasetRef,
@@ -229,11 +229,14 @@ class LakehouseServer(flight.FlightServerBase):
         raise InvalidArgument("an ingest command has no FlightInfo; send it with DoPut")
 
     def _dataset_info(self, name: str) -> flight.FlightInfo:
-        table = self.catalog.load(name)
-        facts = summarise(name, table)
-        ticket = json_bytes({"dataset": name})
+        facts = summarise(name, self.catalog.load(name))
+        request = ScanRequest(dataset=name)
+        database = self.engine.scan_database(request)
+        schema = self.engine.schema(
+            self.engine.scan_sql(request, database), database
+        )  # exactly as DoGet streams
         descriptor = flight.FlightDescriptor.for_path(name)
-        return self._info(descriptor, arrow_schema(table), ticket, facts["rows"], facts["bytes"])
+        return self._info(descriptor, schema, json_bytes({"dataset": name}), facts["rows"], facts["bytes"])
 
     @staticmethod
     def _info(

@@ -96,11 +96,11 @@ def load_settings(**overrides: Any) -> Settings:
         settings = Settings(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "settings"
         message = first["msg"].removeprefix("Value error, ")
-        if first["loc"]:
-            message += f" (got {first.get('input')!r})"
-        raise SettingsError(f"invalid setting {field}: {message}") from None
+        if not first["loc"]:
+            raise SettingsError(f"invalid settings: {message}") from None
+        field = ".".join(str(part) for part in first["loc"])
+        raise SettingsError(f"invalid setting {field}: {message} (got {first.get('input')!r})") from None
     if not settings.is_s3:
         check_local_root(Path(settings.root))
     return settings
