@@ -131,8 +131,15 @@ def _read_file(file: Path, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.Reco
             read_options=pacsv.ReadOptions(block_size=16 << 20),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
         )
-        return reader.schema, iter(reader)
+        return reader.schema, rechunk(reader, batch_rows)
     raise click.BadParameter(f"{file.name}: expected a .csv or .parquet file", param_hint="FILE")
+
+
+def rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Slice batches to at most ``rows`` rows each (zero-copy)."""
+    for batch in batches:
+        for offset in range(0, batch.num_rows, rows):
+            yield batch.slice(offset, rows)
 
 
 @main.command()
@@ -147,10 +154,10 @@ def _read_file(file: Path, batch_rows: int) -> tuple[pa.Schema, Iterator[pa.Reco
 @server_option
 def query(sql: str, fmt: str, output: Path | None, max_rows: int, server: str) -> None:
     """Run SQL on the server and print or save the streamed result."""
-    client = LakehouseClient(server)
-    reader = _call(lambda: client.query(sql))
     if fmt == "parquet" and output is None:
         raise click.BadParameter("--format parquet needs --output FILE", param_hint="--output")
+    client = LakehouseClient(server)
+    reader = _call(lambda: client.query(sql))
     rows = _call(lambda: _write_result(reader, fmt, output, max_rows))
     if output is not None:
         click.echo(f"{rows} rows written to {output}", err=True)
@@ -178,13 +185,15 @@ def _print_table(reader: flight.FlightStreamReader, max_rows: int) -> int:
     table = Table(*reader.schema.names)
     rows = 0
     for chunk in reader:
-        for row in chunk.data.to_pylist():
-            if rows < max_rows:
-                table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
-            rows += 1
+        for row in chunk.data.slice(0, max_rows - rows).to_pylist():
+            table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
+        rows += min(chunk.data.num_rows, max_rows - rows)
+        if rows >= max_rows:
+            reader.cancel()  # the server stops the query; no need to read what is not shown
+            break
     Console().print(table)
-    if rows > max_rows:
-        click.echo(f"({rows} rows, {max_rows} shown)", err=True)
+    if rows >= max_rows:
+        click.echo(f"(first {max_rows} rows shown)", err=True)
     return rows
 
 
