@@ -22,7 +22,7 @@ import pyarrow.flight as flight
 from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
-from flight_lakehouse.sandbox import check_select, first_line
+from flight_lakehouse.sandbox import check_predicate, check_select, first_line
 from flight_lakehouse.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,11 @@ class QueryEngine:
         columns = ", ".join(quote_identifier(c) for c in request.columns) if request.columns else "*"
         sql = f"SELECT {columns} FROM {quote_identifier(request.dataset)}"
         if request.filter:
+            cursor = database.cursor()
+            try:
+                check_predicate(cursor, request.filter)
+            finally:
+                cursor.close()
             sql += f" WHERE ({request.filter}\n)"
         if request.limit is not None:
             sql += f" LIMIT {request.limit}"

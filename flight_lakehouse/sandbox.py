@@ -53,6 +53,23 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
         check_node(node, datasets | ctes)
 
 
+def check_predicate(connection: duckdb.DuckDBPyConnection, predicate: str) -> None:
+    """Refuse a scan filter that is not exactly one boolean expression (e.g. one closing its parenthesis)."""
+    tree = serialize(connection, f"SELECT * FROM __scan WHERE ({predicate}\n)")
+    statements = tree.get("statements", [])
+    node = statements[0].get("node", {}) if len(statements) == 1 else {}
+    single = (
+        node.get("type") == "SELECT_NODE"
+        and node.get("from_table", {}).get("table_name") == "__scan"
+        and not node.get("group_expressions")
+        and node.get("having") is None
+        and not node.get("modifiers")
+        and len(node.get("select_list", [])) == 1
+    )
+    if not single:
+        raise InvalidArgument(f"filter must be one SQL predicate: {predicate[:200]!r}")
+
+
 def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     """DuckDB's statements of ``sql``, or INVALID_ARGUMENT with the parser's message."""
     try:
