@@ -197,6 +197,58 @@ def _print_table(reader: flight.FlightStreamReader, max_rows: int) -> int:
     return rows
 
 
+def storage_options(command):  # type: ignore[no-untyped-def]
+    """The flags that say where the data lives (also read from LAKEHOUSE_* and .env)."""
+    command = click.option("--catalog-uri", default=None, help="SQLAlchemy URI of the Iceberg SQL catalog.")(
+        command
+    )
+    return click.option("--root", default=None, help="Data root: a directory or s3://bucket/prefix.")(command)
+
+
+def open_catalog(**options: object):  # type: ignore[no-untyped-def]
+    """The catalog of the configured root, opened directly on storage (no server)."""
+    from flight_lakehouse.catalog import DatasetCatalog
+    from flight_lakehouse.storage import open_storage
+
+    try:
+        settings = load_settings(**options)
+        return DatasetCatalog(open_storage(settings), settings.catalog_uri)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def catalog() -> None:
+    """Maintain the Iceberg catalog."""
+
+
+@catalog.command()
+@storage_options
+def rebuild(**options: object) -> None:
+    """Re-register every table from the newest Iceberg metadata found under the root."""
+    from flight_lakehouse.maintenance import rebuild_catalog
+
+    changed = rebuild_catalog(open_catalog(**options))
+    for name, location in changed.items():
+        click.echo(f"registered {name} -> {location}")
+    click.echo(f"{len(changed)} table(s) registered")
+
+
+@main.command()
+@storage_options
+@click.option("--dry-run/--apply", default=True, help="List only (default), or delete.")
+@click.option("--older-than-seconds", type=float, default=3600.0, show_default=True, help="Grace period.")
+def gc(dry_run: bool, older_than_seconds: float, **options: object) -> None:
+    """List or delete files under the root that no snapshot references (older than the grace period)."""
+    from flight_lakehouse.maintenance import collect_garbage
+
+    found = collect_garbage(open_catalog(**options), older_than_seconds, apply=not dry_run)
+    for item in found:
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {item.uri} ({item.size} bytes)")
+    total = sum(item.size for item in found)
+    click.echo(f"{len(found)} file(s), {total} bytes {'reclaimable' if dry_run else 'reclaimed'}")
+
+
 @main.command()
 @server_option
 def datasets(server: str) -> None:

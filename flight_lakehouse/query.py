@@ -24,6 +24,7 @@ from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.sandbox import check_predicate, check_select, first_line
 from flight_lakehouse.settings import Settings
+from flight_lakehouse.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class SnapshotDatabase:
     def __init__(
         self,
         views: dict[str, SnapshotFiles],
-        scan_path: Callable[[str], str],
+        storage: Storage,
         settings: Settings,
         temp_dir: str,
     ):
@@ -62,9 +63,10 @@ class SnapshotDatabase:
         if settings.query_memory_mb:
             config["memory_limit"] = f"{settings.query_memory_mb}MB"
         self._connection = duckdb.connect(":memory:", config=config)
+        storage.configure_duckdb(self._connection)
         allowed: list[str] = []
         for name, snapshot in views.items():
-            paths = [scan_path(uri) for uri in snapshot.files]
+            paths = [storage.scan_path(uri) for uri in snapshot.files]
             allowed.extend(paths)
             self._create_view(name, snapshot.schema, paths)
         self._lock_down(allowed)
@@ -185,7 +187,7 @@ class QueryEngine:
             return database
 
     def _build(self, views: dict[str, SnapshotFiles]) -> SnapshotDatabase:
-        return SnapshotDatabase(views, self.catalog.storage.scan_path, self.settings, self._temp_dir.name)
+        return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name)
 
     def scan_database(self, request: ScanRequest) -> SnapshotDatabase:
         """A database with the scanned dataset, at the requested snapshot when there is one."""

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     s3_region: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
+    s3_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    s3_request_timeout_seconds: float = Field(default=30.0, gt=0)
+    s3_max_attempts: int = Field(default=4, ge=1, le=20, description="tries per S3 request, with backoff")
+    create_bucket: bool = False
+    state_dir: str = Field(default="./lakehouse-state", description="local state (the catalog) of an S3 root")
     insecure_no_auth: bool = False
     query_timeout_seconds: float = Field(default=300.0, gt=0)
     query_threads: int = Field(

@@ -11,7 +11,10 @@ import contextlib
 import posixpath
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
+import duckdb
 import pyarrow.fs as pafs
 
 from flight_lakehouse.settings import Settings, SettingsError
@@ -65,6 +68,9 @@ class Storage(abc.ABC):
         """What clients may learn about the storage (no paths, no secrets)."""
         return {"kind": self.kind}
 
+    def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
+        """Prepare a query database to read this storage (before its configuration is locked)."""
+
 
 class LocalStorage(Storage):
     """A directory on the server's disk: the embedded default."""
@@ -90,8 +96,188 @@ class LocalStorage(Storage):
         return f"sqlite:///{self.root_uri}/catalog.db"
 
 
-def open_storage(settings: Settings) -> Storage:
-    """The storage backend for ``settings.root``."""
+class S3Storage(Storage):
+    """A bucket and prefix on AWS S3 or any S3-compatible server (MinIO, Ceph, SeaweedFS)."""
+
+    kind = "s3"
+
+    def __init__(self, settings: Settings) -> None:
+        parsed = urlparse(settings.root)
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.settings = settings
+        self.endpoint = settings.s3_endpoint
+        self.region = settings.s3_region or "us-east-1"
+        secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+        self._access_key, self._secret_key = settings.s3_access_key_id, secret
+        root = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        super().__init__(root, self._filesystem())
+
+    def _filesystem(self) -> pafs.S3FileSystem:
+        options: dict[str, Any] = {
+            "region": self.region,
+            "connect_timeout": self.settings.s3_connect_timeout_seconds,
+            "request_timeout": self.settings.s3_request_timeout_seconds,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.settings.s3_max_attempts),
+        }
+        if self._access_key and self._secret_key:
+            options.update(access_key=self._access_key, secret_key=self._secret_key)
+        if self.endpoint:
+            endpoint = urlparse(self.endpoint)
+            options.update(
+                endpoint_override=endpoint.netloc or endpoint.path, scheme=endpoint.scheme or "https"
+            )
+        return pafs.S3FileSystem(**options)
+
+    @property
+    def endpoint_name(self) -> str:
+        """The endpoint as shown in messages (never with credentials)."""
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+    def fs_path(self, uri: str) -> str:
+        return uri.removeprefix("s3://")
+
+    def scan_path(self, uri: str) -> str:
+        return uri
+
+    def default_catalog_uri(self) -> str:
+        state = Path(self.settings.state_dir).expanduser().resolve()
+        state.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{state.as_posix()}/catalog.db"
+
+    def iceberg_properties(self) -> dict[str, str]:
+        properties = {
+            **super().iceberg_properties(),
+            "s3.region": self.region,
+            "s3.connect-timeout": str(self.settings.s3_connect_timeout_seconds),
+            "s3.request-timeout": str(self.settings.s3_request_timeout_seconds),
+            "s3.retry-strategy-impl": "pyarrow.fs.AwsStandardS3RetryStrategy",
+        }
+        if self.endpoint:
+            properties["s3.endpoint"] = self.endpoint
+        if self._access_key and self._secret_key:
+            properties.update(
+                {"s3.access-key-id": self._access_key, "s3.secret-access-key": self._secret_key}
+            )
+        return properties
+
+    def public_facts(self) -> dict[str, str]:
+        return {"kind": self.kind, "bucket": self.bucket}
+
+    def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Load httpfs from its wheel and give DuckDB this storage's endpoint, credentials and retries."""
+        connection.execute(f"LOAD {quote(httpfs_extension_path())}")
+        key, secret, token = self._credentials()
+        endpoint = urlparse(self.endpoint) if self.endpoint else None
+        options = {"REGION": self.region, "URL_STYLE": "path" if endpoint else "vhost"}
+        if endpoint:
+            options.update(
+                ENDPOINT=endpoint.netloc or endpoint.path, USE_SSL=str(endpoint.scheme == "https").lower()
+            )
+        if key and secret:
+            options.update(KEY_ID=key, SECRET=secret)
+        if token:
+            options["SESSION_TOKEN"] = token
+        body = ", ".join(
+            f"{name} {value if name == 'USE_SSL' else quote(value)}" for name, value in options.items()
+        )
+        connection.execute(f"CREATE SECRET lakehouse_s3 (TYPE s3, {body})")
+        timeout_ms = int(self.settings.s3_request_timeout_seconds * 1000)
+        connection.execute(f"SET http_timeout = {timeout_ms}")
+        connection.execute(f"SET http_retries = {self.settings.s3_max_attempts}")
+        connection.execute("SET http_retry_backoff = 2")
+
+    def _credentials(self) -> tuple[str | None, str | None, str | None]:
+        """Explicit credentials, else those of the standard AWS environment and profile chain."""
+        if self._access_key and self._secret_key:
+            return self._access_key, self._secret_key, None
+        import boto3
+
+        found = boto3.Session().get_credentials()
+        if found is None:
+            return None, None, None
+        frozen = found.get_frozen_credentials()
+        return frozen.access_key, frozen.secret_key, frozen.token
+
+    def boto3_client(self) -> Any:
+        """A boto3 S3 client with the same endpoint, credentials and timeouts."""
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            connect_timeout=self.settings.s3_connect_timeout_seconds,
+            read_timeout=self.settings.s3_request_timeout_seconds,
+            retries={"max_attempts": self.settings.s3_max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"},
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self._access_key,
+            aws_secret_access_key=self._secret_key,
+            config=config,
+        )
+
+    def check(self, create_bucket: bool) -> None:
+        """Start-up check: endpoint reachable, credentials valid, bucket present (or created), writable."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        where = f"S3 endpoint {self.endpoint_name}, bucket {self.bucket!r}"
+        client = self.boto3_client()
+        try:
+            try:
+                client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if error_status(exc) != 404:
+                    raise
+                if not create_bucket:
+                    raise SettingsError(
+                        f"{where}: the bucket does not exist (pass --create-bucket to create it)"
+                    ) from None
+                client.create_bucket(Bucket=self.bucket)
+            probe = "/".join(part for part in (self.prefix, ".write-probe") if part)
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
+            client.delete_object(Bucket=self.bucket, Key=probe)
+        except NoCredentialsError:
+            raise SettingsError(
+                f"{where}: no credentials (set LAKEHOUSE_S3_ACCESS_KEY_ID and _SECRET_ACCESS_KEY)"
+            ) from None
+        except ClientError as exc:
+            status, code = error_status(exc), exc.response.get("Error", {}).get("Code", "")
+            if status == 403 or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                raise SettingsError(f"{where}: credentials refused ({code or status})") from None
+            raise SettingsError(f"{where}: {code or status}") from None
+        except BotoCoreError as exc:
+            raise SettingsError(f"{where}: unreachable ({type(exc).__name__})") from None
+
+
+def httpfs_extension_path() -> str:
+    """The httpfs extension shipped by the ``duckdb-extension-httpfs`` wheel for this DuckDB."""
+    import duckdb_extension_httpfs
+
+    folder = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    found = sorted(folder.glob("httpfs.duckdb_extension"))
+    if not found:
+        raise SettingsError(f"no httpfs extension for DuckDB {duckdb.__version__} in duckdb-extension-httpfs")
+    return found[0].as_posix()
+
+
+def quote(text: str) -> str:
+    """A DuckDB string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def error_status(exc: Any) -> int:
+    """The HTTP status of a botocore ClientError."""
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def open_storage(settings: Settings, check: bool = True) -> Storage:
+    """The storage backend for ``settings.root``; an S3 root is checked first (:meth:`S3Storage.check`)."""
     if settings.is_s3:
-        raise SettingsError(f"root {settings.root!r}: S3 storage is not available in this build yet")
+        storage = S3Storage(settings)
+        if check:
+            storage.check(settings.create_bucket)
+        return storage
     return LocalStorage(Path(settings.root))
