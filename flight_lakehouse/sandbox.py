@@ -75,7 +75,10 @@ def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[An
     try:
         return connection.extract_statements(sql)
     except duckdb.Error as exc:
-        raise InvalidArgument(f"SQL syntax error: {first_line(exc)}") from None
+        message = first_line(exc)
+        if message.endswith("at end of input"):
+            message += f" (the query ends with {sql.strip()[-40:]!r})"
+        raise InvalidArgument(f"SQL syntax error: {message}") from None
 
 
 def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
@@ -83,7 +86,13 @@ def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]
     rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
     tree = json.loads(rows[0][0]) if rows else {}
     if tree.get("error"):
-        raise InvalidArgument(f"SQL error: {tree.get('error_message', 'cannot parse the query')}")
+        message = str(tree.get("error_message", "cannot parse the query"))
+        if message.startswith("Only SELECT statements"):
+            keyword = sql.split(maxsplit=1)[0].upper() if sql.split() else ""
+            raise InvalidArgument(
+                f"only SELECT queries are allowed; writes go through DoPut and actions (got {keyword})"
+            )
+        raise InvalidArgument(f"SQL error: {message}")
     return tree
 
 
