@@ -28,6 +28,14 @@ server_option = click.option(
 )
 
 
+def storage_options(command):  # type: ignore[no-untyped-def]
+    """The flags that say where the data lives (also read from LAKEHOUSE_* and .env)."""
+    command = click.option("--catalog-uri", default=None, help="SQLAlchemy URI of the Iceberg SQL catalog.")(
+        command
+    )
+    return click.option("--root", default=None, help="Data root: a directory or s3://bucket/prefix.")(command)
+
+
 @click.group()
 @click.version_option(package_name="flight-lakehouse")
 def main() -> None:
@@ -37,8 +45,11 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8815; 0 picks a free one).")
-@click.option("--root", default=None, help="Data root: a directory or s3://bucket/prefix.")
-@click.option("--catalog-uri", default=None, help="SQLAlchemy URI of the Iceberg SQL catalog.")
+@storage_options
+@click.option(
+    "--create-bucket", is_flag=True, default=None, help="Create the S3 bucket of the root if missing."
+)
+@click.option("--state-dir", default=None, help="Local state (the catalog) of an S3 root.")
 @click.option(
     "--insecure-no-auth", is_flag=True, default=None, help="Allow a non-loopback bind without auth."
 )
@@ -195,14 +206,6 @@ def _print_table(reader: flight.FlightStreamReader, max_rows: int) -> int:
     if rows >= max_rows:
         click.echo(f"(first {max_rows} rows shown)", err=True)
     return rows
-
-
-def storage_options(command):  # type: ignore[no-untyped-def]
-    """The flags that say where the data lives (also read from LAKEHOUSE_* and .env)."""
-    command = click.option("--catalog-uri", default=None, help="SQLAlchemy URI of the Iceberg SQL catalog.")(
-        command
-    )
-    return click.option("--root", default=None, help="Data root: a directory or s3://bucket/prefix.")(command)
 
 
 def open_catalog(**options: object):  # type: ignore[no-untyped-def]
