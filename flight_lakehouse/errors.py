@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
@@ -95,12 +96,28 @@ def install_traceback_filter() -> None:
 
 
 def to_client_error(exc: BaseException) -> BaseException:
-    """Return ``exc`` when it is client-facing, else a generic INTERNAL error (the cause is logged)."""
+    """``exc`` if client-facing, else UNAVAILABLE for storage faults, else INTERNAL (logged)."""
     if isinstance(exc, _CLIENT_FACING):
         return exc
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | IsADirectoryError):
+        log.warning("storage fault: %s", exc)
+        return Unavailable(
+            f"storage is unavailable ({storage_fault(exc)}); nothing was committed, retry later"
+        )
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)
     return flight.FlightInternalError(f"internal error (incident {incident}); see the server log")
+
+
+def storage_fault(exc: OSError) -> str:
+    """A short name for a storage error, without keys, paths or endpoints."""
+    text = str(exc)
+    aws = re.search(r"AWS Error ([A-Z_]+)", text)
+    if aws:
+        return f"S3 {aws.group(1)}"
+    if exc.strerror:
+        return exc.strerror
+    return "I/O error"
 
 
 def client_safe(handler: F) -> F:
