@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -62,6 +63,7 @@ def serve(**options: object) -> None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:
@@ -77,6 +79,18 @@ def serve(**options: object) -> None:
     while not stop.wait(0.5):
         pass
     _shutdown(server, settings.shutdown_grace_seconds)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas: each gRPC thread otherwise keeps its own, and a burst of ingests on
+    different threads pushed peak RSS from ~450 MB to 600-850 MB (docs/benchmarks.md). No-op off glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def _shutdown(server: flight.FlightServerBase, grace_seconds: float) -> None:
