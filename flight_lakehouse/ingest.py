@@ -95,7 +95,14 @@ class RollingParquetWriter:
             self._close_file()
         except Exception:  # the stream is already failing; the deletion below is what matters
             log.debug("closing an aborted file failed", exc_info=True)
-        self._storage.delete_files(self.files)
+        try:
+            self._storage.delete_files(self.files)
+        except OSError as exc:  # storage down: the files stay unreferenced, and `gc` removes them later
+            log.warning(
+                "could not delete %d files of an aborted upload (%s); gc will remove them",
+                len(self.files),
+                exc,
+            )
         self.files.clear()
 
     def _flush_row_group(self) -> None:
