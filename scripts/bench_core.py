@@ -83,10 +83,14 @@ def generate_source(path: Path, rows: int) -> Source:
 # -- server process --------------------------------------------------------------------------------
 @dataclass
 class Server:
-    """``python -m flight_lakehouse serve`` on a free port, stopped by pid."""
+    """``python -m flight_lakehouse serve`` on a free port, stopped by pid.
 
-    root: Path
+    ``root`` is a directory or an ``s3://bucket/prefix`` URI; ``args`` are extra ``serve`` flags.
+    """
+
+    root: Path | str
     env: dict[str, str]
+    args: tuple[str, ...] = ()
     process: subprocess.Popen[str] | None = None
     location: str = ""
     log_lines: list[str] = field(default_factory=list)
@@ -94,6 +98,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> Server:
         """Start the server and wait for its ready line."""
         command = [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(self.root), "--port", "0"]
+        command.extend(self.args)
         self.process = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,
