@@ -1,7 +1,14 @@
-"""Shared fixtures: a real server process on a free loopback port, over real storage."""
+"""Shared fixtures: a real server process on a free loopback port, over real storage.
+
+Storage is parametrised: ``storage_root`` is a local directory (``local``) or a fresh prefix in a bucket of
+a session-wide SeaweedFS S3 server (``s3``). A :class:`ServerProcess` on an S3 root gets that server's
+endpoint and credentials, and a per-root local state directory, in its environment by itself, so tests
+start servers the same way on both roots. ``data_files`` and ``root_listing`` look at either backend.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -9,21 +16,158 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from tests.seaweedfs import SeaweedFS
+
 READY = re.compile(r"ready at (grpc://127\.0\.0\.1:\d+)")
 START_TIMEOUT = 60
+STORAGE_KINDS = ["local", "s3"]
+BUCKET = "lakehouse-test"
+
+
+# -- S3 roots --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Root:
+    """An ``s3://bucket/prefix`` root on a SeaweedFS server, with the local state directory of its catalog."""
+
+    url: str
+    s3: SeaweedFS
+    state_dir: Path
+
+    @property
+    def bucket(self) -> str:
+        return urlparse(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        return urlparse(self.url).path.strip("/")
+
+    def env(self) -> dict[str, str]:
+        """What a server (or the CLI) needs to use this root."""
+        return {**self.s3.env(self.url), "LAKEHOUSE_STATE_DIR": str(self.state_dir)}
+
+    def objects(self) -> dict[str, int]:
+        """``s3://`` URL -> size of every object under the root."""
+        client = self.s3.boto3_client()
+        found: dict[str, int] = {}
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/"
+        ):
+            for item in page.get("Contents", ()):
+                found[f"s3://{self.bucket}/{item['Key']}"] = int(item["Size"])
+        return found
+
+    def files(self) -> dict[str, int]:
+        """Like :meth:`objects`, without directory markers (empty objects named ``.../``)."""
+        return {url: size for url, size in self.objects().items() if not url.endswith("/")}
+
+    def pending_uploads(self) -> set[str]:
+        """``s3://`` URLs of the multipart uploads in progress (or abandoned) under the root."""
+        client = self.s3.boto3_client()
+        found: set[str] = set()
+        pages = client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/"
+        )
+        for page in pages:
+            found.update(f"s3://{self.bucket}/{item['Key']}" for item in page.get("Uploads", ()))
+        return found
+
+
+_S3_ROOTS: dict[str, S3Root] = {}
+_ROOT_NUMBERS = itertools.count()
+
+
+def register_s3_root(s3: SeaweedFS, state_dir: Path, label: str = "root", bucket: str = BUCKET) -> S3Root:
+    """A fresh, unique ``s3://bucket/<label>-<n>-<hex>`` root on ``s3`` (the bucket must exist)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60] or "root"
+    url = f"s3://{bucket}/{slug}-{next(_ROOT_NUMBERS)}-{uuid.uuid4().hex[:8]}"
+    root = S3Root(url, s3, state_dir)
+    _S3_ROOTS[url] = root
+    return root
+
+
+def s3_root(root: str) -> S3Root:
+    """The registered S3 root ``root`` (made by :func:`register_s3_root`)."""
+    try:
+        return _S3_ROOTS[root.rstrip("/")]
+    except KeyError:
+        raise AssertionError(f"{root!r} is not an S3 root made by the test fixtures") from None
+
+
+def is_s3(root: str) -> bool:
+    """Whether ``root`` is an S3 URL."""
+    return root.startswith("s3://")
+
+
+def storage_env(root: str) -> dict[str, str]:
+    """The environment a server or CLI needs for ``root`` (empty for a local root)."""
+    return s3_root(root).env() if is_s3(root) else {}
+
+
+def root_forms(root: str) -> list[str]:
+    """Every spelling of the server's private locations that must never reach a client."""
+    if is_s3(root):
+        entry = s3_root(root)
+        return [entry.url, f"{entry.bucket}/{entry.prefix}", str(entry.state_dir)]
+    return [root, Path(root).resolve().as_posix()]
+
+
+def stored_files(root: str) -> dict[str, int]:
+    """Address -> size of every file under ``root``: local paths, or ``s3://`` URLs (no directory markers)."""
+    if is_s3(root):
+        return s3_root(root).files()
+    return {str(path): path.stat().st_size for path in Path(root).rglob("*") if path.is_file()}
+
+
+def data_files(root: str) -> set[str]:
+    """Every Parquet data file under a root, by address (local path or ``s3://`` URL)."""
+    return {address for address in stored_files(root) if address.endswith(".parquet")}
+
+
+def pending_uploads(root: str) -> set[str]:
+    """Files still being written that storage does not list yet: S3 multipart uploads (none locally)."""
+    return s3_root(root).pending_uploads() if is_s3(root) else set()
+
+
+def written_files(root: str) -> set[str]:
+    """Parquet data files under a root, including those still being uploaded (see :func:`pending_uploads`).
+
+    On S3 an object appears only when its upload completes; until then it is a multipart upload, which
+    costs storage too and must be aborted when an ingest fails.
+    """
+    return data_files(root) | {url for url in pending_uploads(root) if url.endswith(".parquet")}
+
+
+def root_listing(root: str) -> set[str]:
+    """Everything under a root, relative to it: files on both backends, plus directories (``d/``) locally."""
+    if is_s3(root):
+        base = s3_root(root).url + "/"
+        return {address.removeprefix(base) for address in s3_root(root).objects()}
+    return {
+        path.relative_to(root).as_posix() + ("/" if path.is_dir() else "") for path in Path(root).rglob("*")
+    }
+
+
+# -- server processes ------------------------------------------------------------------------------------
 
 
 @dataclass
 class ServerProcess:
-    """A ``flight-lakehouse serve`` child process and a Flight client connected to it."""
+    """A ``flight-lakehouse serve`` child process and a Flight client connected to it.
+
+    The environment is ours, then what the root needs (:func:`storage_env`), then ``env``.
+    """
 
     root: str
     extra_args: list[str] = field(default_factory=list)
@@ -35,21 +179,36 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Start the server and wait for its ready line."""
-        command = [sys.executable, "-m", "flight_lakehouse", "serve", "--root", self.root, "--port", "0", *self.extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "flight_lakehouse",
+            "serve",
+            "--root",
+            self.root,
+            "--port",
+            "0",
+            *self.extra_args,
+        ]
+        self.location = ""
         self.process = subprocess.Popen(
-            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **self.env}
+            command,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **storage_env(self.root), **self.env},
         )
         ready = threading.Event()
-        threading.Thread(target=self._pump, args=(ready,), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.process, ready), daemon=True).start()
         if not ready.wait(START_TIMEOUT) or not self.location:
             self.kill()
             raise RuntimeError("server did not start:\n" + "\n".join(self.log_lines[-30:]))
         self._client = None
         return self
 
-    def _pump(self, ready: threading.Event) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
+    def _pump(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
             self.log_lines.append(line.rstrip())
             match = READY.search(line)
             if match:
@@ -123,18 +282,47 @@ class ServerProcess:
         return self.start()
 
 
-@pytest.fixture(params=["local"])
+# -- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One SeaweedFS S3 server for the session (started on first use), with the bucket ``lakehouse-test``.
+
+    Tests that stop or break S3 start their own instance instead.
+    """
+    # An access key id unlike any bucket or key name, so that tests can look for it in what clients see.
+    s3 = SeaweedFS(tmp_path_factory.mktemp("seaweedfs") / "data", access_key=f"AKID{uuid.uuid4().hex[:16]}")
+    s3.start()
+    try:
+        s3.create_bucket(BUCKET)
+        yield s3
+    finally:
+        s3.stop()
+
+
+def make_root(request: pytest.FixtureRequest, kind: str, base: Path, label: str) -> str:
+    """A fresh data root of ``kind``: ``base/lakehouse``, or a unique prefix in the session bucket."""
+    if kind == "local":
+        return str(base / "lakehouse")
+    if kind == "s3":
+        s3: SeaweedFS = request.getfixturevalue("seaweedfs")
+        return register_s3_root(s3, base / "state", label).url
+    raise ValueError(f"unknown storage kind {kind!r}")
+
+
+@pytest.fixture(params=STORAGE_KINDS)
 def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The data root of a test server (parametrised over the storage backends)."""
-    return str(tmp_path / "lakehouse")
+    return make_root(request, request.param, tmp_path, request.node.name)
 
 
 @pytest.fixture
 def server(storage_root: str) -> Iterator[ServerProcess]:
     """A fresh server on a free loopback port, stopped (by pid) after the test."""
-    process = ServerProcess(storage_root).start()
+    process = ServerProcess(storage_root)
     try:
-        yield process
+        yield process.start()
     finally:
         process.stop()
         process.kill()
@@ -146,16 +334,11 @@ def start_server(storage_root: str) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(*extra_args: str, env: dict[str, str] | None = None, root: str | None = None) -> ServerProcess:
-        process = ServerProcess(root or storage_root, list(extra_args), env or {}).start()
+        process = ServerProcess(root or storage_root, list(extra_args), env or {})
         started.append(process)
-        return process
+        return process.start()
 
     yield start
     for process in started:
         process.stop()
         process.kill()
-
-
-def data_files(root: str) -> set[Path]:
-    """Every Parquet data file under a local root."""
-    return set(Path(root).rglob("*.parquet"))

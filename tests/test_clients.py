@@ -16,7 +16,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_lakehouse.client import LakehouseClient
-from tests.conftest import ServerProcess
+from tests.conftest import STORAGE_KINDS, ServerProcess, make_root
 
 UTC_NAMES = ("UTC", "Etc/UTC")
 TS = dt.datetime(2024, 1, 2, 3, 4, 5, 6)
@@ -37,10 +37,13 @@ TYPED = pa.table(
 BIG_ROWS = 1_000_000
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A module-wide server holding ``typed`` (every common type, with nulls) and ``big`` (1M rows)."""
-    server = ServerProcess(str(tmp_path_factory.mktemp("clients") / "lakehouse")).start()
+@pytest.fixture(scope="module", params=STORAGE_KINDS)
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A module-wide server per storage kind with ``typed`` (common types, nulls) and ``big`` (1M rows)."""
+    root = make_root(request, request.param, tmp_path_factory.mktemp("clients"), "clients")
+    server = ServerProcess(root).start()
     try:
         server.put("typed", TYPED)
         server.put("big", pa.table({"x": pa.array(range(BIG_ROWS), pa.int64())}), batch_rows=BIG_ROWS)

@@ -7,14 +7,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, root_forms, root_listing
 
 HEAVY_SQL = "select count(*) from range(10000000000) a, range(1000) b"
 SMALL = pa.table({"x": [1, 2, 3]})
@@ -29,7 +28,7 @@ def assert_clean(exc: BaseException, root: str, *named: str) -> str:
     message = str(exc)
     head = message.split(". Detail:")[0]
     assert "\n" not in head, message
-    for forbidden in ("Traceback", 'File "', ".py", root, str(Path(root).resolve())):
+    for forbidden in ("Traceback", 'File "', ".py", *root_forms(root)):
         assert forbidden not in message, f"{forbidden!r} in {message!r}"
     for value in named:
         assert value in head, f"{value!r} not named in {head!r}"
@@ -41,15 +40,22 @@ def named_form(name: str) -> str:
     return repr(name)[:60]
 
 
-def directories(root: str) -> set[Path]:
-    """Every directory under ``root``."""
-    return {path for path in Path(root).rglob("*") if path.is_dir()}
+def dataset_dirs(root: str) -> set[str]:
+    """The names under ``tables/`` of a root (either backend)."""
+    return {
+        entry.split("/")[1]
+        for entry in root_listing(root)
+        if entry.startswith("tables/") and "/" in entry[7:]
+    }
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A module-wide server with dataset ``t`` (one server per case would be slow)."""
-    server = ServerProcess(str(tmp_path_factory.mktemp("errors") / "lakehouse")).start()
+@pytest.fixture(scope="module", params=STORAGE_KINDS)
+def shared(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """A module-wide server per storage kind with dataset ``t`` (one server per case would be slow)."""
+    root = make_root(request, request.param, tmp_path_factory.mktemp("errors"), "errors")
+    server = ServerProcess(root).start()
     try:
         server.put("t", SMALL)
         yield server
@@ -102,14 +108,14 @@ def test_bad_dataset_name(shared: ServerProcess, route: str, name: str) -> None:
 
 
 def test_bad_names_touch_no_storage(shared: ServerProcess) -> None:
-    """After every bad name on every route (run again here), no directory was created for any."""
-    before = directories(shared.root)
+    """After every bad name on every route (run again here), nothing was written for any."""
+    before = root_listing(shared.root)
     for name in BAD_NAMES:
         for call in ROUTES.values():
             with pytest.raises(pa.ArrowInvalid):
                 call(shared, name)
-    assert directories(shared.root) == before
-    assert sorted(p.name for p in (Path(shared.root) / "tables").iterdir()) == ["t"]
+    assert root_listing(shared.root) == before
+    assert dataset_dirs(shared.root) == {"t"}
     assert [d["name"] for d in shared.action("list_datasets")] == ["t"]  # type: ignore[union-attr]
 
 

@@ -3,53 +3,102 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ServerProcess, data_files
+from tests.conftest import (
+    BUCKET,
+    STORAGE_KINDS,
+    ServerProcess,
+    data_files,
+    is_s3,
+    make_root,
+    root_forms,
+    root_listing,
+    s3_root,
+)
 
 T = pa.table({"x": [1, 2, 3], "s": ["a", "b", "c"]})
 U = pa.table({"x": [3, 4], "y": ["three", "four"]})
+SECRET = pa.table({"secret": ["do-not-read"]})
+OTHER_BUCKET = "lakehouse-other"
+# Objects outside the root that a query must not read (written for real on the S3 root), nor write.
+S3_OTHER_KEY = f"s3://{BUCKET}/other/x.parquet"
+S3_OTHER_BUCKET_KEY = f"s3://{OTHER_BUCKET}/x.parquet"
+S3_WRITE_TARGET = f"s3://{BUCKET}/other/copy.parquet"
 
 
 @dataclass
 class Sandbox:
-    """One server with datasets ``t`` and ``u``, and the places an escape would write to."""
+    """One server with datasets ``t`` and ``u``, and the places an escape would read from or write to."""
 
     server: ServerProcess
-    root: Path
-    data_file: Path
+    root: str
+    data_file: str
+    catalog: str
     escape: Path
-    before: set[Path]
+    before: set[str]
+    outside_before: set[str]
 
     def fill(self, sql: str) -> str:
-        """Substitute the ``{file}``, ``{root}`` and ``{escape}`` placeholders of a case."""
-        return sql.format(file=self.data_file, root=self.root, escape=self.escape)
+        """Substitute the ``{file}``, ``{root}``, ``{catalog}`` and ``{escape}`` placeholders of a case."""
+        return sql.format(file=self.data_file, root=self.root, catalog=self.catalog, escape=self.escape)
+
+    def outside(self) -> set[str]:
+        """On S3: the objects outside the root a query could reach (``other/`` keys, the other bucket)."""
+        if not is_s3(self.root):
+            return set()
+        client = s3_root(self.root).s3.boto3_client()
+        keys: set[str] = set()
+        for bucket, prefix in ((BUCKET, "other/"), (OTHER_BUCKET, "")):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys.update(f"{bucket}/{item['Key']}" for item in page.get("Contents", ()))
+        return keys
 
 
-def listing(root: Path) -> set[Path]:
-    """Every file and directory under ``root``."""
-    return set(root.rglob("*"))
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as a Parquet file."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """A module-wide server (starting one per case would be slow) holding two small datasets."""
+@pytest.fixture(scope="module", params=STORAGE_KINDS)
+def sandbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A module-wide server per storage kind (one per case would be slow) holding two small datasets.
+
+    On S3, objects a query must never read exist for real: another key of the bucket and a key of
+    another bucket, both readable with the server's credentials.
+    """
     base = tmp_path_factory.mktemp("sandbox")
-    root, escape = base / "lakehouse", base / "escape"
+    root, escape = make_root(request, request.param, base, "sandbox"), base / "escape"
     escape.mkdir()
-    server = ServerProcess(str(root)).start()
+    catalog = f"{root}/catalog.db"
+    if is_s3(root):
+        entry = s3_root(root)
+        catalog = f"{entry.state_dir}/catalog.db"
+        client = entry.s3.boto3_client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=OTHER_BUCKET)
+        for url in (S3_OTHER_KEY, S3_OTHER_BUCKET_KEY):
+            bucket, key = url.removeprefix("s3://").split("/", 1)
+            client.put_object(Bucket=bucket, Key=key, Body=parquet_bytes(SECRET))
+    server = ServerProcess(root).start()
     try:
         server.put("t", T)
         server.put("u", U)
-        files = sorted(data_files(str(root)))
+        files = sorted(data_files(root))
         assert files, "the ingest wrote no Parquet file"
-        yield Sandbox(server, root, files[0], escape, listing(root))
+        box = Sandbox(server, root, files[0], catalog, escape, root_listing(root), set())
+        box.outside_before = box.outside()
+        yield box
     finally:
         server.stop()
         server.kill()
@@ -74,7 +123,7 @@ REFUSED: list[tuple[str, str, type[Exception], str | None]] = [
     ("replacement_scan_from_first", "from '{file}'", pa.ArrowInvalid, None),
     ("replacement_scan_root_glob", "select * from '{root}/tables/t/data/*.parquet'", pa.ArrowInvalid, None),
     ("replacement_scan_passwd", "select * from '/etc/passwd'", pa.ArrowInvalid, r"/etc/passwd"),
-    ("replacement_scan_catalog_db", "select * from '{root}/catalog.db'", pa.ArrowInvalid, None),
+    ("replacement_scan_catalog_db", "select * from '{catalog}'", pa.ArrowInvalid, None),
     ("describe_datafile", "describe '{file}'", pa.ArrowInvalid, None),
     ("summarize_passwd", "summarize '/etc/passwd'", pa.ArrowInvalid, r"/etc/passwd"),
     ("glob", "select * from glob('/etc/*')", pa.ArrowInvalid, r"glob"),
@@ -90,7 +139,7 @@ REFUSED: list[tuple[str, str, type[Exception], str | None]] = [
     ("export_database", "export database '{escape}/export'", pa.ArrowInvalid, r"\bexport\b"),
     ("attach_tmp", "attach '{escape}/attached.db' as a", pa.ArrowInvalid, r"\battach\b"),
     ("attach_root", "attach '{root}/evil.db' as evil", pa.ArrowInvalid, r"\battach\b"),
-    ("attach_catalog", "attach '{root}/catalog.db' as cat (type sqlite)", pa.ArrowInvalid, r"\battach\b"),
+    ("attach_catalog", "attach '{catalog}' as cat (type sqlite)", pa.ArrowInvalid, r"\battach\b"),
     ("detach", "detach memory", pa.ArrowInvalid, r"\bdetach\b"),
     ("install", "install httpfs", pa.ArrowInvalid, r"\b(install|load)\b"),
     ("force_install", "force install httpfs", pa.ArrowInvalid, r"\b(install|load)\b"),
@@ -155,6 +204,24 @@ REFUSED: list[tuple[str, str, type[Exception], str | None]] = [
         "select * from read_parquet('s3://bucket/key.parquet')",
         pa.ArrowInvalid,
         r"read_parquet",
+    ),
+    ("s3_other_key_read_parquet", f"select * from read_parquet('{S3_OTHER_KEY}')", pa.ArrowInvalid, None),
+    ("s3_other_key_replacement_scan", f"select * from '{S3_OTHER_KEY}'", pa.ArrowInvalid, None),
+    ("s3_other_key_from_first", f"from '{S3_OTHER_KEY}'", pa.ArrowInvalid, None),
+    ("s3_other_bucket_replacement_scan", f"select * from '{S3_OTHER_BUCKET_KEY}'", pa.ArrowInvalid, None),
+    (
+        "s3_other_bucket_read_parquet",
+        f"select * from parquet_scan('{S3_OTHER_BUCKET_KEY}')",
+        pa.ArrowInvalid,
+        None,
+    ),
+    ("s3_other_key_glob", f"select * from glob('s3://{BUCKET}/**')", pa.ArrowInvalid, r"glob"),
+    ("s3_copy_to_other_key", f"copy t to '{S3_WRITE_TARGET}'", pa.ArrowInvalid, r"\bcopy\b"),
+    (
+        "s3_copy_query_to_other_bucket",
+        f"copy (select * from t) to 's3://{OTHER_BUCKET}/copy.parquet' (format parquet)",
+        pa.ArrowInvalid,
+        r"\bcopy\b",
     ),
     ("http_replacement_scan", "select * from 'http://127.0.0.1:9/x.csv'", pa.ArrowInvalid, r"http://"),
     ("https_read_csv", "select * from read_csv('https://example.com/x.csv')", pa.ArrowInvalid, r"read_csv"),
@@ -230,22 +297,31 @@ REFUSED: list[tuple[str, str, type[Exception], str | None]] = [
 ]
 
 
-def assert_clean_refusal(exc: BaseException, root: Path, pattern: str | None) -> None:
-    """The message names the problem and leaks neither a traceback nor the server root."""
+def assert_clean_refusal(exc: BaseException, root: str, pattern: str | None, sent: str) -> None:
+    """The message names the problem and leaks neither a traceback nor the server root.
+
+    The storage root is never shown, even when the query spelled it out; the local state directory of
+    an S3 root may be, when (and only when) the query itself named it (the offending value is echoed).
+    """
     message = str(exc)
     assert "Traceback" not in message
-    assert str(root) not in message and str(root.resolve()) not in message, message
+    forms = root_forms(root)
+    if is_s3(root):
+        forms = [form for form in forms if form != str(s3_root(root).state_dir) or form not in sent]
+    for form in forms:
+        assert form not in message, message
     if pattern is not None:
         assert re.search(pattern, message, re.IGNORECASE), message
 
 
 def run_refused(box: Sandbox, sql: str, expected: type[Exception], pattern: str | None) -> None:
     """Run one refused case and check its error."""
+    sent = box.fill(sql)
     with pytest.raises(expected) as info:
-        box.server.sql(box.fill(sql))
+        box.server.sql(sent)
     if expected is pa.ArrowInvalid:  # ArrowKeyError is not an ArrowInvalid; keep the two apart
         assert not isinstance(info.value, pa.ArrowKeyError)
-    assert_clean_refusal(info.value, box.root, pattern)
+    assert_clean_refusal(info.value, box.root, pattern, sent)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +337,8 @@ def test_refused_attempts_leave_no_files(sandbox: Sandbox) -> None:
     for _, sql, _, _ in REFUSED:
         with contextlib.suppress(pa.ArrowException):
             sandbox.server.sql(sandbox.fill(sql))
-    assert listing(sandbox.root) == sandbox.before
+    assert root_listing(sandbox.root) == sandbox.before
+    assert sandbox.outside() == sandbox.outside_before
     assert list(sandbox.escape.iterdir()) == []
     assert sandbox.server.sql("select count(*) as n, sum(x) as s from t").to_pylist() == [{"n": 3, "s": 6}]
 

@@ -11,7 +11,9 @@ def test_ingest_query_restart(server: ServerProcess) -> None:
     table = pa.table({"id": list(range(1000)), "city": ["a", "b"] * 500})
     result = server.put("smoke", table)
     assert result["rows_written"] == 1000
-    assert server.sql("select count(*) as n, sum(id) as s from smoke").to_pylist() == [{"n": 1000, "s": 499500}]
+    assert server.sql("select count(*) as n, sum(id) as s from smoke").to_pylist() == [
+        {"n": 1000, "s": 499500}
+    ]
     server.restart()
     assert server.sql("select count(*) as n from smoke").to_pylist() == [{"n": 1000}]
     assert server.action("health")["status"] == "ok"
