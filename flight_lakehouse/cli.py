@@ -68,7 +68,9 @@ def serve(**options: object) -> None:
 
     try:
         server = LakehouseServer(settings)
-    except (SettingsError, OSError, flight.FlightError, pa.ArrowException) as exc:
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, flight.FlightError, pa.ArrowException) as exc:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
         raise click.ClickException(f"cannot start on {settings.location} (port in use?): {reason}") from None
     stop = threading.Event()
@@ -261,7 +263,8 @@ def gc(dry_run: bool, older_than_seconds: float, **options: object) -> None:
 
     found = collect_garbage(open_catalog(**options), older_than_seconds, apply=not dry_run)
     for item in found:
-        click.echo(f"{'would delete' if dry_run else 'deleted'} {item.uri} ({item.size} bytes)")
+        kind = ", unfinished upload" if item.upload_id else ""
+        click.echo(f"{'would delete' if dry_run else 'deleted'} {item.uri} ({item.size} bytes{kind})")
     total = sum(item.size for item in found)
     click.echo(f"{len(found)} file(s), {total} bytes {'reclaimable' if dry_run else 'reclaimed'}")
 

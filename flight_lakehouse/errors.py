@@ -101,9 +101,7 @@ def to_client_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | IsADirectoryError):
         log.warning("storage fault: %s", exc)
-        return Unavailable(
-            f"storage is unavailable ({storage_fault(exc)}); nothing was committed, retry later"
-        )
+        return Unavailable(f"storage is unavailable ({storage_fault(exc)}); retry later")
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)
     return flight.FlightInternalError(f"internal error (incident {incident}); see the server log")

@@ -24,6 +24,7 @@ class StoredFile:
     uri: str
     size: int
     modified: float
+    upload_id: str | None = None  # set for an unfinished multipart upload (S3)
 
 
 def list_files(catalog: DatasetCatalog, *parts: str) -> list[StoredFile]:
@@ -80,19 +81,27 @@ def referenced_files(catalog: DatasetCatalog) -> set[str]:
 
 
 def garbage(catalog: DatasetCatalog, grace_seconds: float) -> list[StoredFile]:
-    """Files under ``tables/`` that nothing references and that are older than the grace period."""
+    """Unreferenced files and unfinished uploads under ``tables/``, older than the grace period."""
     used = {uri.removeprefix("file://") for uri in referenced_files(catalog)}
     cutoff = time.time() - grace_seconds
-    return [
-        found
-        for found in list_files(catalog, "tables")
-        if found.uri not in used and found.modified < cutoff and not found.uri.endswith("/.write-probe")
+    files = [
+        found for found in list_files(catalog, "tables") if found.uri not in used and found.modified < cutoff
     ]
+    uploads = [
+        StoredFile(uri, 0, started, upload_id)
+        for uri, upload_id, started in catalog.storage.pending_uploads(catalog.storage.uri("tables"))
+        if started < cutoff
+    ]
+    return files + uploads
 
 
 def collect_garbage(catalog: DatasetCatalog, grace_seconds: float, apply: bool) -> list[StoredFile]:
     """List (and with ``apply``, delete) the garbage files."""
     found = garbage(catalog, grace_seconds)
     if apply:
-        catalog.storage.delete_files(item.uri for item in found)
+        storage = catalog.storage
+        storage.delete_files(item.uri for item in found if item.upload_id is None)
+        for item in found:
+            if item.upload_id is not None:
+                storage.abort_upload(item.uri, item.upload_id)
     return found

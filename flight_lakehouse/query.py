@@ -64,21 +64,41 @@ class SnapshotDatabase:
             config["memory_limit"] = f"{settings.query_memory_mb}MB"
         self._connection = duckdb.connect(":memory:", config=config)
         storage.configure_duckdb(self._connection)
-        allowed: list[str] = []
-        for name, snapshot in views.items():
-            paths = [storage.scan_path(uri) for uri in snapshot.files]
-            allowed.extend(paths)
-            self._create_view(name, snapshot.schema, paths)
-        self._lock_down(allowed)
+        self._paths = {
+            name: [storage.scan_path(uri) for uri in snapshot.files] for name, snapshot in views.items()
+        }
+        self._by_lower = {name.lower(): name for name in views}
+        self._created: set[str] = set()
+        self._views_guard = threading.Lock()
+        self._lock_down([path for paths in self._paths.values() for path in paths])
 
-    def _create_view(self, name: str, schema: pa.Schema, paths: list[str]) -> None:
+    def prepare(self, names: set[str]) -> None:
+        """Create the views of the datasets a query reads (lower-case names), once each.
+
+        Views are made on first use, so a query never opens a dataset it does not read: one unreadable
+        dataset (or S3 being down) does not break queries on the others.
+        """
+        with self._views_guard:
+            for lower in sorted(names):
+                name = self._by_lower.get(lower)
+                if name is not None and name not in self._created:
+                    self._create_view(name)
+                    self._created.add(name)
+
+    def _create_view(self, name: str) -> None:
+        paths = self._paths[name]
         if paths:
             files = ", ".join(quote_literal(path) for path in paths)
             source = f"read_parquet([{files}], union_by_name = true)"
             self._connection.execute(f"CREATE VIEW {quote_identifier(name)} AS SELECT * FROM {source}")
-        else:
-            empty = schema.empty_table()  # noqa: F841 - read by DuckDB's replacement scan below
-            self._connection.execute(f"CREATE TABLE {quote_identifier(name)} AS SELECT * FROM empty")
+            return
+        self._connection.register("__empty_dataset", self.views[name].schema.empty_table())
+        try:
+            self._connection.execute(
+                f"CREATE TABLE {quote_identifier(name)} AS SELECT * FROM __empty_dataset"
+            )
+        finally:
+            self._connection.unregister("__empty_dataset")
 
     def _lock_down(self, allowed_paths: list[str]) -> None:
         con = self._connection
@@ -224,7 +244,7 @@ class QueryEngine:
         database = database or self.current_database()
         cursor = database.cursor()
         try:
-            check_select(cursor, sql, database.names)
+            database.prepare(check_select(cursor, sql, database.names))
             return cursor.sql(sql).limit(0).to_arrow_table().schema
         except BaseException as exc:
             raise self._client_error(exc, None) from None
@@ -240,7 +260,7 @@ class QueryEngine:
         query = RunningQuery(cursor, time.monotonic() + self.settings.query_timeout_seconds, is_cancelled)
         self._watchdog.watch(query)
         try:
-            check_select(cursor, sql, database.names)
+            database.prepare(check_select(cursor, sql, database.names))
             reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)
         except BaseException as exc:
             self._finish(query)

@@ -35,8 +35,11 @@ LOCAL_SCHEMAS = frozenset({"", "main"})
 LOCAL_CATALOGS = frozenset({"", "memory"})
 
 
-def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> None:
-    """Refuse ``sql`` unless it is one SELECT reading only ``datasets`` (lower-case names)."""
+def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> set[str]:
+    """Refuse ``sql`` unless it is one SELECT reading only ``datasets`` (lower-case names).
+
+    Returns the datasets the query names (lower-case).
+    """
     statements = parse_statements(connection, sql)
     if len(statements) != 1:
         raise InvalidArgument(f"expected exactly one SQL statement, got {len(statements)}")
@@ -49,8 +52,13 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
     # CTE names count only when they are plain identifiers: a CTE named like a file path could
     # otherwise vouch for a file read elsewhere in the query, outside the CTE's scope.
     ctes = {name.lower() for name in cte_names(tree) if re.fullmatch(NAME_PATTERN, name)}
+    readable = datasets | ctes
+    named: set[str] = set()
     for node in walk(tree):
-        check_node(node, datasets | ctes)
+        table = check_node(node, readable)
+        if table is not None:
+            named.add(table)
+    return named & datasets
 
 
 def check_predicate(connection: duckdb.DuckDBPyConnection, predicate: str) -> None:
@@ -117,15 +125,18 @@ def cte_names(tree: dict[str, Any]) -> Iterator[str]:
                 yield str(entry.get("key", ""))
 
 
-def check_node(node: dict[str, Any], readable: set[str]) -> None:
-    """Refuse a table reference or function call that reaches outside the datasets."""
+def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
+    """Refuse a table reference or function call that reaches outside the datasets.
+
+    Returns the (lower-case) name of a readable table the node refers to.
+    """
     kind = node.get("type")
     if kind == "BASE_TABLE" and "class" not in node:
         name = str(node.get("table_name", ""))
         schema, catalog = str(node.get("schema_name", "")), str(node.get("catalog_name", ""))
         local = schema.lower() in LOCAL_SCHEMAS and catalog.lower() in LOCAL_CATALOGS
         if local and name.lower() in readable:
-            return
+            return name.lower()
         if local and re.fullmatch(NAME_PATTERN, name):
             raise NotFound(f"dataset {name!r} not found")
         shown = ".".join(part for part in (catalog, schema, name) if part)
@@ -141,6 +152,7 @@ def check_node(node: dict[str, Any], readable: set[str]) -> None:
         name = str(node.get("function_name", "")).lower()
         if name.startswith(BLOCKED_FUNCTION_PREFIXES) or name in BLOCKED_FUNCTIONS:
             raise InvalidArgument(f"function {name!r} is not allowed in queries")
+    return None
 
 
 def first_line(exc: BaseException) -> str:

@@ -71,6 +71,14 @@ class Storage(abc.ABC):
     def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
         """Prepare a query database to read this storage (before its configuration is locked)."""
 
+    def pending_uploads(self, uri: str) -> list[tuple[str, str, float]]:
+        """Unfinished uploads under ``uri`` as (object URI, upload id, start epoch); none on a disk."""
+        return []
+
+    def abort_upload(self, uri: str, upload_id: str) -> None:
+        """Abort an unfinished upload returned by :meth:`pending_uploads`."""
+        raise NotImplementedError(f"{self.kind} storage has no unfinished uploads")
+
 
 class LocalStorage(Storage):
     """A directory on the server's disk: the embedded default."""
@@ -186,6 +194,24 @@ class S3Storage(Storage):
         connection.execute(f"SET http_timeout = {timeout_ms}")
         connection.execute(f"SET http_retries = {self.settings.s3_max_attempts}")
         connection.execute("SET http_retry_backoff = 2")
+
+    def pending_uploads(self, uri: str) -> list[tuple[str, str, float]]:
+        """Multipart uploads under ``uri`` never completed (e.g. by a server killed mid-ingest)."""
+        key_prefix = self.fs_path(uri).removeprefix(f"{self.bucket}/").rstrip("/") + "/"
+        pages = (
+            self.boto3_client()
+            .get_paginator("list_multipart_uploads")
+            .paginate(Bucket=self.bucket, Prefix=key_prefix)
+        )
+        return [
+            (f"s3://{self.bucket}/{upload['Key']}", upload["UploadId"], upload["Initiated"].timestamp())
+            for page in pages
+            for upload in page.get("Uploads", [])
+        ]
+
+    def abort_upload(self, uri: str, upload_id: str) -> None:
+        key = self.fs_path(uri).removeprefix(f"{self.bucket}/")
+        self.boto3_client().abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def _credentials(self) -> tuple[str | None, str | None, str | None]:
         """Explicit credentials, else those of the standard AWS environment and profile chain."""
