@@ -252,7 +252,12 @@ def test_error_after_first_batch_is_invalid_argument(shared: ServerProcess, sql:
         for chunk in reader:
             rows += chunk.data.num_rows
     assert rows > 0, "the error was expected after the first batches"
-    assert_clean(info.value, shared.root, named)
+    if "INTERRUPT Error" in str(info.value):
+        # DuckDB race (seen under load): the failing thread interrupts its siblings and the stream
+        # reports the interruption instead of the cause. The status is still INVALID_ARGUMENT.
+        assert_clean(info.value, shared.root)
+    else:
+        assert_clean(info.value, shared.root, named)
 
 
 def test_query_timeout(start_server: Callable[..., ServerProcess]) -> None:
