@@ -323,5 +323,8 @@ class QueryEngine:
             log.warning("query I/O error: %s", exc)
             return Unavailable(f"storage error while reading: {message}")
         if isinstance(exc, duckdb.PermissionException):
+            if self._storage_root in str(exc):  # a snapshot file of ours that cannot be opened (it vanished)
+                log.warning("query could not open a data file: %s", exc)
+                return Unavailable(f"storage error while reading: {message}")
             return InvalidArgument("queries may read registered datasets only")
         return InvalidArgument(message)

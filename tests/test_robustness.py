@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import ServerProcess, data_files, written_files
+from tests.conftest import ServerProcess, data_files, is_s3, s3_root, written_files
 
 CHUNK = 10_000
 
@@ -177,3 +177,25 @@ def test_restart_keeps_data_on_disk_layout(server: ServerProcess) -> None:
     server.restart()
     assert data_files(server.root) == files
     assert server.sql("select count(*) as n from kept").to_pylist() == [{"n": CHUNK}]
+
+
+def remove_file(root: str, address: str) -> None:
+    """Delete one stored file behind the server's back (local path or ``s3://`` URL)."""
+    if is_s3(root):
+        bucket, key = address.removeprefix("s3://").split("/", 1)
+        s3_root(root).s3.boto3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        os.remove(address)
+
+
+def test_a_damaged_dataset_does_not_break_queries_on_others(server: ServerProcess) -> None:
+    server.put("good", tagged(CHUNK, "g"))
+    server.put("damaged", tagged(CHUNK, "d"))
+    (lost,) = (address for address in data_files(server.root) if "/damaged/" in address)
+    remove_file(server.root, lost)
+    assert server.sql("select 42 as x").to_pylist() == [{"x": 42}]
+    assert server.sql("select count(*) as n from good").to_pylist() == [{"n": CHUNK}]
+    with pytest.raises(flight.FlightUnavailableError) as info:
+        server.sql("select count(*) from damaged")
+    assert "storage" in str(info.value) and server.root not in str(info.value)
+    assert server.sql("select count(*) as n from good").to_pylist() == [{"n": CHUNK}]
