@@ -9,6 +9,7 @@ database current when it starts and a cursor of its own, so it sees one snapshot
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
 import threading
 import time
@@ -174,6 +175,57 @@ class Watchdog:
             log.debug("interrupting a query failed", exc_info=True)
 
 
+class Prefetcher:
+    """Reads the next batches from DuckDB on a thread of its own while the current one is being sent.
+
+    Sending a batch (IPC encoding, gRPC) and producing the next (DuckDB) then overlap; at most
+    ``depth`` batches wait in between, so memory stays bounded.
+    """
+
+    _END = object()
+
+    def __init__(self, reader: pa.RecordBatchReader, depth: int = 2) -> None:
+        self._reader = reader
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="query-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for batch in self._reader:
+                if not self._offer(batch):
+                    return
+            self._offer(self._END)
+        except BaseException as exc:
+            self._offer(exc)
+
+    def _offer(self, item: object) -> bool:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def stop(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        """Stop producing: interrupt DuckDB if the producer is still inside it, and wait for the thread."""
+        self._stopped.set()
+        if self._thread.is_alive():
+            cursor.interrupt()
+            self._thread.join(10)
+
+
 @dataclass
 class QueryStream:
     """A started query: its schema and its batches (consumed once)."""
@@ -268,19 +320,16 @@ class QueryEngine:
         return QueryStream(reader.schema, self._batches(reader, query))
 
     def _batches(self, reader: pa.RecordBatchReader, query: RunningQuery) -> Iterator[pa.RecordBatch]:
+        prefetch = Prefetcher(reader)
         try:
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    return
-                yield batch
+            yield from prefetch
         except GeneratorExit:
             query.stop_reason = query.stop_reason or "cancelled"
             raise
         except BaseException as exc:
             raise self._client_error(exc, query) from None
         finally:
+            prefetch.stop(query.cursor)
             self._finish(query)
 
     def _finish(self, query: RunningQuery) -> None:
