@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -64,6 +65,7 @@ def serve(**options: object) -> None:
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limit_malloc_arenas()
+    faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:

@@ -122,6 +122,9 @@ class SnapshotDatabase:
 class RunningQuery:
     """A query in flight, watched for cancellation and its deadline."""
 
+    # The database is held until the query ends: dropping the last reference to a superseded database
+    # closes its connection, and closing a DuckDB connection closes its cursors, mid-stream.
+    database: SnapshotDatabase
     cursor: duckdb.DuckDBPyConnection
     deadline: float
     is_cancelled: Callable[[], bool]
@@ -155,12 +158,13 @@ class Watchdog:
     def _run(self) -> None:
         while True:
             time.sleep(self._interval)
+            # Checked under the guard: a query is forgotten (under the guard) before its call's context
+            # is destroyed, and asking a destroyed context whether it is cancelled would crash.
             with self._guard:
-                queries = list(self._queries.values())
-            now = time.monotonic()
-            for query in queries:
-                if query.stop_reason is None:
-                    self._check(query, now)
+                now = time.monotonic()
+                for query in self._queries.values():
+                    if query.stop_reason is None:
+                        self._check(query, now)
 
     @staticmethod
     def _check(query: RunningQuery, now: float) -> None:
@@ -224,6 +228,15 @@ class Prefetcher:
         if self._thread.is_alive():
             cursor.interrupt()
             self._thread.join(10)
+
+
+@dataclass(frozen=True)
+class CallHooks:
+    """What a query needs of the Flight call that runs it."""
+
+    is_cancelled: Callable[[], bool]
+    #: Registers a callback to run when the call ends (before its context is destroyed).
+    on_end: Callable[[Callable[[], None]], None]
 
 
 @dataclass
@@ -303,14 +316,14 @@ class QueryEngine:
         finally:
             cursor.close()
 
-    def run(
-        self, sql: str, is_cancelled: Callable[[], bool], database: SnapshotDatabase | None = None
-    ) -> QueryStream:
+    def run(self, sql: str, call: CallHooks, database: SnapshotDatabase | None = None) -> QueryStream:
         """Start ``sql``; the batches are produced as the client reads them."""
         database = database or self.current_database()
         cursor = database.cursor()
-        query = RunningQuery(cursor, time.monotonic() + self.settings.query_timeout_seconds, is_cancelled)
+        deadline = time.monotonic() + self.settings.query_timeout_seconds
+        query = RunningQuery(database, cursor, deadline, call.is_cancelled)
         self._watchdog.watch(query)
+        call.on_end(lambda: self._watchdog.forget(query))
         try:
             database.prepare(check_select(cursor, sql, database.names))
             reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)

@@ -37,7 +37,7 @@ from flight_lakehouse.errors import (
     install_traceback_filter,
 )
 from flight_lakehouse.ingest import IngestSession
-from flight_lakehouse.query import QueryEngine, QueryStream
+from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import open_storage
 
@@ -79,6 +79,33 @@ def decode_request(raw: bytes, what: str) -> SqlQuery | ScanRequest | IngestComm
     )
 
 
+CALL_END = "call_end"
+
+
+class CallEnd(flight.ServerMiddleware):
+    """Runs registered callbacks when its call completes, while the call's context is still alive."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+
+    def call_completed(self, exception: BaseException | None) -> None:
+        for callback in self.callbacks:
+            callback()
+
+
+class CallEndFactory(flight.ServerMiddlewareFactory):
+    """Gives every call a :class:`CallEnd`."""
+
+    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallEnd:
+        return CallEnd()
+
+
+def call_hooks(context: flight.ServerCallContext) -> CallHooks:
+    """The cancellation check and end-of-call hook of a Flight call."""
+    call_end: CallEnd = context.get_middleware(CALL_END)
+    return CallHooks(is_cancelled=context.is_cancelled, on_end=call_end.callbacks.append)
+
+
 class LakehouseServer(flight.FlightServerBase):
     """flight-lakehouse over Arrow Flight: ingest by DoPut, SQL and scans by DoGet, catalog by actions."""
 
@@ -105,7 +132,8 @@ class LakehouseServer(flight.FlightServerBase):
                 DropDataset, "Drop a dataset and delete its files.", self.drop_dataset
             ),
         }
-        super().__init__(settings.location, **server_options)
+        middleware = {CALL_END: CallEndFactory(), **server_options.pop("middleware", {})}
+        super().__init__(settings.location, middleware=middleware, **server_options)
 
     # -- actions ---------------------------------------------------------------------------------
     def health(self, _: EmptyBody) -> dict[str, Any]:
@@ -180,17 +208,15 @@ class LakehouseServer(flight.FlightServerBase):
     @client_safe
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         request = decode_request(ticket.ticket, "ticket")
-        stream = self._start(request, context.is_cancelled)
+        stream = self._start(request, call_hooks(context))
         return flight.GeneratorStream(stream.schema, client_safe_iter(stream.batches))
 
-    def _start(
-        self, request: SqlQuery | ScanRequest | IngestCommand, is_cancelled: Callable[[], bool]
-    ) -> QueryStream:
+    def _start(self, request: SqlQuery | ScanRequest | IngestCommand, call: CallHooks) -> QueryStream:
         if isinstance(request, SqlQuery):
-            return self.engine.run(request.sql, is_cancelled)
+            return self.engine.run(request.sql, call)
         if isinstance(request, ScanRequest):
             database = self.engine.scan_database(request)
-            return self.engine.run(self.engine.scan_sql(request, database), is_cancelled, database)
+            return self.engine.run(self.engine.scan_sql(request, database), call, database)
         raise InvalidArgument("an ingest command is not a ticket; send it with DoPut")
 
     @client_safe

@@ -8,6 +8,7 @@ start servers the same way on both roots. ``data_files`` and ``root_listing`` lo
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -291,14 +292,8 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 
     Tests that stop or break S3 start their own instance instead.
     """
-    # An access key id unlike any bucket or key name, so that tests can look for it in what clients see.
-    s3 = SeaweedFS(tmp_path_factory.mktemp("seaweedfs") / "data", access_key=f"AKID{uuid.uuid4().hex[:16]}")
-    s3.start()
-    try:
-        s3.create_bucket(BUCKET)
+    with running_seaweedfs(tmp_path_factory.mktemp("seaweedfs") / "data") as s3:
         yield s3
-    finally:
-        s3.stop()
 
 
 def make_root(request: pytest.FixtureRequest, kind: str, base: Path, label: str) -> str:
@@ -317,15 +312,46 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return make_root(request, request.param, tmp_path, request.node.name)
 
 
-@pytest.fixture
-def server(storage_root: str) -> Iterator[ServerProcess]:
-    """A fresh server on a free loopback port, stopped (by pid) after the test."""
-    process = ServerProcess(storage_root)
+@contextlib.contextmanager
+def running_server(root: str) -> Iterator[ServerProcess]:
+    """A server on ``root`` for the duration of the block, stopped (by pid) at its end."""
+    process = ServerProcess(root)
     try:
         yield process.start()
     finally:
         process.stop()
         process.kill()
+
+
+@contextlib.contextmanager
+def running_seaweedfs(data_dir: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS with the bucket ``lakehouse-test`` for the duration of the block, stopped by pid."""
+    # An access key id unlike any bucket or key name, so that tests can look for it in what clients see.
+    s3 = SeaweedFS(data_dir, access_key=f"AKID{uuid.uuid4().hex[:16]}")
+    s3.start()
+    try:
+        s3.create_bucket(BUCKET)
+        yield s3
+    finally:
+        s3.stop()
+
+
+def assert_refusal(exc: pytest.ExceptionInfo[BaseException], server: ServerProcess, *fragments: str) -> str:
+    """The refusal names every fragment and leaks neither a traceback nor the server's root."""
+    message = str(exc.value)
+    assert "Traceback" not in message, message
+    for form in root_forms(server.root):
+        assert form not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+@pytest.fixture
+def server(storage_root: str) -> Iterator[ServerProcess]:
+    """A fresh server on a free loopback port, stopped (by pid) after the test."""
+    with running_server(storage_root) as process:
+        yield process
 
 
 @pytest.fixture

@@ -11,20 +11,9 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_lakehouse import __version__
-from tests.conftest import ServerProcess, data_files, root_forms, root_listing, stored_files
+from tests.conftest import ServerProcess, assert_refusal, data_files, root_forms, root_listing, stored_files
 
 CATALOG_ACTIONS = ("health", "list_datasets", "describe_dataset", "dataset_history", "drop_dataset")
-
-
-def assert_refusal(exc: pytest.ExceptionInfo[BaseException], server: ServerProcess, *fragments: str) -> str:
-    """The refusal names every fragment and leaks neither a traceback nor the server's root."""
-    message = str(exc.value)
-    assert "Traceback" not in message, message
-    for form in root_forms(server.root):
-        assert form not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
 
 
 def assert_no_root(server: ServerProcess, value: object) -> None:

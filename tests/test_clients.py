@@ -16,7 +16,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_lakehouse.client import LakehouseClient
-from tests.conftest import STORAGE_KINDS, ServerProcess, make_root
+from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, running_server
 
 UTC_NAMES = ("UTC", "Etc/UTC")
 TS = dt.datetime(2024, 1, 2, 3, 4, 5, 6)
@@ -43,14 +43,10 @@ def shared(
 ) -> Iterator[ServerProcess]:
     """A module-wide server per storage kind with ``typed`` (common types, nulls) and ``big`` (1M rows)."""
     root = make_root(request, request.param, tmp_path_factory.mktemp("clients"), "clients")
-    server = ServerProcess(root).start()
-    try:
+    with running_server(root) as server:
         server.put("typed", TYPED)
         server.put("big", pa.table({"x": pa.array(range(BIG_ROWS), pa.int64())}), batch_rows=BIG_ROWS)
         yield server
-    finally:
-        server.stop()
-        server.kill()
 
 
 def do_get(server: ServerProcess, ticket: dict[str, object]) -> flight.FlightStreamReader:

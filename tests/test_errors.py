@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, root_forms, root_listing
+from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, root_forms, root_listing, running_server
 
 HEAVY_SQL = "select count(*) from range(10000000000) a, range(1000) b"
 SMALL = pa.table({"x": [1, 2, 3]})
@@ -55,13 +55,9 @@ def shared(
 ) -> Iterator[ServerProcess]:
     """A module-wide server per storage kind with dataset ``t`` (one server per case would be slow)."""
     root = make_root(request, request.param, tmp_path_factory.mktemp("errors"), "errors")
-    server = ServerProcess(root).start()
-    try:
+    with running_server(root) as server:
         server.put("t", SMALL)
         yield server
-    finally:
-        server.stop()
-        server.kill()
 
 
 def put_path(server: ServerProcess, name: str) -> object:

@@ -16,18 +16,7 @@ import pyarrow.flight as flight
 import pytest
 
 from scripts.gen_workers import WORKERS_SCHEMA, iter_worker_batches
-from tests.conftest import ServerProcess, data_files, root_forms, root_listing, written_files
-
-
-def assert_refusal(exc: pytest.ExceptionInfo[BaseException], server: ServerProcess, *fragments: str) -> str:
-    """The refusal names every fragment and leaks neither a traceback nor the server's root."""
-    message = str(exc.value)
-    assert "Traceback" not in message, message
-    for form in root_forms(server.root):
-        assert form not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
+from tests.conftest import ServerProcess, assert_refusal, data_files, root_listing, written_files
 
 
 def put_descriptor(server: ServerProcess, descriptor: flight.FlightDescriptor, table: pa.Table) -> dict:

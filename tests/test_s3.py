@@ -32,6 +32,7 @@ from tests.conftest import (
     pending_uploads,
     register_s3_root,
     root_forms,
+    running_seaweedfs,
     s3_root,
     storage_env,
     stored_files,
@@ -179,13 +180,8 @@ def dataset_state(server: ServerProcess) -> dict[str, tuple[list[int], int, int 
 @pytest.fixture
 def private_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
     """A SeaweedFS of the test's own (it may stop and restart it), with the bucket ``lakehouse-test``."""
-    s3 = SeaweedFS(tmp_path / "private-s3", access_key=f"AKID{uuid.uuid4().hex[:16]}")
-    s3.start()
-    try:
-        s3.create_bucket(BUCKET)
+    with running_seaweedfs(tmp_path / "private-s3") as s3:
         yield s3
-    finally:
-        s3.stop()
 
 
 # -- start-up checks -------------------------------------------------------------------------------------

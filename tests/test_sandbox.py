@@ -22,6 +22,7 @@ from tests.conftest import (
     make_root,
     root_forms,
     root_listing,
+    running_server,
     s3_root,
 )
 
@@ -90,8 +91,7 @@ def sandbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         for url in (S3_OTHER_KEY, S3_OTHER_BUCKET_KEY):
             bucket, key = url.removeprefix("s3://").split("/", 1)
             client.put_object(Bucket=bucket, Key=key, Body=parquet_bytes(SECRET))
-    server = ServerProcess(root).start()
-    try:
+    with running_server(root) as server:
         server.put("t", T)
         server.put("u", U)
         files = sorted(data_files(root))
@@ -99,9 +99,6 @@ def sandbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         box = Sandbox(server, root, files[0], catalog, escape, root_listing(root), set())
         box.outside_before = box.outside()
         yield box
-    finally:
-        server.stop()
-        server.kill()
 
 
 # (id, SQL template, expected exception, regex that the message must match, case-insensitively)
