@@ -64,6 +64,8 @@ def serve(**options: object) -> None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("botocore", "boto3", "urllib3", "s3transfer"):  # at DEBUG they log signed request headers
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     limit_malloc_arenas()
     faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
