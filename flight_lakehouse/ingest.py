@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
-from pyiceberg.expressions import AlwaysTrue
 from pyiceberg.io.pyarrow import parquet_file_to_data_file
 from pyiceberg.table import TableProperties, Transaction
 
@@ -258,11 +257,17 @@ class IngestSession:
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
         if self._schema_mode == "evolve":
             self._evolve_schema(tx)
+        new_files = data_files(tx, files) if files else []
         if self.options.mode == "overwrite":
-            tx.delete(AlwaysTrue())
-        if files:
+            replaced = [task.file for task in tx._table.scan().plan_files()]
+            with tx.update_snapshot().overwrite() as overwrite:  # one snapshot: old files out, new in
+                for data_file in replaced:
+                    overwrite.delete_data_file(data_file)
+                for data_file in new_files:
+                    overwrite.append_data_file(data_file)
+        elif new_files:
             with tx.update_snapshot().fast_append() as append:
-                for data_file in data_files(tx, files):
+                for data_file in new_files:
                     append.append_data_file(data_file)
         try:
             table = tx.commit_transaction()

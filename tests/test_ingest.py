@@ -157,6 +157,9 @@ def test_overwrite_replaces_rows_and_columns(server: ServerProcess) -> None:
     )
     assert result["rows_written"] == 2
     assert result["snapshot_id"] == current_snapshot(server, "stock")
+    entries = server.action("dataset_history", {"dataset": "stock"})
+    assert [entry["operation"] for entry in entries] == ["overwrite", "append"], "one snapshot per overwrite"
+    assert entries[0]["parent_id"] == entries[1]["snapshot_id"] and entries[0]["rows"] == 2
     rows = server.sql("select * from stock order by id")
     assert rows.schema.names == ["id", "qty"]
     assert rows.to_pylist() == [{"id": 100, "qty": 1.5}, {"id": 200, "qty": 2.5}]
