@@ -57,6 +57,12 @@ class Settings(BaseSettings):
             raise ValueError(f"root {root!r} names no bucket (use s3://bucket/prefix)")
         return root
 
+    @field_validator("s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty value (``LAKEHOUSE_S3_ACCESS_KEY_ID=``) means unset: the AWS chain applies."""
+        return None if value == "" else value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, level: str) -> str:

@@ -247,7 +247,12 @@ class S3Storage(Storage):
 
     def check(self, create_bucket: bool) -> None:
         """Start-up check: endpoint reachable, credentials valid, bucket present (or created), writable."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
 
         where = f"S3 endpoint {self.endpoint_name}, bucket {self.bucket!r}"
         client = self.boto3_client()
@@ -265,7 +270,7 @@ class S3Storage(Storage):
             probe = "/".join(part for part in (self.prefix, ".write-probe") if part)
             client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
             client.delete_object(Bucket=self.bucket, Key=probe)
-        except NoCredentialsError:
+        except (NoCredentialsError, PartialCredentialsError):
             raise SettingsError(
                 f"{where}: no credentials (set LAKEHOUSE_S3_ACCESS_KEY_ID and _SECRET_ACCESS_KEY)"
             ) from None

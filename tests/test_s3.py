@@ -334,6 +334,26 @@ def test_credentials_never_reach_logs_results_or_errors(
         assert secret not in line and key_id not in line, line
 
 
+def test_standard_aws_credential_chain(seaweedfs: SeaweedFS, tmp_path: Path) -> None:
+    """Without LAKEHOUSE_S3_* credentials the standard AWS variables are used, for writes and reads."""
+    root = register_s3_root(seaweedfs, tmp_path / "state", "chain")
+    chain = {
+        "LAKEHOUSE_S3_ACCESS_KEY_ID": "",
+        "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "",
+        "AWS_ACCESS_KEY_ID": seaweedfs.access_key,
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key,
+    }
+    server = ServerProcess(root.url, env=chain)
+    try:
+        server.start()
+        assert server.put("chained", rows(1000, 3))["rows_written"] == 1000
+        assert server.sql("select count(*) as n from chained").to_pylist() == [{"n": 1000}]
+        assert len(data_files(root.url)) == 1
+    finally:
+        server.stop()
+        server.kill()
+
+
 # -- S3 outage -------------------------------------------------------------------------------------------
 
 
