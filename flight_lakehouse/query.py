@@ -113,10 +113,6 @@ class SnapshotDatabase:
         """A connection of its own for one query."""
         return self._connection.cursor()
 
-    def close(self) -> None:
-        """Release the database (running cursors keep it alive until they finish)."""
-        self._connection.close()
-
 
 @dataclass
 class RunningQuery:
