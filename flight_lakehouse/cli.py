@@ -66,6 +66,8 @@ def serve(**options: object) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("botocore", "boto3", "urllib3", "s3transfer"):  # at DEBUG they log signed request headers
         logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
+    if settings.log_level != "DEBUG":  # "Loaded FileIO" on every table load
+        logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
     limit_malloc_arenas()
     faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
