@@ -142,9 +142,9 @@ class IngestSession:
         self.settings = settings
         self.options = options
         self.started = time.monotonic()
+        self.base_metadata_location = catalog.metadata_locations().get(options.dataset)
         self._check_mode()
         self.incoming_schema = storage_schema(schema)
-        self.base_metadata_location = catalog.metadata_locations().get(options.dataset)
         self.file_schema = self._plan_file_schema()
         self.writer = RollingParquetWriter(catalog, options.dataset, self.file_schema, settings)
         self._max_batch_bytes = settings.max_batch_mb << 20
@@ -158,7 +158,7 @@ class IngestSession:
             )
         if options.key is not None:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
-        exists = self.catalog.exists(options.dataset)
+        exists = self.base_metadata_location is not None
         if options.mode == "create" and exists:
             raise AlreadyExists(f"dataset {options.dataset!r} already exists (mode 'create')")
         if not exists:
@@ -219,13 +219,12 @@ class IngestSession:
                     raise NotFound(f"dataset {name!r} was dropped during the upload; nothing was written")
                 self.catalog.refuse_case_twin(name)
                 return self._create_table(files), True
-            if current != self.base_metadata_location:
-                table_schema = arrow_schema(self.catalog.load(name))
-                reconcile(table_schema, self.file_schema, self._schema_mode, name)
             if self.options.mode == "create":
                 raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
-            tx = self.catalog.load(name).transaction()
-            return self._add_files(tx, files), False
+            table = self.catalog.load(name)
+            if current != self.base_metadata_location:  # it changed during the upload: check again
+                reconcile(arrow_schema(table), self.file_schema, self._schema_mode, name)
+            return self._add_files(table.transaction(), files), False
 
     def _create_table(self, files: list[str]) -> int | None:
         name = self.options.dataset

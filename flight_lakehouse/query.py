@@ -25,7 +25,7 @@ from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.sandbox import check_predicate, check_select, first_line
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.storage import Storage
+from flight_lakehouse.storage import Storage, quote_literal
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ BATCH_ROWS = 128 * 1024
 def quote_identifier(name: str) -> str:
     """A DuckDB identifier literal."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    """A DuckDB string literal."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 class SnapshotDatabase:
@@ -53,7 +48,6 @@ class SnapshotDatabase:
         temp_dir: str,
     ):
         self.views = views
-        self.names = {name.lower() for name in views}
         config: dict[str, str | int | bool] = {
             "temp_directory": temp_dir,
             "autoinstall_known_extensions": False,
@@ -69,6 +63,7 @@ class SnapshotDatabase:
             name: [storage.scan_path(uri) for uri in snapshot.files] for name, snapshot in views.items()
         }
         self._by_lower = {name.lower(): name for name in views}
+        self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
         self._created: set[str] = set()
         self._views_guard = threading.Lock()
         self._lock_down([path for paths in self._paths.values() for path in paths])
@@ -118,8 +113,7 @@ class SnapshotDatabase:
 class RunningQuery:
     """A query in flight, watched for cancellation and its deadline."""
 
-    # The database is held until the query ends: dropping the last reference to a superseded database
-    # closes its connection, and closing a DuckDB connection closes its cursors, mid-stream.
+    # Held until the query ends, so that a superseded database outlives every cursor still reading it.
     database: SnapshotDatabase
     cursor: duckdb.DuckDBPyConnection
     deadline: float
@@ -258,26 +252,29 @@ class QueryEngine:
     # -- databases -------------------------------------------------------------------------------
     def current_database(self) -> SnapshotDatabase:
         """The database of the catalog's current state, built when the state changed."""
-        state = frozenset(self.catalog.metadata_locations().items())
+        return self._current()[1]
+
+    def _current(self) -> tuple[dict[str, str], SnapshotDatabase]:
+        """The current metadata file of every dataset (one catalog query), and the database over them."""
+        locations = self.catalog.metadata_locations()
+        state = frozenset(locations.items())
         with self._guard:
-            if self._database is not None and self._database[0] == state:
-                return self._database[1]
-            views = {name: self.catalog.snapshot_files(location) for name, location in state}
-            database = self._build(views)
-            self._database = (state, database)
-            return database
+            if self._database is None or self._database[0] != state:
+                views = {name: self.catalog.snapshot_files(location) for name, location in state}
+                self._database = (state, self._build(views))
+            return locations, self._database[1]
 
     def _build(self, views: dict[str, SnapshotFiles]) -> SnapshotDatabase:
         return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name)
 
     def scan_database(self, request: ScanRequest) -> SnapshotDatabase:
         """A database with the scanned dataset, at the requested snapshot when there is one."""
-        locations = self.catalog.metadata_locations()
+        locations, database = self._current()
         location = locations.get(request.dataset)
         if location is None:
             raise NotFound(f"dataset {request.dataset!r} not found")
         if request.snapshot_id is None:
-            return self.current_database()
+            return database
         return self._build({request.dataset: self.catalog.snapshot_files(location, request.snapshot_id)})
 
     # -- statements ------------------------------------------------------------------------------
@@ -371,18 +368,20 @@ class QueryEngine:
         if not isinstance(exc, duckdb.Error | OSError | pa.ArrowException):
             return exc
         message = self._redact(first_line(exc))
-        if not isinstance(exc, duckdb.Error):  # DuckDB's error re-raised by the Arrow stream reader
-            if message.startswith(("IO Error", "HTTP Error")):
-                return Unavailable(f"storage error while reading: {message}")
-            return InvalidArgument(message)
         if isinstance(exc, duckdb.OutOfMemoryException):
             return Unavailable(f"query ran out of memory: {message}")
-        if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
-            log.warning("query I/O error: %s", exc)
+        if self._storage_fault(exc, message):
+            log.warning("query storage error: %s", exc)
             return Unavailable(f"storage error while reading: {message}")
         if isinstance(exc, duckdb.PermissionException):
-            if self._storage_root in str(exc):  # a snapshot file of ours that cannot be opened (it vanished)
-                log.warning("query could not open a data file: %s", exc)
-                return Unavailable(f"storage error while reading: {message}")
             return InvalidArgument("queries may read registered datasets only")
         return InvalidArgument(message)
+
+    def _storage_fault(self, exc: BaseException, message: str) -> bool:
+        """Whether a query failed because storage could not be read (not because of the query)."""
+        if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
+            return True
+        if isinstance(exc, duckdb.PermissionException):  # one of our snapshot files could not be opened
+            return self._storage_root in str(exc)
+        # DuckDB's error re-raised by the Arrow stream reader keeps only its message
+        return not isinstance(exc, duckdb.Error) and message.startswith(("IO Error", "HTTP Error"))

@@ -174,7 +174,7 @@ class S3Storage(Storage):
 
     def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Load httpfs from its wheel and give DuckDB this storage's endpoint, credentials and retries."""
-        connection.execute(f"LOAD {quote(httpfs_extension_path())}")
+        connection.execute(f"LOAD {quote_literal(httpfs_extension_path())}")
         key, secret, token = self._credentials()
         endpoint = urlparse(self.endpoint) if self.endpoint else None
         options = {"REGION": self.region, "URL_STYLE": "path" if endpoint else "vhost"}
@@ -187,7 +187,8 @@ class S3Storage(Storage):
         if token:
             options["SESSION_TOKEN"] = token
         body = ", ".join(
-            f"{name} {value if name == 'USE_SSL' else quote(value)}" for name, value in options.items()
+            f"{name} {value if name == 'USE_SSL' else quote_literal(value)}"
+            for name, value in options.items()
         )
         connection.execute(f"CREATE SECRET lakehouse_s3 (TYPE s3, {body})")
         timeout_ms = int(self.settings.s3_request_timeout_seconds * 1000)
@@ -294,7 +295,7 @@ def httpfs_extension_path() -> str:
     return found[0].as_posix()
 
 
-def quote(text: str) -> str:
+def quote_literal(text: str) -> str:
     """A DuckDB string literal."""
     return "'" + text.replace("'", "''") + "'"
 
