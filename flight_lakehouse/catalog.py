@@ -6,7 +6,7 @@ import base64
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,6 +55,8 @@ class DatasetCatalog:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        #: Names of the datasets kept elsewhere (the Lance tables): one namespace for both.
+        self.other_names: Callable[[], list[str]] = list
 
     # -- names and locks -------------------------------------------------------------------------
     @staticmethod
@@ -172,12 +174,15 @@ class DatasetCatalog:
         return True
 
     def refuse_case_twin(self, name: str) -> None:
-        """Refuse to create ``name`` when a dataset differing only in case exists."""
+        """Refuse to create ``name`` when a dataset of that name ignoring case exists, in either format."""
         twin = self.find(name)
         if twin is not None and twin != name:
             raise AlreadyExists(
                 f"dataset {twin!r} exists; names are case-insensitive in SQL, so {name!r} is refused"
             )
+        other = next((stored for stored in self.other_names() if stored.lower() == name.lower()), None)
+        if other is not None:
+            raise AlreadyExists(f"dataset {other!r} exists as a Lance table; {name!r} is refused")
 
 
 def arrow_schema(table: Table) -> pa.Schema:

@@ -70,6 +70,8 @@ def serve(**options: object) -> None:
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
     limit_malloc_arenas()
     faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
+    # lancedb's Rust logger (read at import): warnings only from DEBUG down, errors otherwise
+    os.environ.setdefault("LANCEDB_LOG", "warn" if settings.log_level == "DEBUG" else "error")
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:

@@ -20,6 +20,7 @@ MAX_SQL_CHARS = 100_000
 DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 SqlText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SQL_CHARS)]
+Metric = Literal["cosine", "l2", "dot"]
 
 
 class Command(BaseModel):
@@ -36,6 +37,10 @@ class IngestOptions(Command):
     key: ColumnName | None = None
     format: Literal["parquet", "lance"] | None = None
     schema_mode: Literal["strict", "evolve"] = "strict"
+    #: Lance tables: the metric set when the table is created (searches and indexes default to it).
+    metric: Metric | None = None
+    #: Lance tables: a ``list<float>`` column to store as the vector column.
+    vector_column: ColumnName | None = None
 
 
 class IngestCommand(Command):
@@ -58,6 +63,62 @@ class ScanRequest(Command):
     filter: SqlText | None = None
     limit: Annotated[int, Field(ge=0)] | None = None
     snapshot_id: int | None = None
+
+
+MAX_SEARCH_K = 10_000
+MAX_QUERY_DIMENSION = 65_536
+Positive = Annotated[int, Field(ge=1, le=1_000_000)]
+
+
+class SearchRequest(Command):
+    """Body of ``vector_search`` and of ``{"search": ...}`` tickets and DoExchange commands."""
+
+    dataset: DatasetName
+    vector: list[float] | None = Field(default=None, min_length=1, max_length=MAX_QUERY_DIMENSION)
+    k: Annotated[int, Field(ge=1, le=MAX_SEARCH_K)] = 10
+    metric: Metric | None = None
+    filter: SqlText | None = None
+    columns: list[ColumnName] | None = Field(default=None, max_length=10_000)
+    text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)] | None = None
+    nprobes: Positive | None = None
+    refine_factor: Annotated[int, Field(ge=1, le=1000)] | None = None
+    ef: Positive | None = None
+    #: The vector column to search, when the table has several.
+    column: ColumnName | None = None
+
+
+class SearchCommand(Command):
+    """DoGet ticket, GetFlightInfo and DoExchange command: ``{"search": {...}}``."""
+
+    search: SearchRequest
+
+
+class CreateIndex(Command):
+    """Body of ``create_index``."""
+
+    dataset: DatasetName
+    column: ColumnName
+    kind: Literal["ivf_pq", "ivf_hnsw_sq", "fts", "btree", "bitmap"]
+    metric: Metric | None = None
+    num_partitions: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    num_sub_vectors: Annotated[int, Field(ge=1, le=65_536)] | None = None
+    m: Annotated[int, Field(ge=2, le=512)] | None = None
+    ef_construction: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    replace: bool = False
+
+
+class DeleteRows(Command):
+    """Body of ``delete_rows``."""
+
+    dataset: DatasetName
+    where: SqlText
+
+
+class Optimize(Command):
+    """Body of ``optimize``: compaction, index update, and removal of versions older than the retention."""
+
+    dataset: DatasetName
+    older_than_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] = 7 * 86_400.0
 
 
 class EmptyBody(Command):
@@ -87,6 +148,11 @@ PUBLISHED_MODELS: dict[str, type[Command]] = {
     "empty_body": EmptyBody,
     "dataset_ref": DatasetRef,
     "drop_dataset": DropDataset,
+    "search_command": SearchCommand,
+    "vector_search": SearchRequest,
+    "create_index": CreateIndex,
+    "delete_rows": DeleteRows,
+    "optimize": Optimize,
 }
 
 

@@ -152,10 +152,15 @@ class IngestSession:
     # -- planning --------------------------------------------------------------------------------
     def _check_mode(self) -> None:
         options = self.options
-        if options.format == "lance" or options.mode == "upsert":
-            raise InvalidArgument(
-                f"dataset {options.dataset!r}: format 'lance' and mode 'upsert' need a vector table"
-            )
+        lance_only = {"format 'lance'": options.format == "lance", "mode 'upsert'": options.mode == "upsert"}
+        lance_only.update(
+            {"metric": options.metric is not None, "vector_column": options.vector_column is not None}
+        )
+        for what, asked in lance_only.items():
+            if asked:
+                raise InvalidArgument(
+                    f"{what} applies to Lance tables; dataset {options.dataset!r} is Parquet"
+                )
         if options.key is not None:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         exists = self.base_metadata_location is not None

@@ -26,6 +26,7 @@ from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, Not
 from flight_lakehouse.sandbox import check_predicate, check_select, first_line
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage, quote_literal
+from flight_lakehouse.vectors import VectorTables
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,20 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+@dataclass(frozen=True)
+class LanceView:
+    """A Lance table as a query sees it: its schema, and the version to read (current when None)."""
+
+    schema: pa.Schema
+    version: int | None = None
+
+
 class SnapshotDatabase:
-    """An in-memory DuckDB database whose views are the datasets at fixed snapshots, locked down."""
+    """An in-memory DuckDB database whose views are the datasets at fixed snapshots, locked down.
+
+    Lance tables are not views of the database: each query registers the Lance datasets it reads on its
+    own cursor, at their version when the query starts (see :meth:`QueryEngine._attach_lance`).
+    """
 
     def __init__(
         self,
@@ -46,8 +59,10 @@ class SnapshotDatabase:
         storage: Storage,
         settings: Settings,
         temp_dir: str,
+        lance: dict[str, LanceView] | None = None,
     ):
         self.views = views
+        self.lance = lance or {}
         config: dict[str, str | int | bool] = {
             "temp_directory": temp_dir,
             "autoinstall_known_extensions": False,
@@ -62,11 +77,19 @@ class SnapshotDatabase:
         self._paths = {
             name: [storage.scan_path(uri) for uri in snapshot.files] for name, snapshot in views.items()
         }
-        self._by_lower = {name.lower(): name for name in views}
+        self._by_lower = {name.lower(): name for name in [*views, *self.lance]}
         self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
         self._created: set[str] = set()
         self._views_guard = threading.Lock()
         self._lock_down([path for paths in self._paths.values() for path in paths])
+
+    def schema_of(self, name: str) -> pa.Schema:
+        """The schema of a dataset of this database."""
+        return self.lance[name].schema if name in self.lance else self.views[name].schema
+
+    def lance_names(self, names: set[str]) -> list[str]:
+        """The Lance tables among ``names`` (lower-case), by their stored names."""
+        return [self._by_lower[lower] for lower in sorted(names) if self._by_lower.get(lower) in self.lance]
 
     def prepare(self, names: set[str]) -> None:
         """Create the views of the datasets a query reads (lower-case names), once each.
@@ -77,7 +100,7 @@ class SnapshotDatabase:
         with self._views_guard:
             for lower in sorted(names):
                 name = self._by_lower.get(lower)
-                if name is not None and name not in self._created:
+                if name is not None and name not in self._created and name not in self.lance:
                     self._create_view(name)
                     self._created.add(name)
 
@@ -240,9 +263,10 @@ class QueryStream:
 class QueryEngine:
     """Runs SQL and scans on DuckDB over the catalog's current snapshots."""
 
-    def __init__(self, catalog: DatasetCatalog, settings: Settings) -> None:
+    def __init__(self, catalog: DatasetCatalog, settings: Settings, vectors: VectorTables) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.vectors = vectors
         self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-")
         self._database: tuple[frozenset[tuple[str, str]], SnapshotDatabase] | None = None
         self._guard = threading.Lock()
@@ -257,30 +281,39 @@ class QueryEngine:
     def _current(self) -> tuple[dict[str, str], SnapshotDatabase]:
         """The current metadata file of every dataset (one catalog query), and the database over them."""
         locations = self.catalog.metadata_locations()
-        state = frozenset(locations.items())
+        lance_names = self.vectors.names()
+        lance_state = [("lance", name) for name in lance_names] + [("lance", str(self.vectors.generation))]
+        state = frozenset([*locations.items(), *lance_state])
         with self._guard:
             if self._database is None or self._database[0] != state:
-                views = {name: self.catalog.snapshot_files(location) for name, location in state}
-                self._database = (state, self._build(views))
+                views = {name: self.catalog.snapshot_files(location) for name, location in locations.items()}
+                lance = {name: LanceView(self.vectors.schema(name)) for name in lance_names}
+                self._database = (state, self._build(views, lance))
             return locations, self._database[1]
 
-    def _build(self, views: dict[str, SnapshotFiles]) -> SnapshotDatabase:
-        return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name)
+    def _build(
+        self, views: dict[str, SnapshotFiles], lance: dict[str, LanceView] | None = None
+    ) -> SnapshotDatabase:
+        return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name, lance)
 
     def scan_database(self, request: ScanRequest) -> SnapshotDatabase:
         """A database with the scanned dataset, at the requested snapshot when there is one."""
         locations, database = self._current()
         location = locations.get(request.dataset)
-        if location is None:
+        if location is None and request.dataset not in database.lance:
             raise NotFound(f"dataset {request.dataset!r} not found")
         if request.snapshot_id is None:
             return database
+        if location is None:  # a Lance table: snapshots are its versions
+            self.vectors.dataset(request.dataset, request.snapshot_id)  # NOT_FOUND for unknown versions
+            lance = {request.dataset: LanceView(database.lance[request.dataset].schema, request.snapshot_id)}
+            return self._build({}, lance)
         return self._build({request.dataset: self.catalog.snapshot_files(location, request.snapshot_id)})
 
     # -- statements ------------------------------------------------------------------------------
     def scan_sql(self, request: ScanRequest, database: SnapshotDatabase) -> str:
         """The SELECT a scan ticket stands for, with its columns checked."""
-        known = {f.name.lower() for f in database.views[request.dataset].schema}
+        known = {f.name.lower() for f in database.schema_of(request.dataset)}
         for column in request.columns or []:
             if column.lower() not in known:
                 raise InvalidArgument(f"unknown column {column!r} in dataset {request.dataset!r}")
@@ -302,7 +335,7 @@ class QueryEngine:
         database = database or self.current_database()
         cursor = database.cursor()
         try:
-            database.prepare(check_select(cursor, sql, database.names))
+            self._prepare(cursor, database, check_select(cursor, sql, database.names))
             return cursor.sql(sql).limit(0).to_arrow_table().schema
         except BaseException as exc:
             raise self._client_error(exc, None) from None
@@ -318,12 +351,26 @@ class QueryEngine:
         self._watchdog.watch(query)
         call.on_end(lambda: self._watchdog.forget(query))
         try:
-            database.prepare(check_select(cursor, sql, database.names))
+            self._prepare(cursor, database, check_select(cursor, sql, database.names))
             reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None
         return QueryStream(reader.schema, self._batches(reader, query))
+
+    def _prepare(
+        self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
+    ) -> None:
+        """Make the datasets a query reads visible to its cursor."""
+        database.prepare(names)
+        self._attach_lance(cursor, database, names)
+
+    def _attach_lance(
+        self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
+    ) -> None:
+        """Register the Lance tables a query reads on its cursor, each at one version for the whole query."""
+        for name in database.lance_names(names):
+            cursor.register(name, self.vectors.dataset(name, database.lance[name].version))
 
     def _batches(self, reader: pa.RecordBatchReader, query: RunningQuery) -> Iterator[pa.RecordBatch]:
         prefetch = Prefetcher(reader)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +15,17 @@ from flight_lakehouse import __version__
 from flight_lakehouse.catalog import DatasetCatalog, summarise
 from flight_lakehouse.commands import (
     Command,
+    CreateIndex,
     DatasetRef,
+    DeleteRows,
     DropDataset,
     EmptyBody,
     IngestCommand,
     IngestOptions,
+    Optimize,
     ScanRequest,
+    SearchCommand,
+    SearchRequest,
     SqlQuery,
     decode_json_object,
     parse_body,
@@ -40,6 +45,9 @@ from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import open_storage
+from flight_lakehouse.vector_index import IndexBuilder
+from flight_lakehouse.vector_search import VectorSearch
+from flight_lakehouse.vectors import VectorTables, holds_vectors
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,11 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), default=str).encode("utf-8")
 
 
-def decode_request(raw: bytes, what: str) -> SqlQuery | ScanRequest | IngestCommand:
-    """A command or ticket: ``{"sql"}``, ``{"dataset"}`` (scan) or ``{"ingest"}``."""
+Request = SqlQuery | ScanRequest | IngestCommand | SearchCommand
+
+
+def decode_request(raw: bytes, what: str) -> Request:
+    """A command or ticket: ``{"sql"}``, ``{"dataset"}`` (scan), ``{"search"}`` or ``{"ingest"}``."""
     if raw.startswith(b"\n") and FLIGHT_SQL_TYPE_PREFIX in raw[:200]:
         raise Unimplemented("Flight SQL commands are not served yet; use JSON commands")
     payload = decode_json_object(raw, what)
@@ -73,9 +84,9 @@ def decode_request(raw: bytes, what: str) -> SqlQuery | ScanRequest | IngestComm
     if "dataset" in payload:
         return parse_model(ScanRequest, payload)
     if "search" in payload:
-        raise Unimplemented("vector search is not served yet")
+        return parse_model(SearchCommand, payload)
     raise InvalidArgument(
-        f"{what} must have one of the keys 'sql', 'dataset' or 'ingest'; got {sorted(payload)}"
+        f"{what} must have one of the keys 'sql', 'dataset', 'search' or 'ingest'; got {sorted(payload)}"
     )
 
 
@@ -114,7 +125,11 @@ class LakehouseServer(flight.FlightServerBase):
         self.settings = settings
         self.storage = open_storage(settings)
         self.catalog = DatasetCatalog(self.storage, settings.catalog_uri)
-        self.engine = QueryEngine(self.catalog, settings)
+        self.vectors = VectorTables(self.storage, settings, self.catalog)
+        self.catalog.other_names = self.vectors.names
+        self.searcher = VectorSearch(self.vectors)
+        self.indexes = IndexBuilder(self.vectors, settings)
+        self.engine = QueryEngine(self.catalog, settings, self.vectors)
         self.actions: dict[str, ActionSpec] = {
             "health": ActionSpec(
                 EmptyBody, "Liveness and version: {status, version, storage, datasets}.", self.health
@@ -131,6 +146,22 @@ class LakehouseServer(flight.FlightServerBase):
             "drop_dataset": ActionSpec(
                 DropDataset, "Drop a dataset and delete its files.", self.drop_dataset
             ),
+            "vector_search": ActionSpec(
+                SearchRequest,
+                "k nearest rows (vector), best matches (text) or both fused; Arrow IPC stream bytes.",
+                self.vector_search,
+            ),
+            "create_index": ActionSpec(
+                CreateIndex,
+                "Build an ivf_pq, ivf_hnsw_sq, fts, btree or bitmap index on a Lance table.",
+                self.create_index,
+            ),
+            "delete_rows": ActionSpec(
+                DeleteRows, "Delete the rows of a Lance table matching an SQL predicate.", self.delete_rows
+            ),
+            "optimize": ActionSpec(
+                Optimize, "Compact a Lance table, update its indexes, remove old versions.", self.optimize
+            ),
         }
         middleware = {CALL_END: CallEndFactory(), **server_options.pop("middleware", {})}
         super().__init__(settings.location, middleware=middleware, **server_options)
@@ -142,24 +173,63 @@ class LakehouseServer(flight.FlightServerBase):
             "status": "ok",
             "version": __version__,
             "storage": self.storage.public_facts(),
-            "datasets": len(self.catalog.metadata_locations()),
+            "datasets": len(self.catalog.metadata_locations()) + len(self.vectors.names()),
         }
 
     def list_datasets(self, _: EmptyBody) -> list[dict[str, Any]]:
         """The ``list_datasets`` action."""
-        return self.catalog.list_datasets()
+        lance = [self.vectors.summarise(name) for name in self.vectors.names()]
+        return sorted(self.catalog.list_datasets() + lance, key=lambda entry: entry["name"])
 
     def describe_dataset(self, body: DatasetRef) -> dict[str, Any]:
         """The ``describe_dataset`` action."""
+        if self.vectors.exists(body.dataset):
+            return self.vectors.describe(body.dataset, self.indexes.pending(body.dataset))
         return self.catalog.describe(body.dataset)
 
     def dataset_history(self, body: DatasetRef) -> list[dict[str, Any]]:
         """The ``dataset_history`` action."""
+        if self.vectors.exists(body.dataset):
+            return self.vectors.history(body.dataset)
         return self.catalog.history(body.dataset)
 
     def drop_dataset(self, body: DropDataset) -> dict[str, Any]:
         """The ``drop_dataset`` action."""
+        if self.vectors.exists(body.dataset):
+            self.vectors.drop(body.dataset)
+            self.indexes.forget(body.dataset)
+            return {"dropped": True}
         return {"dropped": self.catalog.drop(body.dataset, body.if_exists)}
+
+    def vector_search(self, body: SearchRequest) -> bytes:
+        """The ``vector_search`` action: the result as Arrow IPC stream bytes."""
+        result = self.searcher.search(self.searcher.plan(body))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, result.schema) as writer:
+            writer.write_table(result)
+        return sink.getvalue().to_pybytes()
+
+    def create_index(self, body: CreateIndex) -> dict[str, Any]:
+        """The ``create_index`` action."""
+        self._lance_only(body.dataset, "create_index")
+        return self.indexes.create(body)
+
+    def delete_rows(self, body: DeleteRows) -> dict[str, Any]:
+        """The ``delete_rows`` action."""
+        self._lance_only(body.dataset, "delete_rows")
+        self.searcher.check_filter(body.where)
+        return self.vectors.delete_rows(body.dataset, body.where)
+
+    def optimize(self, body: Optimize) -> dict[str, Any]:
+        """The ``optimize`` action."""
+        self._lance_only(body.dataset, "optimize")
+        return self.vectors.optimize(body.dataset, body.older_than_seconds)
+
+    def _lance_only(self, dataset: str, action: str) -> None:
+        if not self.vectors.exists(dataset):
+            if self.catalog.exists(dataset):
+                raise InvalidArgument(f"{action} serves Lance tables; dataset {dataset!r} is Parquet")
+            raise NotFound(f"dataset {dataset!r} not found")
 
     @client_safe
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -171,7 +241,8 @@ class LakehouseServer(flight.FlightServerBase):
         if spec is None:
             raise NotFound(f"unknown action {action.type!r}; ListActions lists them")
         body = parse_body(spec.body, action.body.to_pybytes() if action.body else b"", f"{action.type} body")
-        return [json_bytes(spec.handler(body))]
+        result = spec.handler(body)
+        return [result if isinstance(result, bytes) else json_bytes(result)]
 
     # -- ingest ----------------------------------------------------------------------------------
     @client_safe
@@ -183,18 +254,37 @@ class LakehouseServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         options = self._ingest_options(descriptor)
-        session = IngestSession(self.catalog, self.settings, options, reader.schema)
+        batches = uploaded_batches(reader, context)
+        if self._is_lance(options, reader.schema):
+            result = self.vectors.write(options, reader.schema, batches)
+        else:
+            result = self._ingest_parquet(options, reader.schema, batches)
+        writer.write(pa.py_buffer(json_bytes(result)))
+
+    def _is_lance(self, options: IngestOptions, schema: pa.Schema) -> bool:
+        """Whether an upload goes to a Lance table: the existing dataset's format, else the upload's."""
+        lance, parquet = self.vectors.exists(options.dataset), self.catalog.exists(options.dataset)
+        if not (lance or parquet):
+            return holds_vectors(schema, options)
+        wanted = options.format
+        if wanted is not None and wanted != ("lance" if lance else "parquet"):
+            current = "a Lance table" if lance else "Parquet"
+            raise InvalidArgument(
+                f"dataset {options.dataset!r} is {current}; format {wanted!r} does not apply"
+            )
+        return lance
+
+    def _ingest_parquet(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> dict:
+        session = IngestSession(self.catalog, self.settings, options, schema)
         try:
-            for chunk in reader:
-                if chunk.data is not None:
-                    session.write(chunk.data)
-            if context.is_cancelled():  # a client that died mid-stream can look like a finished one
-                raise Cancelled("upload cancelled by the client; nothing was committed")
+            for batch in batches:
+                session.write(batch)
         except BaseException:
             session.abort()
             raise
-        result = session.commit()
-        writer.write(pa.py_buffer(json_bytes(result.to_json())))
+        return session.commit().to_json()
 
     def _ingest_options(self, descriptor: flight.FlightDescriptor) -> IngestOptions:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
@@ -211,12 +301,15 @@ class LakehouseServer(flight.FlightServerBase):
         stream = self._start(request, call_hooks(context))
         return flight.GeneratorStream(stream.schema, client_safe_iter(stream.batches))
 
-    def _start(self, request: SqlQuery | ScanRequest | IngestCommand, call: CallHooks) -> QueryStream:
+    def _start(self, request: Request, call: CallHooks) -> QueryStream:
         if isinstance(request, SqlQuery):
             return self.engine.run(request.sql, call)
         if isinstance(request, ScanRequest):
             database = self.engine.scan_database(request)
             return self.engine.run(self.engine.scan_sql(request, database), call, database)
+        if isinstance(request, SearchCommand):
+            result = self.searcher.search(self.searcher.plan(request.search))
+            return QueryStream(result.schema, iter(result.to_batches()))
         raise InvalidArgument("an ingest command is not a ticket; send it with DoPut")
 
     @client_safe
@@ -233,13 +326,24 @@ class LakehouseServer(flight.FlightServerBase):
 
     @client_safe
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
-        return [self._dataset_info(name) for name in self.catalog.names()]
+        names = sorted(self.catalog.names() + self.vectors.names())
+        return [self._dataset_info(name) for name in names]
 
     @client_safe
     def do_exchange(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor, reader, writer
+        self,
+        context: flight.ServerCallContext,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        raise Unimplemented("DoExchange serves vector search, which is not available yet")
+        request = decode_request(descriptor.command or b"", "DoExchange command")
+        if not isinstance(request, SearchCommand):
+            raise InvalidArgument("DoExchange takes a {'search': {...}} command")
+        plan = self.searcher.plan(request.search, exchange=True)
+        writer.begin(plan.exchange_schema)
+        for batch in self.searcher.exchange(plan, uploaded_batches(reader, context)):
+            writer.write_batch(batch)
 
     def _flight_info(self, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         if descriptor.descriptor_type == flight.DescriptorType.PATH:
@@ -252,10 +356,16 @@ class LakehouseServer(flight.FlightServerBase):
         if isinstance(request, SqlQuery):
             schema = self.engine.schema(request.sql)
             return self._info(descriptor, schema, request.model_dump_json().encode(), -1, -1)
+        if isinstance(request, SearchCommand):
+            schema = self.searcher.plan(request.search).result_schema
+            return self._info(descriptor, schema, request.model_dump_json(exclude_none=True).encode(), -1, -1)
         raise InvalidArgument("an ingest command has no FlightInfo; send it with DoPut")
 
     def _dataset_info(self, name: str) -> flight.FlightInfo:
-        facts = summarise(name, self.catalog.load(name))
+        if self.vectors.exists(name):
+            facts = self.vectors.summarise(name)
+        else:
+            facts = summarise(name, self.catalog.load(name))
         request = ScanRequest(dataset=name)
         database = self.engine.scan_database(request)
         schema = self.engine.schema(
@@ -277,3 +387,14 @@ class LakehouseServer(flight.FlightServerBase):
         if len(path) != 1:
             raise InvalidArgument(f"a path descriptor names one dataset, got {len(path)} path elements")
         return validate_dataset_name(path[0])
+
+
+def uploaded_batches(
+    reader: flight.MetadataRecordBatchReader, context: flight.ServerCallContext
+) -> Iterator[pa.RecordBatch]:
+    """The record batches of a client stream; a stream the client cut off raises instead of ending."""
+    for chunk in reader:
+        if chunk.data is not None:
+            yield chunk.data
+    if context.is_cancelled():  # a client that died mid-stream can look like a finished one
+        raise Cancelled("upload cancelled by the client; nothing was committed")

@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     row_group_rows: int = Field(default=1 << 20, ge=1024)
     max_batch_mb: int = Field(default=256, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    lance_refresh_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="how stale a Lance table may look to searches (writes by other servers)",
+    )
+    index_wait_seconds: float = Field(
+        default=2.0, ge=0, description="how long create_index waits for its build before answering 'building'"
+    )
     log_level: str = "INFO"
 
     @field_validator("root")

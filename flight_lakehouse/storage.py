@@ -68,6 +68,15 @@ class Storage(abc.ABC):
         """What clients may learn about the storage (no paths, no secrets)."""
         return {"kind": self.kind}
 
+    @property
+    def lance_uri(self) -> str:
+        """The lancedb database (a folder of ``<name>.lance`` tables) beside the Iceberg tables."""
+        return self.uri("lance")
+
+    def lance_storage_options(self) -> dict[str, str]:
+        """lancedb/Lance object-store options for this storage."""
+        return {}
+
     def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
         """Prepare a query database to read this storage (before its configuration is locked)."""
 
@@ -171,6 +180,24 @@ class S3Storage(Storage):
 
     def public_facts(self) -> dict[str, str]:
         return {"kind": self.kind, "bucket": self.bucket}
+
+    def lance_storage_options(self) -> dict[str, str]:
+        key, secret, token = self._credentials()
+        options = {
+            "aws_region": self.region,
+            "connect_timeout": f"{self.settings.s3_connect_timeout_seconds:g}s",
+            "timeout": f"{self.settings.s3_request_timeout_seconds:g}s",
+            "client_max_retries": str(self.settings.s3_max_attempts - 1),
+        }
+        if self.endpoint:
+            options.update(
+                aws_endpoint=self.endpoint, allow_http=str(self.endpoint.startswith("http:")).lower()
+            )
+        if key and secret:
+            options.update(aws_access_key_id=key, aws_secret_access_key=secret)
+        if token:
+            options["aws_session_token"] = token
+        return options
 
     def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Load httpfs from its wheel and give DuckDB this storage's endpoint, credentials and retries."""

@@ -1,0 +1,227 @@
+"""Vector, full-text and hybrid search over the Lance tables, for one query or a stream of them.
+
+One :class:`SearchPlan` per request: the request is checked once against the table (columns, vector
+column, metric, filter, query vectors), then lancedb's query builder runs it. The action, the DoGet
+ticket and DoExchange all go through :meth:`VectorSearch.plan`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.query import LanceQueryBuilder
+from lancedb.rerankers import RRFReranker
+from lancedb.table import LanceTable
+
+from flight_lakehouse.commands import SearchRequest
+from flight_lakehouse.errors import InvalidArgument
+from flight_lakehouse.sandbox import check_predicate
+from flight_lakehouse.vectors import VectorTables, lance_error, problem_rows, table_metric, vector_columns
+
+DISTANCE = "_distance"
+SCORE = "_score"
+QUERY_INDEX = "_query_index"
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A checked search request against one open table."""
+
+    request: SearchRequest
+    table: LanceTable
+    vector_column: str
+    dimension: int
+    metric: str
+    columns: list[str]
+    schema: pa.Schema  # the table's
+
+    @property
+    def result_schema(self) -> pa.Schema:
+        """The schema of the result rows: the chosen columns, then ``_distance`` or ``_score``."""
+        fields = [self.schema.field(name) for name in self.columns]
+        is_vector = self.request.text is None
+        fields.append(pa.field(DISTANCE if is_vector else SCORE, pa.float32()))
+        return pa.schema(fields)
+
+    @property
+    def exchange_schema(self) -> pa.Schema:
+        """The schema of DoExchange results: ``_query_index`` first."""
+        return self.result_schema.insert(0, pa.field(QUERY_INDEX, pa.int64()))
+
+    def query_vectors(self, values: Any, first_row: int = 0) -> np.ndarray:
+        """Query vectors as a float32 matrix, refusing wrong dimensions, NaN/Inf and zero cosine vectors."""
+        matrix = np.asarray(values, dtype=np.float32)
+        if matrix.ndim == 1:
+            matrix = matrix.reshape(1, -1)
+        if matrix.shape[1] != self.dimension:
+            raise InvalidArgument(
+                f"query vector has dimension {matrix.shape[1]}; column {self.vector_column!r} has "
+                f"{self.dimension}"
+            )
+        bad = problem_rows(matrix, self.metric)
+        if bad is not None:
+            row, reason = bad
+            where = f"query vector {first_row + row}" if first_row or matrix.shape[0] > 1 else "query vector"
+            raise InvalidArgument(f"{where} {reason}")
+        return matrix
+
+
+class VectorSearch:
+    """Runs search requests on the Lance tables."""
+
+    def __init__(self, tables: VectorTables) -> None:
+        self.tables = tables
+        self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
+        self._parser_guard = threading.Lock()
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self, request: SearchRequest, exchange: bool = False) -> SearchPlan:
+        """Check ``request`` against its table."""
+        name = request.dataset
+        if not self.tables.exists(name):
+            if self.tables.catalog.exists(name):
+                raise InvalidArgument(f"dataset {name!r} is a Parquet dataset; search needs a Lance table")
+            self.tables.table(name)  # NOT_FOUND
+        table = self.tables.table(name)
+        schema = table.schema
+        if exchange and (request.vector is not None or request.text is not None):
+            raise InvalidArgument("a DoExchange search takes its query vectors from the stream, not the body")
+        if not exchange and request.vector is None and request.text is None:
+            raise InvalidArgument("a search needs 'vector', 'text' or both")
+        vector_column, dimension = self._vector_column(request, schema)
+        metric = request.metric or table_metric(schema)
+        columns = self._columns(request, schema)
+        if request.filter is not None:
+            self.check_filter(request.filter)
+        plan = SearchPlan(request, table, vector_column, dimension, metric, columns, schema)
+        if request.vector is not None:
+            plan.query_vectors(request.vector)
+        return plan
+
+    @staticmethod
+    def _vector_column(request: SearchRequest, schema: pa.Schema) -> tuple[str, int]:
+        vectors = vector_columns(schema)
+        if request.column is not None:
+            if request.column not in vectors:
+                raise InvalidArgument(
+                    f"column {request.column!r} is not a vector column of {request.dataset!r}"
+                )
+            return request.column, vectors[request.column]
+        if len(vectors) != 1:
+            raise InvalidArgument(
+                f"dataset {request.dataset!r} has vector columns {sorted(vectors)}; name one with 'column'"
+            )
+        return next(iter(vectors.items()))
+
+    @staticmethod
+    def _columns(request: SearchRequest, schema: pa.Schema) -> list[str]:
+        if request.columns is None:
+            return list(schema.names)
+        for column in request.columns:
+            if column not in schema.names:
+                raise InvalidArgument(f"unknown column {column!r} in dataset {request.dataset!r}")
+        return list(dict.fromkeys(request.columns))
+
+    def check_filter(self, predicate: str) -> None:
+        """Refuse a filter that is not exactly one SQL predicate."""
+        with self._parser_guard:
+            cursor = self._parser.cursor()
+        try:
+            check_predicate(cursor, predicate)
+        except duckdb.Error as exc:
+            raise InvalidArgument(f"filter does not parse: {str(exc).splitlines()[0]}") from None
+        finally:
+            cursor.close()
+
+    # -- running ---------------------------------------------------------------------------------
+    def search(self, plan: SearchPlan) -> pa.Table:
+        """The nearest (or best-scoring) rows of one request, nearest first."""
+        request = plan.request
+        vector = plan.query_vectors(request.vector)[0] if request.vector is not None else None
+        if request.text is not None and vector is None:
+            builder = plan.table.search(request.text, query_type="fts")
+        elif request.text is not None:
+            builder = (
+                plan.table.search(query_type="hybrid", vector_column_name=plan.vector_column)
+                .vector(vector)
+                .text(request.text)
+                .rerank(RRFReranker(return_score="relevance"))
+            )
+        else:
+            builder = plan.table.search(vector, vector_column_name=plan.vector_column)
+        return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
+
+    def exchange(self, plan: SearchPlan, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """For every query vector of the stream, in order, its k nearest rows tagged ``_query_index``."""
+        first_row = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            matrix = plan.query_vectors(query_matrix(batch, plan.dimension), first_row)
+            builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
+            result = self._run(plan, builder)
+            if "query_index" in result.column_names:  # lancedb tags rows only when given several vectors
+                indexes = pc.add(result.column("query_index").cast(pa.int64()), first_row)
+            else:
+                indexes = pa.array(np.full(result.num_rows, first_row, dtype=np.int64))
+            result = result.append_column(QUERY_INDEX, indexes)
+            result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
+            first_row += batch.num_rows
+            yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
+
+    def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
+        request = plan.request
+        if request.text is None:
+            builder = builder.distance_type(plan.metric)
+            if request.nprobes is not None:
+                builder = builder.nprobes(request.nprobes)
+            if request.refine_factor is not None:
+                builder = builder.refine_factor(request.refine_factor)
+            if request.ef is not None:
+                builder = builder.ef(request.ef)
+        if request.filter is not None:
+            builder = builder.where(request.filter, prefilter=True)
+        builder = builder.select(plan.columns).limit(request.k)
+        try:
+            result = builder.to_arrow()
+        except Exception as exc:
+            raise lance_error(exc, self.tables.storage.root_uri, f"search on {request.dataset!r}") from None
+        if "_relevance_score" in result.column_names:
+            result = result.rename_columns(
+                [SCORE if n == "_relevance_score" else n for n in result.column_names]
+            )
+        return result
+
+
+def query_matrix(batch: pa.RecordBatch, dimension: int) -> np.ndarray:
+    """The query vectors of a DoExchange batch: its ``vector`` column, or its only list column."""
+    names = batch.schema.names
+    lists = [
+        f.name
+        for f in batch.schema
+        if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+    ]
+    name = "vector" if "vector" in names else (lists[0] if len(lists) == 1 else None)
+    if name is None:
+        raise InvalidArgument(
+            f"query batches need a 'vector' column (or exactly one list column); got {names}"
+        )
+    column = batch.column(name)
+    if column.null_count:
+        raise InvalidArgument("a query vector is null")
+    if pa.types.is_fixed_size_list(column.type):
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (lengths != dimension).any():
+        row = int(np.flatnonzero(lengths != dimension)[0])
+        raise InvalidArgument(
+            f"query vector {row} of the batch has dimension {lengths[row]}; expected {dimension}"
+        )
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dimension)

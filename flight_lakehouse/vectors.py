@@ -1,0 +1,590 @@
+"""Vector tables: Lance tables (through lancedb) beside the Iceberg datasets, under the same root.
+
+A dataset whose schema holds a vector column (``fixed_size_list<float32|float16>``) is a Lance table at
+``<root>/lance/<name>.lance``. :class:`VectorTables` opens, lists, describes, writes and maintains them;
+search lives in ``vector_search.py`` and background index builds in ``vector_index.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import lance
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from lancedb.table import LanceTable
+
+from flight_lakehouse.catalog import DatasetCatalog
+from flight_lakehouse.commands import IngestOptions
+from flight_lakehouse.errors import (
+    AlreadyExists,
+    Cancelled,
+    ClientError,
+    InvalidArgument,
+    NotFound,
+    SchemaConflict,
+    Unavailable,
+)
+from flight_lakehouse.sandbox import first_line
+from flight_lakehouse.settings import Settings
+from flight_lakehouse.storage import Storage
+
+log = logging.getLogger(__name__)
+
+METRIC_KEY = b"lakehouse.metric"
+DEFAULT_METRIC = "cosine"
+VECTOR_VALUE_TYPES = (pa.float32(), pa.float16())
+MAX_DIMENSION = 65_536
+
+
+def vector_columns(schema: pa.Schema) -> dict[str, int]:
+    """The vector columns of ``schema`` (``fixed_size_list<float32|float16>``) and their dimensions."""
+    return {
+        field.name: field.type.list_size
+        for field in schema
+        if pa.types.is_fixed_size_list(field.type) and field.type.value_type in VECTOR_VALUE_TYPES
+    }
+
+
+def holds_vectors(schema: pa.Schema, options: IngestOptions) -> bool:
+    """Whether an upload with ``schema`` goes to a Lance table when no dataset of its name exists yet."""
+    if options.format is not None:
+        return options.format == "lance"
+    return options.vector_column is not None or options.mode == "upsert" or bool(vector_columns(schema))
+
+
+def table_metric(schema: pa.Schema) -> str:
+    """The metric a Lance table was created with (searches and indexes default to it)."""
+    return (schema.metadata or {}).get(METRIC_KEY, DEFAULT_METRIC.encode()).decode()
+
+
+def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:
+    """The client-facing error for a Lance failure: one line, server paths removed."""
+    if isinstance(exc, ClientError | Cancelled | Unavailable):
+        return exc
+    message = first_line(exc).replace(root, "<storage>")
+    lowered = message.lower()
+    if "commit conflict" in lowered or "retryable" in lowered or "concurrent" in lowered:
+        return Unavailable(f"{doing}: a concurrent write won; retry ({message})")
+    if isinstance(exc, OSError) or any(
+        word in lowered for word in ("object store", "io error", "connection", "timed out", "dispatch")
+    ):
+        log.warning("%s: storage error: %s", doing, exc)
+        return Unavailable(f"{doing}: storage error: {message}")
+    return InvalidArgument(f"{doing}: {message}")
+
+
+def iso(value: datetime) -> str:
+    """ISO-8601 UTC time, to the millisecond."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class VectorTables:
+    """The Lance tables under the root: one lancedb connection, one open handle per table."""
+
+    def __init__(self, storage: Storage, settings: Settings, catalog: DatasetCatalog) -> None:
+        self.storage = storage
+        self.settings = settings
+        self.catalog = catalog
+        self._db = lancedb.connect(
+            storage.lance_uri,
+            storage_options=storage.lance_storage_options(),
+            read_consistency_interval=timedelta(seconds=settings.lance_refresh_seconds),
+        )
+        self._tables: dict[str, LanceTable] = {}
+        self._guard = threading.Lock()
+        #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
+        self.generation = 0
+        for name in self._stored_names():
+            self._tables[name] = self._db.open_table(name)
+
+    def _stored_names(self) -> list[str]:
+        """Tables with at least one version (an object store may keep the folder of a dropped one)."""
+        names = []
+        for name in self._db.list_tables().tables:
+            try:
+                self._db.open_table(name)
+            except Exception:  # no manifest: an empty folder left behind
+                log.debug("skipping %s: not a Lance table", name, exc_info=True)
+                continue
+            names.append(name)
+        return names
+
+    # -- names -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Every Lance table, sorted."""
+        with self._guard:
+            return sorted(self._tables)
+
+    def find(self, name: str) -> str | None:
+        """The stored name equal to ``name`` ignoring case, if any."""
+        wanted = name.lower()
+        return next((stored for stored in self.names() if stored.lower() == wanted), None)
+
+    def exists(self, name: str) -> bool:
+        """Whether the Lance table ``name`` exists."""
+        with self._guard:
+            return name in self._tables
+
+    def table(self, name: str) -> LanceTable:
+        """The open handle of ``name``."""
+        with self._guard:
+            table = self._tables.get(name)
+        if table is None:
+            raise NotFound(f"dataset {name!r} not found")
+        return table
+
+    def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
+        """The Lance dataset of ``name`` at ``version`` (current when None), pinned for one query."""
+        table = self.table(name)
+        if version is None:
+            return table.to_lance()
+        try:
+            return table.to_lance().checkout_version(version)
+        except Exception:
+            raise NotFound(f"version {version} of dataset {name!r} not found") from None
+
+    def schema(self, name: str) -> pa.Schema:
+        """The table's Arrow schema (with its metric in the metadata)."""
+        return self.table(name).schema
+
+    # -- catalog actions -------------------------------------------------------------------------
+    def summarise(self, name: str) -> dict[str, Any]:
+        """The ``list_datasets`` entry of one Lance table."""
+        table = self.table(name)
+        latest = table.list_versions()[-1]
+        stats = table.stats()
+        return {
+            "name": name,
+            "format": "lance",
+            "rows": int(stats["num_rows"]),
+            "bytes": int(stats["total_bytes"]),
+            "updated_at": iso(latest["timestamp"]),
+        }
+
+    def describe(self, name: str, building: list[dict[str, Any]]) -> dict[str, Any]:
+        """Schema, vector columns, versions and indexes (``building``: builds not finished yet)."""
+        table = self.table(name)
+        schema = table.schema
+        vectors = vector_columns(schema)
+        facts = self.summarise(name)
+        facts.update(
+            {
+                "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
+                "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+                "files": int(table.stats()["fragment_stats"]["num_fragments"]),
+                "version": table.version,
+                "versions": len(table.list_versions()),
+                "vector_columns": vectors,
+                "dimension": next(iter(vectors.values()), None),
+                "metric": table_metric(schema),
+                "indexes": self.indexes(table) + building,
+            }
+        )
+        return facts
+
+    @staticmethod
+    def indexes(table: LanceTable) -> list[dict[str, Any]]:
+        """The table's built indexes."""
+        found = []
+        for index in table.list_indices():
+            stats = table.index_stats(index.name)
+            found.append(
+                {
+                    "name": index.name,
+                    "column": index.columns[0] if index.columns else None,
+                    "kind": str(stats.index_type).lower() if stats else str(index.index_type).lower(),
+                    "state": "ready",
+                    "metric": stats.distance_type if stats else None,
+                    "indexed_rows": stats.num_indexed_rows if stats else None,
+                    "unindexed_rows": stats.num_unindexed_rows if stats else None,
+                }
+            )
+        return found
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The table's versions, newest first."""
+        versions = self.table(name).list_versions()
+        current = versions[-1]["version"] if versions else None
+        return [
+            {
+                "version": entry["version"],
+                "timestamp": iso(entry["timestamp"]),
+                "rows": int(entry.get("metadata", {}).get("total_rows", 0) or 0),
+                "current": entry["version"] == current,
+            }
+            for entry in reversed(versions)
+        ]
+
+    def drop(self, name: str) -> None:
+        """Drop a Lance table and delete its files."""
+        with self.catalog.write_lock(name):
+            with self._guard:
+                if self._tables.pop(name, None) is None:
+                    raise NotFound(f"dataset {name!r} not found")
+                self.generation += 1
+            self._db.drop_table(name, ignore_missing=True)
+        log.info("dropped Lance table %s", name)
+
+    def delete_rows(self, name: str, where: str) -> dict[str, Any]:
+        """Delete the rows matching ``where``."""
+        table = self.table(name)
+        try:
+            result = table.delete(where)
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
+        return {"dataset": name, "rows_deleted": result.num_deleted_rows, "version": result.version}
+
+    def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
+        """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
+        table = self.table(name)
+        before = table.stats()
+        versions_before = len(table.list_versions())
+        started = time.monotonic()
+        try:
+            with warnings_silenced():
+                table.optimize(cleanup_older_than=timedelta(seconds=older_than_seconds))
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
+        after = table.stats()
+        return {
+            "dataset": name,
+            "version": table.version,
+            "fragments_before": int(before["fragment_stats"]["num_fragments"]),
+            "fragments_after": int(after["fragment_stats"]["num_fragments"]),
+            "versions_before": versions_before,
+            "versions_after": len(table.list_versions()),
+            "bytes_before": int(before["total_bytes"]),
+            "bytes_after": int(after["total_bytes"]),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write(self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> dict:
+        """Write one upload as one new version (a new table when missing); refused uploads write nothing."""
+        name = options.dataset
+        if options.schema_mode == "evolve":
+            raise InvalidArgument(f"dataset {name!r}: schema_mode 'evolve' is not supported for Lance tables")
+        if options.mode == "upsert" and options.key is None:
+            raise InvalidArgument("mode 'upsert' needs 'key': the column that identifies a row")
+        if options.mode != "upsert" and options.key is not None:
+            raise InvalidArgument("field 'key' is only used with mode 'upsert'")
+        started = time.monotonic()
+        if self.exists(name):
+            if options.mode == "create":
+                raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
+            if options.metric is not None and options.metric != table_metric(self.schema(name)):
+                raise InvalidArgument(
+                    f"dataset {name!r} has metric {table_metric(self.schema(name))!r}; "
+                    "the metric is set when the table is created"
+                )
+            result = self._write_existing(options, schema, batches)
+        else:
+            with self.catalog.write_lock(name):
+                if self.exists(name):  # created meanwhile: write into it
+                    result = self._write_existing(options, schema, batches)
+                else:
+                    result = self._create(options, schema, batches)
+        result.update(dataset=name, format="lance", seconds=round(time.monotonic() - started, 3))
+        return result
+
+    def _create(self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> dict:
+        name = options.dataset
+        twin = self.catalog.find(name) or self.find(name)
+        if twin is not None:
+            raise AlreadyExists(
+                f"dataset {twin!r} exists; names are case-insensitive in SQL, so {name!r} is refused"
+            )
+        batches = iter(batches)
+        first = next(batches, None) if options.vector_column is not None else None
+        plan = UploadPlan.for_new_table(schema, options, first)
+        if first is not None:
+            batches = itertools.chain([first], batches)
+        stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        try:
+            table = self._db.create_table(name, data=stream.reader(), schema=plan.table_schema)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._db.drop_table(name, ignore_missing=True)
+            raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
+        with self._guard:
+            self._tables[name] = table
+            self.generation += 1
+        log.info("created Lance table %s (%d rows)", name, stream.rows)
+        return {"rows_written": stream.rows, "version": table.version, "created": True}
+
+    def _write_existing(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> dict:
+        name = options.dataset
+        table = self.table(name)
+        plan = UploadPlan.for_table(table.schema, schema, options)
+        stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        result: dict[str, Any] = {"created": False}
+        try:
+            if options.mode == "upsert":
+                merged = (
+                    table.merge_insert(options.key)
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(stream.reader())
+                )
+                result.update(rows_inserted=merged.num_inserted_rows, rows_updated=merged.num_updated_rows)
+            else:
+                mode = "overwrite" if options.mode == "overwrite" else "append"
+                table.add(stream.reader(), mode=mode)
+        except BaseException as exc:
+            raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None
+        result.update(rows_written=stream.rows, version=table.version)
+        return result
+
+
+@contextlib.contextmanager
+def warnings_silenced() -> Iterator[None]:
+    """lancedb warns about short retention periods; the caller asked for them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@dataclass
+class UploadPlan:
+    """How the batches of one upload become rows of a Lance table: target schema and vector checks."""
+
+    table_schema: pa.Schema
+    upload_schema: pa.Schema
+    vectors: dict[str, int]
+    metric: str
+    marked: str | None = None  # a list<float> column the client marked as the vector column
+
+    @classmethod
+    def for_new_table(
+        cls, schema: pa.Schema, options: IngestOptions, first: pa.RecordBatch | None
+    ) -> UploadPlan:
+        """The plan of an upload creating a table: the upload's schema, with the marked column fixed.
+
+        A marked ``list<float>`` column takes its dimension from the first row of the upload.
+        """
+        target = schema.remove_metadata()
+        marked = options.vector_column
+        if marked is not None:
+            target = mark_vector_column(target, marked, first_dimension(first, marked))
+        metric = options.metric or DEFAULT_METRIC
+        vectors = vector_columns(target)
+        if not vectors:
+            raise InvalidArgument(
+                f"dataset {options.dataset!r}: a Lance table needs a vector column "
+                "(fixed_size_list<float32|float16>, or one named by 'vector_column')"
+            )
+        check_dimensions(vectors)
+        target = target.with_metadata({METRIC_KEY: metric.encode()})
+        return cls(target, schema, vectors, metric, marked)
+
+    @classmethod
+    def for_table(cls, table_schema: pa.Schema, schema: pa.Schema, options: IngestOptions) -> UploadPlan:
+        """The plan of an upload into an existing table: its columns must match the table's."""
+        upload = schema.remove_metadata()
+        marked = options.vector_column
+        table_vectors = vector_columns(table_schema)
+        if marked is not None:
+            if marked not in table_vectors:
+                raise InvalidArgument(f"column {marked!r} is not a vector column of {options.dataset!r}")
+            upload = mark_vector_column(upload, marked, dimension=table_vectors[marked])
+        if options.mode == "upsert" and options.key not in upload.names:
+            raise InvalidArgument(f"upsert key {options.key!r} is not a column of the upload")
+        check_compatible(table_schema, upload, options.dataset)
+        return cls(table_schema, schema, table_vectors, table_metric(table_schema), marked)
+
+    def stream(self, batches: Iterator[pa.RecordBatch], max_batch_bytes: int) -> CheckedStream:
+        """The upload's batches, checked and converted as Lance pulls them."""
+        return CheckedStream(self, batches, max_batch_bytes)
+
+    def conform(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """One uploaded batch in the table's schema (columns by name, missing nullable ones null)."""
+        if self.marked is not None:
+            dimension = self.vectors[self.marked]
+            index = batch.schema.get_field_index(self.marked)
+            column = fixed_vectors(batch.column(index), self.marked, dimension)
+            batch = batch.set_column(index, pa.field(self.marked, column.type), column)
+        columns = []
+        for field in self.table_schema:
+            if field.name in batch.schema.names:
+                columns.append(batch.column(field.name).cast(field.type))
+            else:
+                columns.append(pa.nulls(batch.num_rows, field.type))
+        return pa.RecordBatch.from_arrays(columns, schema=self.table_schema)
+
+
+class CheckedStream:
+    """Feeds Lance the upload batch by batch, refusing the whole stream at the first bad row.
+
+    Lance commits only after the last batch, so raising from here commits nothing.
+    """
+
+    def __init__(self, plan: UploadPlan, batches: Iterator[pa.RecordBatch], max_batch_bytes: int) -> None:
+        self.plan = plan
+        self._batches = batches
+        self._max_batch_bytes = max_batch_bytes
+        self.rows = 0
+        self._refusal: BaseException | None = None
+
+    def reader(self) -> pa.RecordBatchReader:
+        """A reader Lance pulls from."""
+        return pa.RecordBatchReader.from_batches(self.plan.table_schema, self._checked())
+
+    def _checked(self) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in self._batches:
+                if batch.nbytes > self._max_batch_bytes:
+                    raise InvalidArgument(
+                        f"batch of {batch.nbytes} bytes exceeds the limit of "
+                        f"{self._max_batch_bytes >> 20} MB; send smaller batches"
+                    )
+                batch = aligned(self.plan.conform(batch))
+                for name in self.plan.vectors:
+                    check_vectors(batch.column(name), name, self.plan.metric, self.rows)
+                self.rows += batch.num_rows
+                yield batch
+        except BaseException as exc:
+            self._refusal = exc  # Lance wraps it; the caller re-raises the original
+            raise
+
+    def failure(self, exc: BaseException, root: str, doing: str) -> BaseException:
+        """The error to send: the refusal from the stream if there was one, else Lance's, made safe."""
+        if self._refusal is not None:
+            refusal = self._refusal
+            if isinstance(refusal, pa.ArrowInvalid | pa.ArrowTypeError) and not isinstance(
+                refusal, ClientError
+            ):
+                return InvalidArgument(first_line(refusal))
+            return refusal
+        return lance_error(exc, root, doing)
+
+
+def aligned(batch: pa.RecordBatch, alignment: int = 64) -> pa.RecordBatch:
+    """``batch`` with every buffer aligned, copying it if needed.
+
+    Buffers received over Flight can sit at any address; Lance (arrow-rs) aborts the process on
+    misaligned buffers instead of raising, so they are copied first.
+    """
+    for column in batch.columns:
+        if any(buffer is not None and buffer.address % alignment for buffer in column.buffers()):
+            return batch.copy_to(pa.default_cpu_memory_manager())
+    return batch
+
+
+def check_dimensions(vectors: dict[str, int]) -> None:
+    """Refuse vector columns of no or absurd dimension."""
+    for name, dimension in vectors.items():
+        if not 1 <= dimension <= MAX_DIMENSION:
+            raise InvalidArgument(f"vector column {name!r} has dimension {dimension}; 1 to {MAX_DIMENSION}")
+
+
+def check_compatible(table: pa.Schema, upload: pa.Schema, dataset: str) -> None:
+    """Refuse an upload whose columns are not the table's (unknown, retyped or missing non-nullable)."""
+    table_vectors = vector_columns(table)
+    upload_vectors = vector_columns(upload)
+    for name, dimension in upload_vectors.items():
+        expected = table_vectors.get(name)
+        if expected is not None and expected != dimension:
+            raise SchemaConflict(
+                f"vector column {name!r} has dimension {dimension}; dataset {dataset!r} has {expected}"
+            )
+    for field in upload:
+        if field.name not in table.names:
+            raise SchemaConflict(f"column {field.name!r} is not in dataset {dataset!r} (a Lance table)")
+        expected_type = table.field(field.name).type
+        if field.type != expected_type:
+            raise SchemaConflict(
+                f"column {field.name!r} is {field.type}; dataset {dataset!r} has {expected_type}"
+            )
+    for field in table:
+        if field.name not in upload.names and not field.nullable:
+            raise SchemaConflict(f"column {field.name!r} of dataset {dataset!r} is missing from the upload")
+
+
+def mark_vector_column(schema: pa.Schema, name: str, dimension: int) -> pa.Schema:
+    """``schema`` with the list column ``name`` as ``fixed_size_list<float32>`` (dimension from data)."""
+    if name not in schema.names:
+        raise InvalidArgument(f"vector_column {name!r} is not a column of the upload")
+    field = schema.field(name)
+    if pa.types.is_fixed_size_list(field.type) and field.type.value_type in VECTOR_VALUE_TYPES:
+        return schema
+    if not (
+        (pa.types.is_list(field.type) or pa.types.is_large_list(field.type))
+        and pa.types.is_floating(field.type.value_type)
+    ):
+        raise InvalidArgument(f"vector_column {name!r} must be a list of floats, got {field.type}")
+    index = schema.get_field_index(name)
+    return schema.set(index, pa.field(name, pa.list_(pa.float32(), dimension), field.nullable))
+
+
+def first_dimension(batch: pa.RecordBatch | None, name: str) -> int:
+    """The length of the first vector of column ``name`` in ``batch``."""
+    if batch is None or name not in batch.schema.names or batch.num_rows == 0:
+        raise InvalidArgument(f"vector_column {name!r}: the upload's first batch has no rows to size it")
+    first = batch.column(name)[0]
+    if not first.is_valid:
+        raise InvalidArgument(f"row 0: vector column {name!r} is null")
+    return len(first)
+
+
+def fixed_vectors(column: pa.Array, name: str, dimension: int) -> pa.Array:
+    """A list<float> column as ``fixed_size_list<float32, dimension>``, refusing rows of other lengths."""
+    if pa.types.is_fixed_size_list(column.type):
+        return column
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    wrong = np.flatnonzero(lengths != dimension)
+    if wrong.size:
+        row = int(wrong[0])
+        raise InvalidArgument(
+            f"row {row}: vector column {name!r} has {lengths[row]} values, expected {dimension}"
+        )
+    values = pc.list_flatten(column).cast(pa.float32())
+    return pa.FixedSizeListArray.from_arrays(values, dimension)
+
+
+def check_vectors(column: pa.Array, name: str, metric: str, first_row: int) -> None:
+    """Refuse null, non-finite and (for cosine) zero vectors, naming the first bad row of the upload."""
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InvalidArgument(f"row {first_row + row}: vector column {name!r} is null")
+    dimension = column.type.list_size
+    values = column.flatten()
+    if values.null_count:
+        row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // dimension
+        raise InvalidArgument(f"row {first_row + row}: vector column {name!r} holds a null value")
+    matrix = values.to_numpy(zero_copy_only=False).reshape(-1, dimension)
+    bad = problem_rows(matrix, metric)
+    if bad is not None:
+        row, reason = bad
+        raise InvalidArgument(f"row {first_row + row}: vector column {name!r} {reason}")
+
+
+def problem_rows(matrix: np.ndarray, metric: str) -> tuple[int, str] | None:
+    """The first row of ``matrix`` that is not a usable vector for ``metric``, and why."""
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        reason = "has NaN" if np.isnan(matrix[row]).any() else "has an infinite value"
+        return row, reason
+    if metric == "cosine":
+        zero = ~matrix.any(axis=1)
+        if zero.any():
+            return int(np.flatnonzero(zero)[0]), "is a zero vector, which has no cosine direction"
+    return None
