@@ -84,6 +84,10 @@ class VectorSearch:
     # -- planning --------------------------------------------------------------------------------
     def plan(self, request: SearchRequest, exchange: bool = False) -> SearchPlan:
         """Check ``request`` against its table."""
+        if exchange and (request.vector is not None or request.text is not None):
+            raise InvalidArgument("a DoExchange search takes its query vectors from the stream, not the body")
+        if not exchange and request.vector is None and request.text is None:
+            raise InvalidArgument("a search needs 'vector', 'text' or both")
         name = request.dataset
         if not self.tables.exists(name):
             if self.tables.catalog.exists(name):
@@ -91,10 +95,6 @@ class VectorSearch:
             self.tables.table(name)  # NOT_FOUND
         table = self.tables.table(name)
         schema = table.schema
-        if exchange and (request.vector is not None or request.text is not None):
-            raise InvalidArgument("a DoExchange search takes its query vectors from the stream, not the body")
-        if not exchange and request.vector is None and request.text is None:
-            raise InvalidArgument("a search needs 'vector', 'text' or both")
         vector_column, dimension = self._vector_column(request, schema)
         metric = request.metric or table_metric(schema)
         columns = self._columns(request, schema)
