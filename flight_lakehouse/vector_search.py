@@ -178,10 +178,13 @@ class VectorSearch:
 
     def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
         request = plan.request
-        if request.text is None:
+        full_text_only = request.text is not None and request.vector is None
+        if not full_text_only:
             builder = builder.distance_type(plan.metric)
             if request.nprobes is not None:
                 builder = builder.nprobes(request.nprobes)
+            # more partitions only when the first ones hold fewer than k rows passing the filter
+            builder = builder.maximum_nprobes(0)
             if request.refine_factor is not None:
                 builder = builder.refine_factor(request.refine_factor)
             if request.ef is not None:

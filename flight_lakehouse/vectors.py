@@ -108,20 +108,17 @@ class VectorTables:
         self._guard = threading.Lock()
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
-        for name in self._stored_names():
-            self._tables[name] = self._db.open_table(name)
+        self._tables.update(self._stored_tables())
 
-    def _stored_names(self) -> list[str]:
+    def _stored_tables(self) -> dict[str, LanceTable]:
         """Tables with at least one version (an object store may keep the folder of a dropped one)."""
-        names = []
+        tables = {}
         for name in self._db.list_tables().tables:
             try:
-                self._db.open_table(name)
+                tables[name] = self._db.open_table(name)
             except Exception:  # no manifest: an empty folder left behind
                 log.debug("skipping %s: not a Lance table", name, exc_info=True)
-                continue
-            names.append(name)
-        return names
+        return tables
 
     # -- names -----------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -162,11 +159,11 @@ class VectorTables:
         return self.table(name).schema
 
     # -- catalog actions -------------------------------------------------------------------------
-    def summarise(self, name: str) -> dict[str, Any]:
+    def summarise(self, name: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
         table = self.table(name)
         latest = table.list_versions()[-1]
-        stats = table.stats()
+        stats = stats or table.stats()
         return {
             "name": name,
             "format": "lance",
@@ -180,14 +177,16 @@ class VectorTables:
         table = self.table(name)
         schema = table.schema
         vectors = vector_columns(schema)
-        facts = self.summarise(name)
+        stats = table.stats()
+        versions = table.list_versions()
+        facts = self.summarise(name, stats)
         facts.update(
             {
                 "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
                 "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
-                "files": int(table.stats()["fragment_stats"]["num_fragments"]),
+                "files": int(stats["fragment_stats"]["num_fragments"]),
                 "version": table.version,
-                "versions": len(table.list_versions()),
+                "versions": len(versions),
                 "vector_columns": vectors,
                 "dimension": next(iter(vectors.values()), None),
                 "metric": table_metric(schema),
