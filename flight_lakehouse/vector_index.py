@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from lancedb.index import FTS, Bitmap, BTree, HnswSq, IvfPq
 
 from flight_lakehouse.commands import CreateIndex
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, Unavailable
@@ -130,6 +129,8 @@ class IndexBuilder:
 
 def index_config(request: CreateIndex, schema: pa.Schema) -> Any:
     """The lancedb index configuration of ``request``, refusing kinds that do not fit the column."""
+    from lancedb.index import FTS, Bitmap, BTree, HnswSq, IvfPq
+
     if request.column not in schema.names:
         raise InvalidArgument(f"unknown column {request.column!r} in dataset {request.dataset!r}")
     column_type = schema.field(request.column).type

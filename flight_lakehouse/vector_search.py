@@ -10,20 +10,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.query import LanceQueryBuilder
-from lancedb.rerankers import RRFReranker
-from lancedb.table import LanceTable
 
 from flight_lakehouse.commands import SearchRequest
 from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.sandbox import check_predicate
 from flight_lakehouse.vectors import VectorTables, lance_error, problem_rows, table_metric, vector_columns
+
+if TYPE_CHECKING:
+    from lancedb.query import LanceQueryBuilder
+    from lancedb.table import LanceTable
 
 DISTANCE = "_distance"
 SCORE = "_score"
@@ -148,6 +149,8 @@ class VectorSearch:
         if request.text is not None and vector is None:
             builder = plan.table.search(request.text, query_type="fts")
         elif request.text is not None:
+            from lancedb.rerankers import RRFReranker
+
             builder = (
                 plan.table.search(query_type="hybrid", vector_column_name=plan.vector_column)
                 .vector(vector)

@@ -16,14 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lance
-import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from lancedb.table import LanceTable
+import pyarrow.fs as pafs
 
 from flight_lakehouse.catalog import DatasetCatalog
 from flight_lakehouse.commands import IngestOptions
@@ -39,6 +37,11 @@ from flight_lakehouse.errors import (
 from flight_lakehouse.sandbox import first_line
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage
+
+if TYPE_CHECKING:
+    import lance
+    from lancedb.db import DBConnection
+    from lancedb.table import LanceTable
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +102,38 @@ class VectorTables:
         self.storage = storage
         self.settings = settings
         self.catalog = catalog
-        self._db = lancedb.connect(
-            storage.lance_uri,
-            storage_options=storage.lance_storage_options(),
-            read_consistency_interval=timedelta(seconds=settings.lance_refresh_seconds),
-        )
+        self._db: DBConnection | None = None
         self._tables: dict[str, LanceTable] = {}
         self._guard = threading.Lock()
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
-        self._tables.update(self._stored_tables())
+        if self._folder_exists():
+            self._tables.update(self._stored_tables())
+
+    def _folder_exists(self) -> bool:
+        """Whether the Lance folder exists: without it, lancedb (seconds of imports) loads on first write."""
+        path = self.storage.fs_path(self.storage.lance_uri)
+        return self.storage.filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+    @property
+    def _connection(self) -> DBConnection:
+        """The lancedb connection, opened on first use."""
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(
+                self.storage.lance_uri,
+                storage_options=self.storage.lance_storage_options(),
+                read_consistency_interval=timedelta(seconds=self.settings.lance_refresh_seconds),
+            )
+        return self._db
 
     def _stored_tables(self) -> dict[str, LanceTable]:
         """Tables with at least one version (an object store may keep the folder of a dropped one)."""
         tables = {}
-        for name in self._db.list_tables().tables:
+        for name in self._connection.list_tables().tables:
             try:
-                tables[name] = self._db.open_table(name)
+                tables[name] = self._connection.open_table(name)
             except Exception:  # no manifest: an empty folder left behind
                 log.debug("skipping %s: not a Lance table", name, exc_info=True)
         return tables
@@ -235,7 +253,7 @@ class VectorTables:
                 if self._tables.pop(name, None) is None:
                     raise NotFound(f"dataset {name!r} not found")
                 self.generation += 1
-            self._db.drop_table(name, ignore_missing=True)
+            self._connection.drop_table(name, ignore_missing=True)
         log.info("dropped Lance table %s", name)
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
@@ -314,10 +332,10 @@ class VectorTables:
             batches = itertools.chain([first], batches)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
         try:
-            table = self._db.create_table(name, data=stream.reader(), schema=plan.table_schema)
+            table = self._connection.create_table(name, data=stream.reader(), schema=plan.table_schema)
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                self._db.drop_table(name, ignore_missing=True)
+                self._connection.drop_table(name, ignore_missing=True)
             raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
         with self._guard:
             self._tables[name] = table
@@ -387,8 +405,9 @@ class UploadPlan:
         vectors = vector_columns(target)
         if not vectors:
             raise InvalidArgument(
-                f"dataset {options.dataset!r}: a Lance table needs a vector column "
-                "(fixed_size_list<float32|float16>, or one named by 'vector_column')"
+                f"dataset {options.dataset!r} would be a Lance table (format 'lance', mode 'upsert' or a "
+                "vector column), but the upload has no vector column (fixed_size_list<float32|float16>, "
+                "or a list column named by 'vector_column')"
             )
         check_dimensions(vectors)
         target = target.with_metadata({METRIC_KEY: metric.encode()})
