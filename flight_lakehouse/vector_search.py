@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from lancedb.query import LanceQueryBuilder
     from lancedb.table import LanceTable
 
+#: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
+MAX_EXCHANGE_ROWS = 1_000_000
 DISTANCE = "_distance"
 SCORE = "_score"
 QUERY_INDEX = "_query_index"
@@ -164,20 +166,28 @@ class VectorSearch:
     def exchange(self, plan: SearchPlan, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """For every query vector of the stream, in order, its k nearest rows tagged ``_query_index``."""
         first_row = 0
+        queries_per_call = max(1, MAX_EXCHANGE_ROWS // plan.request.k)
         for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            matrix = plan.query_vectors(query_matrix(batch, plan.dimension), first_row)
-            builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
-            result = self._run(plan, builder)
-            if "query_index" in result.column_names:  # lancedb tags rows only when given several vectors
-                indexes = pc.add(result.column("query_index").cast(pa.int64()), first_row)
-            else:
-                indexes = pa.array(np.full(result.num_rows, first_row, dtype=np.int64))
-            result = result.append_column(QUERY_INDEX, indexes)
-            result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
-            first_row += batch.num_rows
-            yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
+            for start in range(0, batch.num_rows, queries_per_call):
+                yield from self._exchange_batch(plan, batch.slice(start, queries_per_call), first_row)
+                first_row += min(queries_per_call, batch.num_rows - start)
+
+    def _exchange_batch(
+        self, plan: SearchPlan, batch: pa.RecordBatch, first_row: int
+    ) -> Iterator[pa.RecordBatch]:
+        """The results of one slice of query vectors, the first being query ``first_row`` of the stream."""
+        if batch.num_rows == 0:
+            return
+        matrix = plan.query_vectors(query_matrix(batch, plan.dimension), first_row)
+        builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
+        result = self._run(plan, builder)
+        if "query_index" in result.column_names:  # lancedb tags rows only when given several vectors
+            indexes = pc.add(result.column("query_index").cast(pa.int64()), first_row)
+        else:
+            indexes = pa.array(np.full(result.num_rows, first_row, dtype=np.int64))
+        result = result.append_column(QUERY_INDEX, indexes)
+        result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
+        yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
 
     def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
         request = plan.request

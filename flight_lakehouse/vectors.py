@@ -301,13 +301,6 @@ class VectorTables:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
         if self.exists(name):
-            if options.mode == "create":
-                raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
-            if options.metric is not None and options.metric != table_metric(self.schema(name)):
-                raise InvalidArgument(
-                    f"dataset {name!r} has metric {table_metric(self.schema(name))!r}; "
-                    "the metric is set when the table is created"
-                )
             result = self._write_existing(options, schema, batches)
         else:
             with self.catalog.write_lock(name):
@@ -347,7 +340,14 @@ class VectorTables:
         self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
     ) -> dict:
         name = options.dataset
+        if options.mode == "create":
+            raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
         table = self.table(name)
+        metric = table_metric(table.schema)
+        if options.metric is not None and options.metric != metric:
+            raise InvalidArgument(
+                f"dataset {name!r} has metric {metric!r}; it is set when the table is created"
+            )
         plan = UploadPlan.for_table(table.schema, schema, options)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
         result: dict[str, Any] = {"created": False}
