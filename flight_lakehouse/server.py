@@ -356,8 +356,8 @@ class LakehouseServer(flight.FlightServerBase):
         if isinstance(request, SqlQuery):
             schema = self.engine.schema(request.sql)
             return self._info(descriptor, schema, request.model_dump_json().encode(), -1, -1)
-        if isinstance(request, SearchCommand):
-            schema = self.searcher.plan(request.search).result_schema
+        if isinstance(request, SearchCommand):  # run once: Lance alone can tell a bad filter
+            schema = self.searcher.search(self.searcher.plan(request.search)).schema
             return self._info(descriptor, schema, request.model_dump_json(exclude_none=True).encode(), -1, -1)
         raise InvalidArgument("an ingest command has no FlightInfo; send it with DoPut")
 

@@ -286,6 +286,7 @@ class VectorTables:
             "versions_after": len(table.list_versions()),
             "bytes_before": int(before["total_bytes"]),
             "bytes_after": int(after["total_bytes"]),
+            "bytes_removed": max(0, int(before["total_bytes"]) - int(after["total_bytes"])),
             "seconds": round(time.monotonic() - started, 3),
         }
 

@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -347,6 +349,19 @@ def assert_refusal(exc: pytest.ExceptionInfo[BaseException], server: ServerProce
     return message
 
 
+def assert_already_exists(
+    exc: pytest.ExceptionInfo[BaseException], server: ServerProcess, *fragments: str
+) -> str:
+    """ALREADY_EXISTS as this server sends it: its ``AlreadyExists`` error (an INVALID_ARGUMENT whose detail
+    names the class, or whose message says 'already exists'), never NOT_FOUND; fragments match any case."""
+    assert not isinstance(exc.value, pa.ArrowKeyError), exc.value
+    message = assert_refusal(exc, server)
+    assert "AlreadyExists" in message or "already exists" in message.lower(), message
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), f"{fragment!r} not in {message!r}"
+    return message
+
+
 @pytest.fixture
 def server(storage_root: str) -> Iterator[ServerProcess]:
     """A fresh server on a free loopback port, stopped (by pid) after the test."""
@@ -368,3 +383,42 @@ def start_server(storage_root: str) -> Iterator:
     for process in started:
         process.stop()
         process.kill()
+
+
+# -- vector tables ---------------------------------------------------------------------------------------
+
+
+def vector_array(vectors: object, value_type: pa.DataType | None = None) -> pa.FixedSizeListArray:
+    """The rows of a 2-D array-like as a ``fixed_size_list<value_type>[dim]`` array (float32 by default)."""
+    value_type = value_type or pa.float32()
+    matrix = np.asarray(vectors, dtype=value_type.to_pandas_dtype())
+    if matrix.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, not {matrix.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel(), value_type), matrix.shape[1])
+
+
+def search(server: ServerProcess, body: dict) -> pa.Table:
+    """The ``vector_search`` action: its one result is an Arrow IPC stream, read whole."""
+    results = list(server.client.do_action(flight.Action("vector_search", json.dumps(body).encode())))
+    assert len(results) == 1, f"vector_search gave {len(results)} results"
+    return pa.ipc.open_stream(results[0].body.to_pybytes()).read_all()
+
+
+def index_entry(server: ServerProcess, dataset: str, column: str) -> dict | None:
+    """The ``describe_dataset`` entry of the index on ``column``, or None."""
+    described = server.action("describe_dataset", {"dataset": dataset})
+    assert isinstance(described, dict)
+    return next((entry for entry in described.get("indexes", []) if entry.get("column") == column), None)
+
+
+def wait_for_index(server: ServerProcess, dataset: str, column: str, timeout: float = 120.0) -> dict:
+    """Poll ``describe_dataset`` until the index on ``column`` is ready; fail on 'failed' or timeout."""
+    deadline = time.monotonic() + timeout
+    entry = None
+    while time.monotonic() < deadline:
+        entry = index_entry(server, dataset, column)
+        if entry is not None and entry.get("state") == "ready":
+            return entry
+        assert entry is None or entry.get("state") != "failed", f"index build failed: {entry}"
+        time.sleep(0.2)
+    raise AssertionError(f"index on {dataset}.{column} not ready after {timeout} s: {entry}")
