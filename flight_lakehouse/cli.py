@@ -56,6 +56,9 @@ def main() -> None:
     "--insecure-no-auth", is_flag=True, default=None, help="Allow a non-loopback bind without auth."
 )
 @click.option("--query-timeout-seconds", type=float, default=None, help="Time limit of one query.")
+@click.option(
+    "--vector-cache-mb", type=int, default=None, help="Memory for in-memory vector search (0: Lance only)."
+)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 def serve(**options: object) -> None:
     """Run the server until SIGINT/SIGTERM."""
@@ -68,6 +71,7 @@ def serve(**options: object) -> None:
         logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     if settings.log_level != "DEBUG":  # "Loaded FileIO" on every table load
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried
     limit_malloc_arenas()
     faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
     # lancedb's Rust logger (read at import): warnings only from DEBUG down, errors otherwise

@@ -45,6 +45,7 @@ from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import open_storage
+from flight_lakehouse.vector_cache import VectorCache
 from flight_lakehouse.vector_index import IndexBuilder
 from flight_lakehouse.vector_search import VectorSearch
 from flight_lakehouse.vectors import VectorTables, holds_vectors
@@ -127,7 +128,8 @@ class LakehouseServer(flight.FlightServerBase):
         self.catalog = DatasetCatalog(self.storage, settings.catalog_uri)
         self.vectors = VectorTables(self.storage, settings, self.catalog)
         self.catalog.other_names = self.vectors.names
-        self.searcher = VectorSearch(self.vectors)
+        self.cache = VectorCache(self.vectors, settings)
+        self.searcher = VectorSearch(self.vectors, self.cache)
         self.indexes = IndexBuilder(self.vectors, settings)
         self.engine = QueryEngine(self.catalog, settings, self.vectors)
         self.actions: dict[str, ActionSpec] = {
@@ -184,7 +186,8 @@ class LakehouseServer(flight.FlightServerBase):
     def describe_dataset(self, body: DatasetRef) -> dict[str, Any]:
         """The ``describe_dataset`` action."""
         if self.vectors.exists(body.dataset):
-            return self.vectors.describe(body.dataset, self.indexes.pending(body.dataset))
+            facts = self.vectors.describe(body.dataset, self.indexes.pending(body.dataset))
+            return {**facts, "serving": self.cache.facts(body.dataset)}
         return self.catalog.describe(body.dataset)
 
     def dataset_history(self, body: DatasetRef) -> list[dict[str, Any]]:

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         ge=0,
         description="how stale a Lance table may look to searches (writes by other servers)",
     )
+    vector_cache_mb: int = Field(
+        default=1024, ge=0, description="memory for in-memory vector search graphs; 0 = serve from Lance"
+    )
+    vector_graph_m: int = Field(default=32, ge=4, le=128, description="HNSW links per vector")
+    vector_graph_ef_construction: int = Field(default=64, ge=8, le=2048)
+    vector_graph_ef_search: int = Field(default=64, ge=8, le=4096)
     index_wait_seconds: float = Field(
         default=2.0, ge=0, description="how long create_index waits for its build before answering 'building'"
     )

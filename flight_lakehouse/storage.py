@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
 import posixpath
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,16 @@ class Storage(abc.ABC):
     def open_output(self, uri: str) -> pafs.NativeFile:
         """A writable stream for a new object at ``uri``."""
         return self.filesystem.open_output_stream(self.fs_path(uri))
+
+    def write_atomically(self, uri: str, data: bytes) -> None:
+        """Write one object whole: readers see the old object or the new one, never a part."""
+        with self.open_output(uri) as out:  # S3 makes an object visible only when its upload completes
+            out.write(data)
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The content of one object."""
+        with self.filesystem.open_input_stream(self.fs_path(uri)) as stream:
+            return stream.read()
 
     def delete_files(self, uris: Iterable[str]) -> None:
         """Delete files, ignoring those already gone."""
@@ -111,6 +123,16 @@ class LocalStorage(Storage):
 
     def default_catalog_uri(self) -> str:
         return f"sqlite:///{self.root_uri}/catalog.db"
+
+    def write_atomically(self, uri: str, data: bytes) -> None:
+        """Write a temporary file beside ``uri``, then rename it over ``uri`` (atomic on one file system)."""
+        temporary = f"{uri}.{uuid.uuid4().hex}.tmp"
+        super().write_atomically(temporary, data)
+        try:
+            os.replace(self.fs_path(temporary), self.fs_path(uri))
+        except OSError:
+            self.delete_files([temporary])
+            raise
 
 
 class S3Storage(Storage):

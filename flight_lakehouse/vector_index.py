@@ -100,6 +100,7 @@ class IndexBuilder:
         try:
             table = self.tables.table(build.dataset)
             table.create_index(build.column, config=config, replace=replace, name=build.name)
+            self.tables.committed(build.dataset)
         except Exception as exc:
             error = lance_error(
                 exc, self.tables.storage.root_uri, f"index {build.name!r} on {build.dataset!r}"

@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 from flight_lakehouse.commands import SearchRequest
 from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.sandbox import check_predicate
+from flight_lakehouse.vector_cache import VectorCache
+from flight_lakehouse.vector_memory import ServedTable
 from flight_lakehouse.vectors import VectorTables, lance_error, problem_rows, table_metric, vector_columns
 
 if TYPE_CHECKING:
@@ -79,8 +81,9 @@ class SearchPlan:
 class VectorSearch:
     """Runs search requests on the Lance tables."""
 
-    def __init__(self, tables: VectorTables) -> None:
+    def __init__(self, tables: VectorTables, cache: VectorCache) -> None:
         self.tables = tables
+        self.cache = cache
         self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._parser_guard = threading.Lock()
 
@@ -160,6 +163,9 @@ class VectorSearch:
                 .rerank(RRFReranker(return_score="relevance"))
             )
         else:
+            in_memory = self._from_memory(plan, vector.reshape(1, -1))
+            if in_memory is not None:
+                return in_memory[0].cast(plan.result_schema)
             builder = plan.table.search(vector, vector_column_name=plan.vector_column)
         return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
 
@@ -179,6 +185,12 @@ class VectorSearch:
         if batch.num_rows == 0:
             return
         matrix = plan.query_vectors(query_matrix(batch, plan.dimension), first_row)
+        in_memory = self._from_memory(plan, matrix)
+        if in_memory is not None:
+            rows, query_rows = in_memory
+            tagged = rows.add_column(0, QUERY_INDEX, pa.array(query_rows + first_row, pa.int64()))
+            yield from tagged.cast(plan.exchange_schema).to_batches()
+            return
         builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
         result = self._run(plan, builder)
         if "query_index" in result.column_names:  # lancedb tags rows only when given several vectors
@@ -188,6 +200,31 @@ class VectorSearch:
         result = result.append_column(QUERY_INDEX, indexes)
         result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
         yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
+
+    def _from_memory(self, plan: SearchPlan, queries: np.ndarray) -> tuple[pa.Table, np.ndarray] | None:
+        """The result rows (and the query each answers) from the in-memory graph, if it can serve."""
+        served = self._served(plan)
+        if served is None:
+            return None
+        allowed = None
+        if plan.request.filter is not None:
+            try:
+                allowed = self.cache.allowed(served, plan.request.filter)
+            except duckdb.Error:  # e.g. a predicate on the vector column: Lance evaluates it
+                return None
+        slots, distances = served.search(queries, plan.request.k, allowed, plan.request.ef)
+        found = slots >= 0
+        rows = served.rows(slots[found], plan.columns)
+        rows = rows.append_column(DISTANCE, pa.array(distances[found], pa.float32()))
+        return rows, np.nonzero(found)[0]
+
+    def _served(self, plan: SearchPlan) -> ServedTable | None:
+        if plan.request.text is not None:
+            return None
+        served = self.cache.served(plan.request.dataset)
+        if served is None or served.metric != plan.metric or served.vector_column != plan.vector_column:
+            return None
+        return served
 
     def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
         request = plan.request

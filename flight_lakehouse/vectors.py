@@ -13,7 +13,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -107,6 +107,10 @@ class VectorTables:
         self._guard = threading.Lock()
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
+        #: Called with a table's name after each commit to it by this server, and after it is dropped.
+        self.on_commit: list[Callable[[str], None]] = []
+        self.on_drop: list[Callable[[str], None]] = []
+        self._versions: dict[str, int] = {}
         if self._folder_exists():
             self._tables.update(self._stored_tables())
 
@@ -171,6 +175,23 @@ class VectorTables:
             return table.to_lance().checkout_version(version)
         except Exception:
             raise NotFound(f"version {version} of dataset {name!r} not found") from None
+
+    def version(self, name: str) -> int:
+        """The table's current version as this server knows it (updated by its own commits)."""
+        known = self._versions.get(name)
+        return known if known is not None else self.refresh_version(name)
+
+    def refresh_version(self, name: str) -> int:
+        """The table's current version, asking Lance (commits by other processes included)."""
+        version = self.table(name).version
+        self._versions[name] = version
+        return version
+
+    def committed(self, name: str) -> None:
+        """Record a commit by this server and tell the listeners (before the commit's call returns)."""
+        self.refresh_version(name)
+        for listener in self.on_commit:
+            listener(name)
 
     def schema(self, name: str) -> pa.Schema:
         """The table's Arrow schema (with its metric in the metadata)."""
@@ -253,7 +274,10 @@ class VectorTables:
                 if self._tables.pop(name, None) is None:
                     raise NotFound(f"dataset {name!r} not found")
                 self.generation += 1
+                self._versions.pop(name, None)
             self._connection.drop_table(name, ignore_missing=True)
+        for listener in self.on_drop:
+            listener(name)
         log.info("dropped Lance table %s", name)
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
@@ -263,6 +287,7 @@ class VectorTables:
             result = table.delete(where)
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
+        self.committed(name)
         return {"dataset": name, "rows_deleted": result.num_deleted_rows, "version": result.version}
 
     def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
@@ -276,6 +301,7 @@ class VectorTables:
                 table.optimize(cleanup_older_than=timedelta(seconds=older_than_seconds))
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
+        self.committed(name)
         after = table.stats()
         return {
             "dataset": name,
@@ -309,6 +335,7 @@ class VectorTables:
                     result = self._write_existing(options, schema, batches)
                 else:
                     result = self._create(options, schema, batches)
+        self.committed(name)
         result.update(dataset=name, format="lance", seconds=round(time.monotonic() - started, 3))
         return result
 

@@ -1,0 +1,267 @@
+"""The serving layer in front of the Lance tables: which tables are in memory, kept current, in budget.
+
+Lance stays the source of truth; this is its buffer pool. :class:`VectorCache` builds a
+:class:`~flight_lakehouse.vector_memory.ServedTable` for each Lance table with one vector column on a
+background thread (the server answers at once; Lance serves until a table is warm), within
+``vector_cache_mb``. Every commit by this server is followed before its call returns (small deltas at
+once; large ones in the background while Lance serves); writes by other processes are noticed within
+``lance_refresh_seconds``. The graph of a table is saved beside it as one object tagged with its Lance
+version, so a restart loads it and catches up instead of rebuilding.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from flight_lakehouse.errors import NotFound
+from flight_lakehouse.settings import Settings
+from flight_lakehouse.vector_memory import GraphSettings, ServedTable, estimated_bytes
+from flight_lakehouse.vectors import VectorTables, table_metric, vector_columns
+
+if TYPE_CHECKING:
+    import lance
+
+log = logging.getLogger(__name__)
+
+GRAPH_SUFFIX = ".hnsw.npz"
+SLOT = "__slot"
+#: A commit adding more rows than this is followed in the background (Lance serves meanwhile).
+SYNC_ROWS = 20_000
+#: Tombstones past this share of the slots (or rows past this multiple of the training rows) rebuild.
+REBUILD_TOMBSTONES = 0.2
+RETRAIN_GROWTH = 4
+
+
+@dataclass
+class CacheEntry:
+    """One table's place in the cache."""
+
+    state: str  # "building", "warm", "over budget", "failed", "not served"
+    served: ServedTable | None = None
+    detail: str | None = None
+    estimate: int = 0
+
+
+class VectorCache:
+    """Keeps Lance tables in memory for search, within the memory budget."""
+
+    def __init__(self, tables: VectorTables, settings: Settings) -> None:
+        self.tables = tables
+        self.budget = settings.vector_cache_mb << 20
+        self.refresh_seconds = settings.lance_refresh_seconds
+        self.graph_settings = GraphSettings(
+            m=settings.vector_graph_m,
+            ef_construction=settings.vector_graph_ef_construction,
+            ef_search=settings.vector_graph_ef_search,
+        )
+        self._entries: dict[str, CacheEntry] = {}
+        self._queue: dict[str, None] = {}
+        self._guard = threading.Condition()
+        self._filters = duckdb.connect(":memory:", config={"enable_external_access": False})
+        tables.on_commit.append(self.committed)
+        tables.on_drop.append(self.forget)
+        threading.Thread(target=self._work, name="vector-cache", daemon=True).start()
+        for name in tables.names():
+            self.track(name)
+
+    # -- what searches use -----------------------------------------------------------------------
+    def served(self, name: str) -> ServedTable | None:
+        """The in-memory copy of ``name`` when it covers the version searches must see."""
+        entry = self._entries.get(name)
+        if entry is None or entry.state != "warm" or entry.served is None:
+            return None
+        if entry.served.version != self.tables.version(name):
+            return None
+        return entry.served
+
+    def allowed(self, served: ServedTable, predicate: str) -> np.ndarray:
+        """The slots whose row passes ``predicate`` (already checked by the sandbox), as a mask."""
+        with served.lock.reading():
+            size = served.size
+            rows = served.columns.append_column(SLOT, pa.array(np.arange(size, dtype=np.int64)))
+        cursor = self._filters.cursor()
+        try:
+            cursor.register("rows", rows)
+            found = cursor.sql(f"SELECT {SLOT} FROM rows WHERE ({predicate}\n)").fetchnumpy()[SLOT]
+        finally:
+            cursor.close()
+        mask = np.zeros(size, dtype=bool)
+        mask[np.asarray(found, dtype=np.int64)] = True
+        return mask
+
+    def facts(self, name: str) -> dict[str, Any]:
+        """How ``describe_dataset`` shows the serving of ``name``."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return {"from": "lance", "state": "not served"}
+        served = entry.served
+        facts: dict[str, Any] = {
+            "from": "memory" if self.served(name) is not None else "lance",
+            "state": entry.state,
+            "budget_bytes": self.budget,
+        }
+        if entry.detail:
+            facts["detail"] = entry.detail
+        if served is not None:
+            facts.update(
+                bytes=served.nbytes, version=served.version, rows=served.live, tombstones=served.tombstones
+            )
+        elif entry.estimate:
+            facts["estimated_bytes"] = entry.estimate
+        return facts
+
+    # -- following the tables --------------------------------------------------------------------
+    def track(self, name: str) -> None:
+        """Serve ``name`` from memory once it is built (in the background)."""
+        with self._guard:
+            self._entries.setdefault(name, CacheEntry("building"))
+            self._queue[name] = None
+            self._guard.notify()
+
+    def forget(self, name: str) -> None:
+        """Stop serving a dropped table and delete its saved graph."""
+        with self._guard:
+            self._entries.pop(name, None)
+            self._queue.pop(name, None)
+        self.tables.storage.delete_files([self.graph_uri(name)])
+
+    def committed(self, name: str) -> None:
+        """Follow a commit by this server before its call returns (a large one in the background)."""
+        entry = self._entries.get(name)
+        served = entry.served if entry is not None else None
+        if entry is None or served is None or entry.state != "warm":
+            self.track(name)
+            return
+        dataset = self.tables.dataset(name)
+        if served.pending_rows(dataset) > SYNC_ROWS:
+            with self._guard:
+                entry.state = "building"  # Lance serves until the background catch-up is done
+            self.track(name)
+            return
+        served.catch_up(dataset)
+        if self._needs_rebuild(served):
+            self.track(name)
+
+    def _needs_rebuild(self, served: ServedTable) -> bool:
+        return served.tombstones > REBUILD_TOMBSTONES * max(
+            served.size, 1
+        ) or served.size > RETRAIN_GROWTH * max(served.trained_rows, 1)
+
+    def _work(self) -> None:
+        next_check = time.monotonic() + self.refresh_seconds
+        while True:
+            with self._guard:
+                while not self._queue:
+                    if not self._guard.wait(timeout=max(0.0, next_check - time.monotonic())):
+                        break
+                name = next(iter(self._queue), None)
+                if name is not None:
+                    del self._queue[name]
+            if name is None:
+                self._notice_other_writers()
+                next_check = time.monotonic() + self.refresh_seconds
+                continue
+            try:
+                self._refresh(name)
+            except NotFound:
+                self.forget(name)
+            except Exception as exc:
+                log.warning("serving %s from memory failed: %s", name, exc, exc_info=True)
+                entry = self._entries.get(name)
+                if entry is not None:
+                    entry.state, entry.served, entry.detail = "failed", None, str(exc).splitlines()[0][:300]
+
+    def _notice_other_writers(self) -> None:
+        """Queue the tables whose Lance version moved without this server (another process wrote)."""
+        for name, entry in list(self._entries.items()):
+            if entry.served is not None and entry.served.version != self.tables.refresh_version(name):
+                self.track(name)
+
+    def _refresh(self, name: str) -> None:
+        """Build, load, catch up or rebuild the in-memory copy of ``name``."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return
+        dataset = self.tables.dataset(name)
+        served = entry.served
+        if served is not None and not self._needs_rebuild(served):
+            served.catch_up(dataset)
+            entry.state = "warm"
+            return
+        schema = self.tables.schema(name)
+        vectors = vector_columns(schema)
+        if len(vectors) != 1:
+            entry.state, entry.detail = (
+                "not served",
+                "only tables with one vector column are served from memory",
+            )
+            return
+        entry.estimate = estimated_bytes(
+            dataset.count_rows(), next(iter(vectors.values())), self.graph_settings
+        )
+        if entry.estimate > self.budget - self._used(excluding=name):
+            entry.state, entry.served = "over budget", None
+            return
+        fresh = self._load(name, dataset) if served is None else None
+        if fresh is None:
+            fresh = self._build(name, schema, dataset)
+            self._save(fresh)
+        fresh.catch_up(self.tables.dataset(name))  # commits made while it was being built
+        entry.served, entry.state, entry.detail = fresh, "warm", None
+
+    def _used(self, excluding: str) -> int:
+        with self._guard:
+            entries = [entry for name, entry in self._entries.items() if name != excluding]
+        return sum(entry.served.nbytes for entry in entries if entry.served is not None)
+
+    def _build(self, name: str, schema: pa.Schema, dataset: lance.LanceDataset) -> ServedTable:
+        started = time.monotonic()
+        column = next(iter(vector_columns(schema)))
+        served = ServedTable.empty(name, schema, column, table_metric(schema), self.graph_settings)
+        served.catch_up(dataset)
+        log.info("%s in memory: %d rows in %.1f s", name, served.size, time.monotonic() - started)
+        return served
+
+    # -- saved graphs ----------------------------------------------------------------------------
+    def graph_uri(self, name: str) -> str:
+        """Where the graph of ``name`` is saved: one object beside the Lance table."""
+        return f"{self.tables.storage.lance_uri}/{name}{GRAPH_SUFFIX}"
+
+    def _save(self, served: ServedTable) -> None:
+        try:
+            self.tables.storage.write_atomically(self.graph_uri(served.name), served.to_bytes())
+        except OSError as exc:  # serving goes on; the next start rebuilds
+            log.warning("could not save the graph of %s: %s", served.name, exc)
+
+    def _load(self, name: str, latest: lance.LanceDataset) -> ServedTable | None:
+        """The saved graph of ``name`` with its rows re-read from Lance at the graph's version, if usable."""
+        try:
+            saved = np.load(io.BytesIO(self.tables.storage.read_bytes(self.graph_uri(name))))
+        except (OSError, ValueError):
+            return None
+        try:
+            version = int(saved["facts"][0])
+            at_version = self.tables.dataset(name, version)
+            served = ServedTable.restore(
+                name,
+                saved,
+                self.tables.schema(name),
+                lambda fragment_id: at_version.get_fragment(fragment_id).to_table(with_row_address=True),
+                self.graph_settings,
+            )
+        except (NotFound, KeyError, ValueError, AttributeError) as exc:
+            log.info("the saved graph of %s is not usable (%s); rebuilding", name, exc)
+            return None
+        if served is not None:
+            served.catch_up(latest)
+            log.info("%s in memory from its saved graph of version %d", name, version)
+        return served
