@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import logging
 import os
@@ -23,6 +22,7 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
+from flight_lakehouse.memory import limit_malloc_arenas
 from flight_lakehouse.settings import SettingsError, load_settings
 
 server_option = click.option(
@@ -93,18 +93,6 @@ def serve(**options: object) -> None:
     while not stop.wait(0.5):
         pass
     _shutdown(server, settings.shutdown_grace_seconds)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas: each gRPC thread otherwise keeps its own, and a burst of ingests on
-    different threads pushed peak RSS from ~450 MB to 600-850 MB (docs/benchmarks.md). No-op off glibc."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
 
 
 def _shutdown(server: flight.FlightServerBase, grace_seconds: float) -> None:

@@ -42,6 +42,7 @@ from flight_lakehouse.errors import (
     install_traceback_filter,
 )
 from flight_lakehouse.ingest import IngestSession
+from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import open_storage
@@ -226,7 +227,10 @@ class LakehouseServer(flight.FlightServerBase):
     def optimize(self, body: Optimize) -> dict[str, Any]:
         """The ``optimize`` action."""
         self._lance_only(body.dataset, "optimize")
-        return self.vectors.optimize(body.dataset, body.older_than_seconds)
+        try:
+            return self.vectors.optimize(body.dataset, body.older_than_seconds)
+        finally:
+            release_unused_memory()
 
     def _lance_only(self, dataset: str, action: str) -> None:
         if not self.vectors.exists(dataset):
@@ -258,10 +262,13 @@ class LakehouseServer(flight.FlightServerBase):
     ) -> None:
         options = self._ingest_options(descriptor)
         batches = uploaded_batches(reader, context)
-        if self._is_lance(options, reader.schema):
-            result = self.vectors.write(options, reader.schema, batches)
-        else:
-            result = self._ingest_parquet(options, reader.schema, batches)
+        try:
+            if self._is_lance(options, reader.schema):
+                result = self.vectors.write(options, reader.schema, batches)
+            else:
+                result = self._ingest_parquet(options, reader.schema, batches)
+        finally:
+            release_unused_memory()
         writer.write(pa.py_buffer(json_bytes(result)))
 
     def _is_lance(self, options: IngestOptions, schema: pa.Schema) -> bool:
