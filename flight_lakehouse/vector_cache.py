@@ -128,11 +128,14 @@ class VectorCache:
             self._guard.notify()
 
     def forget(self, name: str) -> None:
-        """Stop serving a dropped table and delete its saved graph."""
+        """Stop serving a dropped table and delete its saved graph; tables over budget may fit now."""
         with self._guard:
             self._entries.pop(name, None)
             self._queue.pop(name, None)
+            waiting = [other for other, entry in self._entries.items() if entry.state == "over budget"]
         self.tables.storage.delete_files([self.graph_uri(name)])
+        for other in waiting:
+            self.track(other)
 
     def committed(self, name: str) -> None:
         """Follow a commit by this server before its call returns (a large one in the background)."""
@@ -217,6 +220,8 @@ class VectorCache:
             self._save(fresh)
         fresh.catch_up(self.tables.dataset(name))  # commits made while it was being built
         entry.served, entry.state, entry.detail = fresh, "warm", None
+        if fresh.version != self.tables.version(name):  # a commit went to the copy being replaced
+            self.track(name)
 
     def _used(self, excluding: str) -> int:
         with self._guard:
