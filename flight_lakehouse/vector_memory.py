@@ -36,7 +36,11 @@ TRAINING_ROWS = 100_000
 
 
 def exact_distances(metric: str, vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Query-by-vector distances in Lance's conventions: cosine ``1 - cos``, l2 squared, dot ``1 - x.q``."""
+    """Query-by-vector distances in Lance's conventions: cosine ``1 - cos``, l2 squared, dot ``1 - x.q``.
+
+    Computed in float64 (an exact match has distance 0, not the float32 rounding of |q|^2 - 2q.x + |x|^2).
+    """
+    queries, vectors = queries.astype(np.float64), vectors.astype(np.float64)
     dots = queries @ vectors.T
     if metric == "dot":
         return 1.0 - dots

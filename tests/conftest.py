@@ -315,9 +315,9 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_server(root: str) -> Iterator[ServerProcess]:
+def running_server(root: str, *extra_args: str) -> Iterator[ServerProcess]:
     """A server on ``root`` for the duration of the block, stopped (by pid) at its end."""
-    process = ServerProcess(root)
+    process = ServerProcess(root, list(extra_args))
     try:
         yield process.start()
     finally:
@@ -395,6 +395,21 @@ def vector_array(vectors: object, value_type: pa.DataType | None = None) -> pa.F
     if matrix.ndim != 2:
         raise ValueError(f"vectors must be 2-D, not {matrix.shape}")
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel(), value_type), matrix.shape[1])
+
+
+def assert_same_rows(actual: pa.Table, expected: pa.Table) -> None:
+    """The same rows in the same order; ``_distance`` equal up to float rounding (searches served from
+    memory and from Lance compute it with different kernels)."""
+    assert actual.column_names == expected.column_names
+    others = [name for name in expected.column_names if name != "_distance"]
+    assert actual.select(others).to_pylist() == expected.select(others).to_pylist()
+    if "_distance" in expected.column_names:
+        np.testing.assert_allclose(
+            actual.column("_distance").to_numpy(),
+            expected.column("_distance").to_numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def search(server: ServerProcess, body: dict) -> pa.Table:

@@ -7,7 +7,7 @@ The slow cases share one server on a local root; the restart case runs on both r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,7 @@ from tests.conftest import (
     ServerProcess,
     assert_already_exists,
     assert_refusal,
+    assert_same_rows,
     index_entry,
     running_server,
     search,
@@ -30,6 +31,8 @@ N, DIM, CLUSTERS, QUERY_COUNT, K = 20_000, 32, 50, 50, 10
 PQ_SEARCH = {"nprobes": 20, "refine_factor": 20}
 HNSW_SEARCH = {"nprobes": 20, "ef": 100, "refine_factor": 5}  # SQ alone tops out near 0.95
 RECALL_FLOOR = 0.90
+#: Searches answered by Lance and its indexes, not by the in-memory graphs (--vector-cache-mb 0).
+LANCE_ONLY = ("--vector-cache-mb", "0")
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -88,8 +91,9 @@ TRUTH = [l2_top(DATA, q, K) for q in QUERIES]
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server on a local root for the slow index cases."""
-    with running_server(str(tmp_path_factory.mktemp("indexes") / "lakehouse")) as server:
+    """One server on a local root for the slow index cases; searches go to Lance and its indexes (no
+    in-memory serving), which is what these tests are about."""
+    with running_server(str(tmp_path_factory.mktemp("indexes") / "lakehouse"), *LANCE_ONLY) as server:
         yield server
 
 
@@ -331,8 +335,9 @@ def test_build_in_progress_does_not_block_searches(local: ServerProcess) -> None
 # -- restart ---------------------------------------------------------------------------------------------
 
 
-def test_restart_keeps_indexes(server: ServerProcess) -> None:
+def test_restart_keeps_indexes(start_server: Callable[..., ServerProcess]) -> None:
     """Indexes (vector, scalar, fts) are listed ready after a restart and still answer (both roots)."""
+    server = start_server(*LANCE_ONLY)
     rng = np.random.default_rng(14)
     data = clustered(2000, 16, 8, seed=15)
     ids = np.arange(2000)
@@ -376,7 +381,7 @@ def test_restart_keeps_indexes(server: ServerProcess) -> None:
         (e["column"], e["kind"], e["state"], e["indexed_rows"]) for e in describe(server, "kept")["indexes"]
     )
     assert after == before
-    assert search(server, body).to_pylist() == answer.to_pylist()
+    assert_same_rows(search(server, body), answer)
     assert search(server, {"dataset": "kept", "text": "1234", "k": 1}).column("id").to_pylist() == [1234]
     with pytest.raises(pa.ArrowException) as exc:
         create_index(server, dataset="kept", column="vec", kind="ivf_pq")

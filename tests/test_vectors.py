@@ -22,6 +22,7 @@ from tests.conftest import (
     ServerProcess,
     assert_already_exists,
     assert_refusal,
+    assert_same_rows,
     make_root,
     root_forms,
     root_listing,
@@ -560,7 +561,7 @@ def test_three_doors_give_the_same_rows(shared: ServerProcess, filtered_table: s
     assert_nearest(by_action, FILTER_MATRIX[mask], query, "l2", 12, ids=ids[mask])
 
     by_ticket = search_ticket(shared, body)
-    assert by_ticket.to_pylist() == by_action.to_pylist()
+    assert_same_rows(by_ticket, by_action)
     assert by_ticket.schema.remove_metadata().equals(by_action.schema.remove_metadata())
 
     descriptor = flight.FlightDescriptor.for_command(json.dumps({"search": body}).encode())
@@ -572,7 +573,7 @@ def test_three_doors_give_the_same_rows(shared: ServerProcess, filtered_table: s
         by_action.schema,
     )
     from_info = shared.client.do_get(info.endpoints[0].ticket).read_all()
-    assert from_info.to_pylist() == by_action.to_pylist()
+    assert_same_rows(from_info, by_action)
     schema = shared.client.get_schema(descriptor).schema
     assert schema.remove_metadata().equals(by_action.schema.remove_metadata())
 
@@ -581,8 +582,8 @@ def test_three_doors_give_the_same_rows(shared: ServerProcess, filtered_table: s
         flight.FlightDescriptor.for_command(json.dumps({"search": projected}).encode())
     )
     assert info.schema.names == ["id", "_distance"]
-    assert shared.client.do_get(info.endpoints[0].ticket).read_all().to_pylist() == (
-        by_action.select(["id", "_distance"]).to_pylist()
+    assert_same_rows(
+        shared.client.do_get(info.endpoints[0].ticket).read_all(), by_action.select(["id", "_distance"])
     )
 
 
@@ -1119,7 +1120,7 @@ def test_restart_keeps_tables(shared: ServerProcess) -> None:
         assert after[key] == before[key], key
     assert history(shared, "durable") == before_history
     assert {name: (e["format"], e["rows"]) for name, e in listing(shared).items()} == before_listing
-    assert search(shared, body).to_pylist() == before_search.to_pylist()
+    assert_same_rows(search(shared, body), before_search)
     assert count(shared, "durable") == 200
     more = shared.put("durable", vec_table(range(200, 210), random_vectors(10, seed=92)))
     assert more["version"] > before["version"]
