@@ -69,7 +69,7 @@ class IndexBuilder:
     def create(self, request: CreateIndex) -> dict[str, Any]:
         """Check and start a build; wait up to ``index_wait_seconds`` for it."""
         table = self.tables.table(request.dataset)
-        config = index_config(request, table.schema)
+        config = index_config(request, self.tables.schema(request.dataset))
         existing = [index for index in table.list_indices() if request.column in index.columns]
         if existing and not request.replace:
             raise AlreadyExists(

@@ -100,7 +100,7 @@ class VectorSearch:
                 raise InvalidArgument(f"dataset {name!r} is a Parquet dataset; search needs a Lance table")
             self.tables.table(name)  # NOT_FOUND
         table = self.tables.table(name)
-        schema = table.schema
+        schema = self.tables.schema(name)
         vector_column, dimension = self._vector_column(request, schema)
         metric = request.metric or table_metric(schema)
         columns = self._columns(request, schema)

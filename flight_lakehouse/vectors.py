@@ -104,6 +104,7 @@ class VectorTables:
         self.catalog = catalog
         self._db: DBConnection | None = None
         self._tables: dict[str, LanceTable] = {}
+        self._schemas: dict[str, pa.Schema] = {}
         self._guard = threading.Lock()
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
@@ -194,8 +195,12 @@ class VectorTables:
             listener(name)
 
     def schema(self, name: str) -> pa.Schema:
-        """The table's Arrow schema (with its metric in the metadata)."""
-        return self.table(name).schema
+        """The table's Arrow schema (with its metric in the metadata), read once: columns are fixed at
+        creation (``check_compatible``), and asking Lance costs ~0.4 ms, a third of an in-memory search."""
+        schema = self._schemas.get(name)
+        if schema is None:
+            schema = self._schemas[name] = self.table(name).schema
+        return schema
 
     # -- catalog actions -------------------------------------------------------------------------
     def summarise(self, name: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -273,6 +278,7 @@ class VectorTables:
             with self._guard:
                 if self._tables.pop(name, None) is None:
                     raise NotFound(f"dataset {name!r} not found")
+                self._schemas.pop(name, None)
                 self.generation += 1
                 self._versions.pop(name, None)
             self._connection.drop_table(name, ignore_missing=True)
@@ -371,12 +377,12 @@ class VectorTables:
         if options.mode == "create":
             raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
         table = self.table(name)
-        metric = table_metric(table.schema)
+        metric = table_metric(self.schema(name))
         if options.metric is not None and options.metric != metric:
             raise InvalidArgument(
                 f"dataset {name!r} has metric {metric!r}; it is set when the table is created"
             )
-        plan = UploadPlan.for_table(table.schema, schema, options)
+        plan = UploadPlan.for_table(self.schema(name), schema, options)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
         result: dict[str, Any] = {"created": False}
         try:
