@@ -133,6 +133,9 @@ class LocalStorage(Storage):
         except OSError:
             self.delete_files([temporary])
             raise
+        target = Path(self.fs_path(uri))
+        for leftover in target.parent.glob(f"{target.name}.*.tmp"):  # from writers killed mid-write
+            leftover.unlink(missing_ok=True)
 
 
 class S3Storage(Storage):

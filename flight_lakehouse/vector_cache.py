@@ -15,6 +15,7 @@ import io
 import logging
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +200,8 @@ class VectorCache:
         if served is not None and not self._needs_rebuild(served):
             served.catch_up(dataset)
             entry.state = "warm"
+            if self._needs_rebuild(served):  # the catch-up was large (e.g. an overwrite)
+                self.track(name)
             return
         schema = self.tables.schema(name)
         vectors = vector_columns(schema)
@@ -220,7 +223,8 @@ class VectorCache:
             self._save(fresh)
         fresh.catch_up(self.tables.dataset(name))  # commits made while it was being built
         entry.served, entry.state, entry.detail = fresh, "warm", None
-        if fresh.version != self.tables.version(name):  # a commit went to the copy being replaced
+        # a commit went to the copy being replaced, or a loaded graph caught up on many changes
+        if fresh.version != self.tables.version(name) or self._needs_rebuild(fresh):
             self.track(name)
 
     def _used(self, excluding: str) -> int:
@@ -251,7 +255,7 @@ class VectorCache:
         """The saved graph of ``name`` with its rows re-read from Lance at the graph's version, if usable."""
         try:
             saved = np.load(io.BytesIO(self.tables.storage.read_bytes(self.graph_uri(name))))
-        except (OSError, ValueError):
+        except (OSError, ValueError, zipfile.BadZipFile):  # missing or damaged: rebuild
             return None
         try:
             version = int(saved["facts"][0])
@@ -263,7 +267,7 @@ class VectorCache:
                 lambda fragment_id: at_version.get_fragment(fragment_id).to_table(with_row_address=True),
                 self.graph_settings,
             )
-        except (NotFound, KeyError, ValueError, AttributeError) as exc:
+        except (NotFound, KeyError, ValueError, AttributeError, zipfile.BadZipFile) as exc:
             log.info("the saved graph of %s is not usable (%s); rebuilding", name, exc)
             return None
         if served is not None:
