@@ -437,3 +437,33 @@ def wait_for_index(server: ServerProcess, dataset: str, column: str, timeout: fl
         assert entry is None or entry.get("state") != "failed", f"index build failed: {entry}"
         time.sleep(0.2)
     raise AssertionError(f"index on {dataset}.{column} not ready after {timeout} s: {entry}")
+
+
+def serving(server: ServerProcess, dataset: str) -> dict:
+    """The ``serving`` facts of ``describe_dataset`` (how a Lance table's searches are served)."""
+    described = server.action("describe_dataset", {"dataset": dataset})
+    assert isinstance(described, dict) and isinstance(described.get("serving"), dict), described
+    return described["serving"]
+
+
+def wait_for_serving(
+    server: ServerProcess,
+    dataset: str,
+    state: str = "warm",
+    source: str | None = "memory",
+    timeout: float = 60.0,
+) -> dict:
+    """Poll ``describe_dataset`` until its ``serving`` has ``state`` (and ``from`` == ``source`` unless None);
+    fail on state 'failed' (unless waited for) or timeout. Returns the whole ``describe_dataset`` result."""
+    deadline = time.monotonic() + timeout
+    described: dict = {}
+    while time.monotonic() < deadline:
+        described = server.action("describe_dataset", {"dataset": dataset})  # type: ignore[assignment]
+        facts = described.get("serving") or {}
+        if facts.get("state") == state and (source is None or facts.get("from") == source):
+            return described
+        assert state == "failed" or facts.get("state") != "failed", f"serving {dataset} failed: {facts}"
+        time.sleep(0.05)
+    raise AssertionError(
+        f"{dataset} not {state} (from {source}) after {timeout} s: {described.get('serving')}"
+    )
