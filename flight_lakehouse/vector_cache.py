@@ -24,8 +24,15 @@ import numpy as np
 import pyarrow as pa
 
 from flight_lakehouse.errors import NotFound
+from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.vector_memory import GraphSettings, ServedTable, estimated_bytes
+from flight_lakehouse.vector_memory import (
+    TRAINING_ROWS,
+    GraphSettings,
+    ServedTable,
+    estimated_bytes,
+    vector_matrix,
+)
 from flight_lakehouse.vectors import VectorTables, table_metric, vector_columns
 
 if TYPE_CHECKING:
@@ -176,6 +183,7 @@ class VectorCache:
                 continue
             try:
                 self._refresh(name)
+                release_unused_memory()  # a build's temporaries: hundreds of MB for a large table
             except NotFound:
                 self.forget(name)
             except Exception as exc:
@@ -236,7 +244,12 @@ class VectorCache:
         started = time.monotonic()
         column = next(iter(vector_columns(schema)))
         served = ServedTable.empty(name, schema, column, table_metric(schema), self.graph_settings)
+        rows = dataset.count_rows()
+        if rows:
+            sample = dataset.sample(min(rows, TRAINING_ROWS), columns=[column])
+            served.train(vector_matrix(sample.column(column), served.dimension))
         served.catch_up(dataset)
+        served.trained_rows = served.size  # grown 4x past this, a rebuild retrains
         log.info("%s in memory: %d rows in %.1f s", name, served.size, time.monotonic() - started)
         return served
 

@@ -32,7 +32,9 @@ EXACT_SHARE = 0.02
 #: Graph candidates per result row, re-ranked exactly with the original vectors.
 REFINE = 4
 DEFAULT_EF = 64
-TRAINING_ROWS = 100_000
+TRAINING_ROWS = 20_000  # sample the quantiser's ranges are learnt from
+ADD_BATCH_ROWS = 8192
+OFFSETS_NONE = np.empty(0, dtype=np.int64)
 
 
 def exact_distances(metric: str, vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -308,28 +310,42 @@ class ServedTable:
             for fragment_id, fragment in current.items():
                 known = self.fragments.get(fragment_id)
                 if known is None:
-                    self._add(fragment_id, fragment.to_table(with_row_address=True))
+                    self._add_fragment(fragment)
                 elif fragment.count_rows() < int(
                     self.alive[known.first : known.first + len(known.offsets)].sum()
                 ):
                     live = fragment.to_table(columns=[], with_row_address=True).column(ROW_ADDRESS)
                     self._tombstone(fragment_id, offsets_of(live))
+            self.columns = self.columns.combine_chunks()  # one chunk per column: fast takes
             self.version = dataset.version
 
-    def _add(self, fragment_id: int, rows: pa.Table) -> None:
+    def _add_fragment(self, fragment: lance.LanceFragment) -> None:
+        """Append a new fragment's live rows as slots, batch by batch (memory: one batch at a time)."""
+        first = self.size
+        self._reserve(first + fragment.count_rows())
+        offsets = []
+        for batch in fragment.to_batches(batch_size=ADD_BATCH_ROWS, with_row_address=True):
+            self._add_rows(batch)
+            offsets.append(offsets_of(batch.column(ROW_ADDRESS)))
+        self.fragments[fragment.fragment_id] = FragmentSlots(first, np.concatenate([*offsets, OFFSETS_NONE]))
+
+    def _add_rows(self, rows: pa.RecordBatch) -> None:
         vectors = vector_matrix(rows.column(self.vector_column), self.dimension)
         first, count = self.size, len(vectors)
         self._reserve(first + count)
         self.vectors[first : first + count] = vectors
         self.alive[first : first + count] = True
-        if not self.graph.is_trained:  # the 8-bit ranges come from the first rows; a rebuild retrains
-            self.graph.train(self._graph_form(vectors[:TRAINING_ROWS]))
-            self.trained_rows = count
-        others = rows.drop_columns([self.vector_column, ROW_ADDRESS]).select(self.columns.column_names)
+        if not self.graph.is_trained:  # no sample was given: the first rows set the 8-bit ranges
+            self.train(vectors[:TRAINING_ROWS])
+        others = pa.Table.from_batches([rows]).select(self.columns.column_names)
         self.columns = pa.concat_tables([self.columns, others.cast(self.columns.schema)])
         self.graph.add(self._graph_form(vectors))
-        self.fragments[fragment_id] = FragmentSlots(first, offsets_of(rows.column(ROW_ADDRESS)))
         self.size += count
+
+    def train(self, sample: np.ndarray) -> None:
+        """Learn the 8-bit quantiser's ranges from a sample of the table's vectors."""
+        self.graph.train(self._graph_form(sample))
+        self.trained_rows = len(sample)
 
     def _reserve(self, capacity: int) -> None:
         if capacity <= len(self.vectors):
