@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import lancedb
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -124,6 +123,12 @@ def make_corpus(rows: int, dim: int, clusters: int, queries: int, seed: int) -> 
     return Corpus(table, vectors, query_vectors)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` scaled to unit length, float32, C-contiguous (the form a cosine HNSW graph holds)."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(unit, dtype=np.float32)
+
+
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """The ids (row numbers) of the ``k`` nearest rows of every query, cosine, numpy brute force."""
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -159,12 +164,15 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    def command(self) -> list[str]:
+        """The command line of the server process (it logs ``ready at grpc://...`` on stderr)."""
+        return [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(self.root), "--port", "0"]
+
     def start(self, timeout: float = 60.0) -> Server:
         """Start the server and wait for the ready line in its log."""
-        command = [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(self.root), "--port", "0"]
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, **self.env}
+                self.command(), stdout=subprocess.DEVNULL, stderr=sink, env={**os.environ, **self.env}
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -256,8 +264,13 @@ def search_tickets(queries: np.ndarray, body: dict[str, Any]) -> list[flight.Tic
     ]
 
 
-def flight_exchange(client: flight.FlightClient, queries: np.ndarray, body: dict[str, Any]) -> pa.Table:
-    """Stream ``queries`` through DoExchange in batches of 100 (sent on a thread) and read all results."""
+def flight_exchange(
+    client: flight.FlightClient,
+    queries: np.ndarray,
+    body: dict[str, Any],
+    batch_rows: int = EXCHANGE_BATCH_ROWS,
+) -> pa.Table:
+    """Stream ``queries`` through DoExchange in batches of ``batch_rows`` (sent on a thread); all results."""
     descriptor = flight.FlightDescriptor.for_command(json.dumps({"search": body}).encode())
     vector_type = pa.list_(pa.float32(), queries.shape[1])
     schema = pa.schema([(VECTOR, vector_type)])
@@ -265,8 +278,8 @@ def flight_exchange(client: flight.FlightClient, queries: np.ndarray, body: dict
 
     def send() -> None:
         writer.begin(schema)
-        for start in range(0, len(queries), EXCHANGE_BATCH_ROWS):
-            chunk = queries[start : start + EXCHANGE_BATCH_ROWS]
+        for start in range(0, len(queries), batch_rows):
+            chunk = queries[start : start + batch_rows]
             column = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), queries.shape[1])
             writer.write_batch(pa.record_batch([column], schema=schema))
         writer.done_writing()
@@ -280,20 +293,31 @@ def flight_exchange(client: flight.FlightClient, queries: np.ndarray, body: dict
 
 # -- in-process anchor -----------------------------------------------------------------------------
 def local_search(
-    table: Any, query: np.ndarray | list[np.ndarray], params: dict[str, int], k: int
+    table: Any,
+    query: np.ndarray | list[np.ndarray],
+    params: dict[str, int],
+    k: int,
+    columns: Sequence[str] = COLUMNS,
 ) -> pa.Table:
     """lancedb in this process: what the server runs for one request (``_distance`` selected explicitly)."""
     builder = table.search(query, vector_column_name=VECTOR).distance_type(METRIC)
     for name, value in params.items():  # nprobes, refine_factor, ef: builder methods of the same names
         builder = getattr(builder, name)(value)
-    return builder.select([*COLUMNS, DISTANCE]).limit(k).to_arrow()
+    return builder.select([*columns, DISTANCE]).limit(k).to_arrow()
 
 
-def local_batches(table: Any, queries: np.ndarray, params: dict[str, int], k: int) -> pa.Table:
-    """The in-process counterpart of DoExchange: one multi-vector search per batch of 100 queries."""
+def local_batches(
+    table: Any,
+    queries: np.ndarray,
+    params: dict[str, int],
+    k: int,
+    batch_rows: int = EXCHANGE_BATCH_ROWS,
+    columns: Sequence[str] = COLUMNS,
+) -> pa.Table:
+    """The in-process counterpart of DoExchange: one multi-vector search per ``batch_rows`` queries."""
     parts = [
-        local_search(table, list(queries[start : start + EXCHANGE_BATCH_ROWS]), params, k)
-        for start in range(0, len(queries), EXCHANGE_BATCH_ROWS)
+        local_search(table, list(queries[start : start + batch_rows]), params, k, columns)
+        for start in range(0, len(queries), batch_rows)
     ]
     return pa.concat_tables(parts)
 
@@ -567,6 +591,8 @@ def measure_index(
         run.build_seconds = build_index(client, kind, replace=len(out.indexes) > 1)
     out.rss_mb[f"{kind} build peak"].append(rss.peak / MB)
     log(f"  {kind} built in {run.build_seconds:.1f} s (peak RSS {rss.peak / MB:.0f} MB)")
+    import lancedb  # here: scripts importing these helpers for a server process need not load it
+
     table = lancedb.connect(str(server.root / "lance")).open_table(DATASET)
     params = choose_params(table, corpus, truth, plan, run)
     tickets = search_tickets(corpus.queries[: max(plan.queries, len(truth))], search_body(params, plan.k))
