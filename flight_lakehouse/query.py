@@ -281,13 +281,12 @@ class QueryEngine:
     def _current(self) -> tuple[dict[str, str], SnapshotDatabase]:
         """The current metadata file of every dataset (one catalog query), and the database over them."""
         locations = self.catalog.metadata_locations()
-        lance_names = self.vectors.names()
-        lance_state = [("lance", name) for name in lance_names] + [("lance", str(self.vectors.generation))]
-        state = frozenset([*locations.items(), *lance_state])
+        # Lance tables change the set of names only when one is created or dropped: the generation says so
+        state = frozenset([*locations.items(), ("lance generation", str(self.vectors.generation))])
         with self._guard:
             if self._database is None or self._database[0] != state:
                 views = {name: self.catalog.snapshot_files(location) for name, location in locations.items()}
-                lance = {name: LanceView(self.vectors.schema(name)) for name in lance_names}
+                lance = {name: LanceView(self.vectors.schema(name)) for name in self.vectors.names()}
                 self._database = (state, self._build(views, lance))
             return locations, self._database[1]
 

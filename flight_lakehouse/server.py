@@ -215,28 +215,22 @@ class LakehouseServer(flight.FlightServerBase):
 
     def create_index(self, body: CreateIndex) -> dict[str, Any]:
         """The ``create_index`` action."""
-        self._lance_only(body.dataset, "create_index")
+        self.vectors.lance_table(body.dataset, "create_index")
         return self.indexes.create(body)
 
     def delete_rows(self, body: DeleteRows) -> dict[str, Any]:
         """The ``delete_rows`` action."""
-        self._lance_only(body.dataset, "delete_rows")
+        self.vectors.lance_table(body.dataset, "delete_rows")
         self.searcher.check_filter(body.where)
         return self.vectors.delete_rows(body.dataset, body.where)
 
     def optimize(self, body: Optimize) -> dict[str, Any]:
         """The ``optimize`` action."""
-        self._lance_only(body.dataset, "optimize")
+        self.vectors.lance_table(body.dataset, "optimize")
         try:
             return self.vectors.optimize(body.dataset, body.older_than_seconds)
         finally:
             release_unused_memory()
-
-    def _lance_only(self, dataset: str, action: str) -> None:
-        if not self.vectors.exists(dataset):
-            if self.catalog.exists(dataset):
-                raise InvalidArgument(f"{action} serves Lance tables; dataset {dataset!r} is Parquet")
-            raise NotFound(f"dataset {dataset!r} not found")
 
     @client_safe
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:

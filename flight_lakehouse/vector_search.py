@@ -95,11 +95,7 @@ class VectorSearch:
         if not exchange and request.vector is None and request.text is None:
             raise InvalidArgument("a search needs 'vector', 'text' or both")
         name = request.dataset
-        if not self.tables.exists(name):
-            if self.tables.catalog.exists(name):
-                raise InvalidArgument(f"dataset {name!r} is a Parquet dataset; search needs a Lance table")
-            self.tables.table(name)  # NOT_FOUND
-        table = self.tables.table(name)
+        table = self.tables.lance_table(name, "search")
         schema = self.tables.schema(name)
         vector_column, dimension = self._vector_column(request, schema)
         metric = request.metric or table_metric(schema)

@@ -88,6 +88,17 @@ def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:
     return InvalidArgument(f"{doing}: {message}")
 
 
+def summary(name: str, stats: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``list_datasets`` entry of a Lance table from its stats and versions."""
+    return {
+        "name": name,
+        "format": "lance",
+        "rows": int(stats["num_rows"]),
+        "bytes": int(stats["total_bytes"]),
+        "updated_at": iso(versions[-1]["timestamp"]),
+    }
+
+
 def iso(value: datetime) -> str:
     """ISO-8601 UTC time, to the millisecond."""
     if value.tzinfo is None:
@@ -203,27 +214,25 @@ class VectorTables:
         return schema
 
     # -- catalog actions -------------------------------------------------------------------------
-    def summarise(self, name: str, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    def lance_table(self, name: str, doing: str) -> LanceTable:
+        """The table ``doing`` works on: INVALID_ARGUMENT for a Parquet dataset, NOT_FOUND for none."""
+        if not self.exists(name) and self.catalog.exists(name):
+            raise InvalidArgument(f"{doing} serves Lance tables; dataset {name!r} is Parquet")
+        return self.table(name)
+
+    def summarise(self, name: str) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
         table = self.table(name)
-        latest = table.list_versions()[-1]
-        stats = stats or table.stats()
-        return {
-            "name": name,
-            "format": "lance",
-            "rows": int(stats["num_rows"]),
-            "bytes": int(stats["total_bytes"]),
-            "updated_at": iso(latest["timestamp"]),
-        }
+        return summary(name, table.stats(), table.list_versions())
 
     def describe(self, name: str, building: list[dict[str, Any]]) -> dict[str, Any]:
         """Schema, vector columns, versions and indexes (``building``: builds not finished yet)."""
         table = self.table(name)
-        schema = table.schema
+        schema = self.schema(name)
         vectors = vector_columns(schema)
         stats = table.stats()
         versions = table.list_versions()
-        facts = self.summarise(name, stats)
+        facts = summary(name, stats, versions)
         facts.update(
             {
                 "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
