@@ -124,14 +124,19 @@ class Server:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM by pid, then SIGKILL if it does not exit within ``grace`` seconds."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
+        stop_process(self.process, grace)
+
+
+def stop_process(process: subprocess.Popen | None, grace: float = 30.0) -> None:
+    """SIGTERM a child by pid, then SIGKILL if it does not exit within ``grace`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(30)
 
 
 class RssSampler:

@@ -33,7 +33,6 @@ import collections
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import RssSampler, median, spread
+from bench_core import RssSampler, median, spread, stop_process
 
 READY = re.compile(r"ready at (grpc://127\.0\.0\.1:\d+)")
 LANCE_WARNING = re.compile(r"\bWARN\s+(\S+)\]\s*(.{0,90})")
@@ -185,14 +184,7 @@ class Server:
 
     def stop(self, grace: float = 30.0) -> None:
         """SIGTERM by pid, then SIGKILL if it does not exit within ``grace`` seconds."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.kill(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
+        stop_process(self.process, grace)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the server's stderr."""
