@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from flight_lakehouse.errors import InvalidArgument
@@ -180,12 +181,21 @@ def decode_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        value = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid UTF-8 JSON: {exc}") from None
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = decode_json_leniently(raw, what)
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def decode_json_leniently(raw: bytes | str, what: str) -> Any:
+    """Python's own JSON reading of what orjson refused: it accepts ``NaN``/``Infinity`` tokens, so a
+    query vector holding one is refused by the vector checks, naming the value."""
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"{what} is not valid UTF-8 JSON: {exc}") from None
 
 
 def parse_model(model: type[M], payload: dict[str, Any]) -> M:

@@ -302,6 +302,9 @@ class LakehouseServer(flight.FlightServerBase):
     @client_safe
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         request = decode_request(ticket.ticket, "ticket")
+        if isinstance(request, SearchCommand):
+            # a search result is small and complete: Flight sends it without calling back into Python
+            return flight.RecordBatchStream(self.searcher.search(self.searcher.plan(request.search)))
         stream = self._start(request, call_hooks(context))
         return flight.GeneratorStream(stream.schema, client_safe_iter(stream.batches))
 
@@ -311,9 +314,6 @@ class LakehouseServer(flight.FlightServerBase):
         if isinstance(request, ScanRequest):
             database = self.engine.scan_database(request)
             return self.engine.run(self.engine.scan_sql(request, database), call, database)
-        if isinstance(request, SearchCommand):
-            result = self.searcher.search(self.searcher.plan(request.search))
-            return QueryStream(result.schema, iter(result.to_batches()))
         raise InvalidArgument("an ingest command is not a ticket; send it with DoPut")
 
     @client_safe

@@ -40,29 +40,37 @@ OFFSETS_NONE = np.empty(0, dtype=np.int64)
 def exact_distances(metric: str, vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Query-by-vector distances in Lance's conventions: cosine ``1 - cos``, l2 squared, dot ``1 - x.q``.
 
-    Computed in float64 (an exact match has distance 0, not the float32 rounding of |q|^2 - 2q.x + |x|^2).
+    ``vectors`` is a matrix shared by all queries (a column per vector), or one matrix per query
+    (``(queries, candidates, dimension)``: each query against its own candidates). Computed in float64
+    (an exact match has distance 0, not the float32 rounding of |q|^2 - 2q.x + |x|^2).
     """
     queries, vectors = queries.astype(np.float64), vectors.astype(np.float64)
-    dots = queries @ vectors.T
+    per_query = vectors.ndim == 3
+    dots = np.einsum("qcd,qd->qc", vectors, queries) if per_query else queries @ vectors.T
     if metric == "dot":
         return 1.0 - dots
+    vector_squares = np.einsum("...d,...d->...", vectors, vectors)
+    if not per_query:
+        vector_squares = vector_squares[None, :]
+    query_squares = np.einsum("qd,qd->q", queries, queries)[:, None]
     if metric == "l2":
-        squares = (queries * queries).sum(axis=1)[:, None] + (vectors * vectors).sum(axis=1)[None, :]
-        return np.maximum(squares - 2.0 * dots, 0.0)
-    norms = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(vectors, axis=1)[None, :]
+        return np.maximum(query_squares + vector_squares - 2.0 * dots, 0.0)
+    norms = np.sqrt(query_squares * vector_squares)
     return 1.0 - dots / np.where(norms == 0, 1.0, norms)
 
 
 def top_k(distances: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``distances`` (a column per slot of ``slots``): its k nearest slots, nearest first."""
+    """Per row of ``distances`` (a column per slot of ``slots``, shared or one row of slots per row):
+    its k nearest slots, nearest first."""
     take = min(k, distances.shape[1])
     if take == 0:
         rows = distances.shape[0]
         return np.empty((rows, 0), dtype=np.int64), np.empty((rows, 0), dtype=np.float32)
     part = np.argpartition(distances, take - 1, axis=1)[:, :take]
     nearest = np.take_along_axis(distances, part, axis=1)
-    order = np.argsort(nearest, axis=1, kind="stable")
-    return slots[np.take_along_axis(part, order, axis=1)], np.take_along_axis(nearest, order, axis=1)
+    order = np.take_along_axis(part, np.argsort(nearest, axis=1, kind="stable"), axis=1)
+    chosen = np.take_along_axis(slots, order, axis=1) if slots.ndim == 2 else slots[order]
+    return chosen, np.take_along_axis(distances, order, axis=1)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -151,6 +159,7 @@ class ServedTable:
     fragments: dict[int, FragmentSlots] = field(default_factory=dict)
     size: int = 0
     trained_rows: int = 0  # rows the quantiser's ranges were learnt from
+    live: int = 0  # rows a search can return (live slots), counted after each change
     lock: ReadWriteLock = field(default_factory=ReadWriteLock, repr=False)
 
     @classmethod
@@ -216,12 +225,8 @@ class ServedTable:
         served.graph = faiss.deserialize_index(saved["graph"])
         served.vectors, served.alive, served.size = vectors, alive, size
         served.version, served.trained_rows = version, size
+        served.live = int(alive.sum())
         return served
-
-    @property
-    def live(self) -> int:
-        """Rows a search can return."""
-        return int(self.alive[: self.size].sum())
 
     @property
     def tombstones(self) -> int:
@@ -241,13 +246,14 @@ class ServedTable:
 
         Few candidate rows: an exact scan over them. Otherwise the graph proposes ``REFINE * k``
         candidates (restricted to the allowed slots) and the original vectors rank them exactly.
-        Rows with fewer than k results are padded with slot -1.
+        Fewer than k rows found: slot -1 (or fewer columns) in their place.
         """
         with self.lock.reading():
             mask = self.alive[: self.size]
+            count = self.live
             if allowed is not None:
                 mask = mask & allowed[: self.size]
-            count = int(mask.sum())
+                count = int(mask.sum())
             if count <= max(EXACT_ROWS, EXACT_SHARE * self.size):
                 slots = np.flatnonzero(mask)
                 return top_k(exact_distances(self.metric, self.vectors[slots], queries), slots, k)
@@ -270,15 +276,14 @@ class ServedTable:
         return candidates
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        slots_out = np.full((len(queries), k), -1, dtype=np.int64)
-        distances_out = np.full((len(queries), k), np.inf, dtype=np.float32)
-        for row, found in enumerate(candidates):
-            found = found[found >= 0]
-            distances = exact_distances(self.metric, self.vectors[found], queries[row : row + 1])
-            slots, nearest = top_k(distances, found, k)
-            slots_out[row, : slots.shape[1]] = slots[0]
-            distances_out[row, : slots.shape[1]] = nearest[0]
-        return slots_out, distances_out
+        """The k nearest of each query's candidate slots (-1: none), by exact distance."""
+        missing = candidates < 0
+        slots = np.where(missing, 0, candidates)
+        distances = exact_distances(self.metric, self.vectors[slots], queries)
+        distances[missing] = np.inf
+        nearest, nearest_distances = top_k(distances, slots, k)
+        nearest[np.isinf(nearest_distances)] = -1
+        return nearest, nearest_distances.astype(np.float32)
 
     def _graph_form(self, vectors: np.ndarray) -> np.ndarray:
         """Vectors as the graph holds them: unit length for cosine."""
@@ -318,6 +323,7 @@ class ServedTable:
                     self._tombstone(fragment_id, offsets_of(live))
             self.columns = self.columns.combine_chunks()  # one chunk per column: fast takes
             self.version = dataset.version
+            self.live = int(self.alive[: self.size].sum())
 
     def _add_fragment(self, fragment: lance.LanceFragment) -> None:
         """Append a new fragment's live rows as slots, batch by batch (memory: one batch at a time)."""

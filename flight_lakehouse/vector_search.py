@@ -8,8 +8,9 @@ ticket and DoExchange all go through :meth:`VectorSearch.plan`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from flight_lakehouse.batching import Coalescer
 from flight_lakehouse.commands import SearchRequest
 from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.sandbox import check_predicate
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from lancedb.query import LanceQueryBuilder
     from lancedb.table import LanceTable
 
+#: One single-vector search waiting to be answered from memory: its plan and its query vector.
+OneQuery = tuple["SearchPlan", np.ndarray]
 #: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
 MAX_EXCHANGE_ROWS = 1_000_000
 DISTANCE = "_distance"
@@ -47,7 +51,7 @@ class SearchPlan:
     columns: list[str]
     schema: pa.Schema  # the table's
 
-    @property
+    @cached_property
     def result_schema(self) -> pa.Schema:
         """The schema of the result rows: the chosen columns, then ``_distance`` or ``_score``."""
         fields = [self.schema.field(name) for name in self.columns]
@@ -55,7 +59,7 @@ class SearchPlan:
         fields.append(pa.field(DISTANCE if is_vector else SCORE, pa.float32()))
         return pa.schema(fields)
 
-    @property
+    @cached_property
     def exchange_schema(self) -> pa.Schema:
         """The schema of DoExchange results: ``_query_index`` first."""
         return self.result_schema.insert(0, pa.field(QUERY_INDEX, pa.int64()))
@@ -86,6 +90,7 @@ class VectorSearch:
         self.cache = cache
         self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._parser_guard = threading.Lock()
+        self._coalescers: dict[str, Coalescer[OneQuery, pa.Table | None]] = {}
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self, request: SearchRequest, exchange: bool = False) -> SearchPlan:
@@ -159,9 +164,9 @@ class VectorSearch:
                 .rerank(RRFReranker(return_score="relevance"))
             )
         else:
-            in_memory = self._from_memory(plan, vector.reshape(1, -1))
+            in_memory = self._one_from_memory(plan, vector)
             if in_memory is not None:
-                return in_memory[0].cast(plan.result_schema)
+                return in_memory
             builder = plan.table.search(vector, vector_column_name=plan.vector_column)
         return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
 
@@ -196,6 +201,37 @@ class VectorSearch:
         result = result.append_column(QUERY_INDEX, indexes)
         result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
         yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
+
+    def _one_from_memory(self, plan: SearchPlan, vector: np.ndarray) -> pa.Table | None:
+        """The result of one query vector from the in-memory graph, if it can serve.
+
+        Without a filter, concurrent searches of a table are answered together (see ``batching``).
+        """
+        if plan.request.filter is None:
+            name = plan.request.dataset
+            coalescer = self._coalescers.get(name)
+            if coalescer is None:
+                coalescer = self._coalescers.setdefault(name, Coalescer(self._batch_from_memory))
+            return coalescer.submit((plan, vector))
+        in_memory = self._from_memory(plan, vector.reshape(1, -1))
+        return None if in_memory is None else in_memory[0].cast(plan.result_schema)
+
+    def _batch_from_memory(self, queries: Sequence[OneQuery]) -> list[pa.Table | None]:
+        """The results of unfiltered searches of one table, one graph search per distinct (k, ef)."""
+        results: list[pa.Table | None] = [None] * len(queries)
+        served = self.cache.served(queries[0][0].request.dataset)
+        if served is None:
+            return results
+        groups: dict[tuple[int, int | None], list[int]] = {}
+        for index, (plan, _) in enumerate(queries):
+            if plan.metric == served.metric and plan.vector_column == served.vector_column:
+                groups.setdefault((plan.request.k, plan.request.ef), []).append(index)
+        for (k, ef), members in groups.items():
+            slots, distances = served.search(np.stack([queries[i][1] for i in members]), k, None, ef)
+            plans = [queries[i][0] for i in members]
+            for index, table in zip(members, result_tables(served, plans, slots, distances), strict=True):
+                results[index] = table
+        return results
 
     def _from_memory(self, plan: SearchPlan, queries: np.ndarray) -> tuple[pa.Table, np.ndarray] | None:
         """The result rows (and the query each answers) from the in-memory graph, if it can serve."""
@@ -247,6 +283,30 @@ class VectorSearch:
                 [SCORE if n == "_relevance_score" else n for n in result.column_names]
             )
         return result
+
+
+def result_tables(
+    served: ServedTable, plans: Sequence[SearchPlan], slots: np.ndarray, distances: np.ndarray
+) -> list[pa.Table]:
+    """One result table per plan from the rows of a batched search (row i of ``slots`` for plan i);
+    the rows of plans selecting the same columns are taken from memory at once."""
+    found = slots >= 0
+    by_columns: dict[tuple[str, ...], list[int]] = {}
+    for index, plan in enumerate(plans):
+        by_columns.setdefault(tuple(plan.columns), []).append(index)
+    tables: list[pa.Table] = [pa.table({})] * len(plans)
+    for columns, members in by_columns.items():
+        rows = served.rows(np.concatenate([slots[i][found[i]] for i in members]), list(columns))
+        start = 0
+        for index in members:
+            count = int(found[index].sum())
+            piece = rows.slice(start, count)
+            values = [*piece.columns, pa.array(distances[index][found[index]], pa.float32())]
+            table = pa.Table.from_arrays(values, names=plans[index].result_schema.names)
+            schema = plans[index].result_schema
+            tables[index] = table if table.schema.equals(schema) else table.cast(schema)
+            start += count
+    return tables
 
 
 def query_matrix(batch: pa.RecordBatch, dimension: int) -> np.ndarray:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +201,34 @@ def test_filters_of_any_selectivity(warm_server: ServerProcess, predicate: str, 
         assert result.column("tag").to_pylist() == [f"t{i % 100}" for i in got]
         assert got == true_top(subset, query, "cosine", K, subset_ids), predicate
         assert_exact_distances(result, MATRIX, query, "cosine")
+    assert serving(warm_server, name)["from"] == "memory"
+
+
+def test_concurrent_searches_each_get_their_own_rows(warm_server: ServerProcess) -> None:
+    """16 clients searching at once (answered from memory in shared batches) with different queries, k,
+    columns and tickets: every client gets exactly the rows a search alone gives for its own request."""
+    name = recall_table("cosine")
+    wait_for_serving(warm_server, name)
+    selections = [["id"], ["id", "tag"], ["tag", "vec", "id"]]
+    requests = [body(name, QUERIES[200 + i], k=3 + i % 5, columns=selections[i % 3]) for i in range(48)]
+    alone = [search(warm_server, request) for request in requests]
+    start = threading.Barrier(16)
+
+    def client(first: int) -> list[tuple[int, pa.Table]]:
+        connection = flight.FlightClient(warm_server.location)
+        start.wait()
+        got = []
+        for i in range(first, len(requests), 16):
+            ticket = flight.Ticket(json.dumps({"search": requests[i]}).encode())
+            got.append((i, connection.do_get(ticket).read_all()))
+        return got
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = [answer for part in pool.map(client, range(16)) for answer in part]
+    assert len(answers) == len(requests)
+    for i, result in answers:
+        assert_same_rows(result, alone[i])
+        assert result.num_rows == requests[i]["k"]
     assert serving(warm_server, name)["from"] == "memory"
 
 

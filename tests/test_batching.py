@@ -1,0 +1,48 @@
+"""The group commit of concurrent calls (``flight_lakehouse.batching``) with real threads: concurrent
+callers share batches, each gets its own result, a failing batch fails only its own callers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from flight_lakehouse.batching import Coalescer
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_results() -> None:
+    batches: list[list[int]] = []
+
+    def square_slowly(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        time.sleep(0.005)  # long enough for the other callers to queue up
+        return [item * item for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(square_slowly)
+    start = threading.Barrier(8)
+
+    def caller(first: int) -> list[tuple[int, int]]:
+        start.wait()
+        return [(item, coalescer.submit(item)) for item in range(first, 400, 8)]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [answer for part in pool.map(caller, range(8)) for answer in part]
+    assert sorted(answers) == [(item, item * item) for item in range(400)]
+    assert sorted(item for batch in batches for item in batch) == list(range(400)), "each item ran once"
+    assert max(len(batch) for batch in batches) > 1, "concurrent callers never shared a batch"
+    assert len(batches) < 400
+
+
+def test_a_failing_batch_fails_its_callers_and_the_next_batch_runs() -> None:
+    def refuse_negative(items: Sequence[int]) -> list[int]:
+        if any(item < 0 for item in items):
+            raise ValueError("negative item")
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(refuse_negative)
+    with pytest.raises(ValueError, match="negative item"):
+        coalescer.submit(-1)
+    assert coalescer.submit(5) == 5
