@@ -36,19 +36,21 @@ class Coalescer(Generic[T, R]):
     caller of that batch gets the exception.
     """
 
-    def __init__(self, run_batch: Callable[[Sequence[T]], Sequence[R]]) -> None:
+    def __init__(self, run_batch: Callable[[Sequence[T]], Sequence[R]], runners: int = 1) -> None:
         self._run_batch = run_batch
+        self._runners = runners
         self._guard = threading.Lock()
         self._queue: list[_Call[T, R]] = []
-        self._running = False
+        self._running = 0
 
     def submit(self, item: T) -> R:
         """The result of ``item``, computed in a batch with the items of concurrent callers."""
         call: _Call[T, R] = _Call(item)
         with self._guard:
             self._queue.append(call)
-            leads = not self._running
-            self._running = True
+            leads = self._running < self._runners
+            if leads:
+                self._running += 1
         if not leads:
             call.done.wait()
             leads = call.leads
@@ -74,6 +76,6 @@ class Coalescer(Generic[T, R]):
                 successor.leads = True
                 successor.done.set()
             else:
-                self._running = False
+                self._running -= 1
         for call in batch:
             call.done.set()

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 #: One single-vector search waiting to be answered from memory: its plan and its query vector.
 OneQuery = tuple["SearchPlan", np.ndarray]
+#: In-memory search batches run at once: while one waits for the GIL, the other's graph search runs
+#: (10 clients on 2 cores: 1 batch ~850 q/s, 2 batches ~970, 3 no better).
+BATCHES_AT_ONCE = 2
 #: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
 MAX_EXCHANGE_ROWS = 1_000_000
 DISTANCE = "_distance"
@@ -211,7 +214,8 @@ class VectorSearch:
             name = plan.request.dataset
             coalescer = self._coalescers.get(name)
             if coalescer is None:
-                coalescer = self._coalescers.setdefault(name, Coalescer(self._batch_from_memory))
+                coalescer = Coalescer(self._batch_from_memory, BATCHES_AT_ONCE)
+                coalescer = self._coalescers.setdefault(name, coalescer)
             return coalescer.submit((plan, vector))
         in_memory = self._from_memory(plan, vector.reshape(1, -1))
         return None if in_memory is None else in_memory[0].cast(plan.result_schema)
