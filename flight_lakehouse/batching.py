@@ -6,7 +6,8 @@ threads; one batch of ten does the same work once, and the graph search spreads 
 
 There is no batching thread and no waiting for a batch to fill: the first caller runs its own call at
 once (a batch of one); callers arriving meanwhile queue, and when the batch ends the first of them is
-woken to run the whole queue as the next batch, while the others sleep until their result is set.
+woken to run the whole queue as the next batch, while the others sleep until their result is set. Up
+to ``runners`` batches run at once (a caller finding fewer running starts one at once).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class _Call(Generic[T, R]):
 
 
 class Coalescer(Generic[T, R]):
-    """Runs ``run_batch`` over the items of concurrent :meth:`submit` calls, one batch at a time.
+    """Runs ``run_batch`` over the items of concurrent :meth:`submit` calls, at most ``runners``
+    batches at a time.
 
     ``run_batch`` gets the items in arrival order and returns one result per item; if it raises, every
     caller of that batch gets the exception.
