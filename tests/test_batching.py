@@ -46,3 +46,30 @@ def test_a_failing_batch_fails_its_callers_and_the_next_batch_runs() -> None:
     with pytest.raises(ValueError, match="negative item"):
         coalescer.submit(-1)
     assert coalescer.submit(5) == 5
+
+
+def test_at_most_runners_batches_run_at_once() -> None:
+    running, most = 0, 0
+    guard = threading.Lock()
+
+    def count_overlap(items: Sequence[int]) -> list[int]:
+        nonlocal running, most
+        with guard:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.003)
+        with guard:
+            running -= 1
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(count_overlap, runners=2)
+    start = threading.Barrier(8)
+
+    def caller(first: int) -> list[int]:
+        start.wait()
+        return [coalescer.submit(item) for item in range(first, 200, 8)]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = sorted(answer for part in pool.map(caller, range(8)) for answer in part)
+    assert answers == list(range(200))
+    assert most == 2, f"{most} batches ran at once with runners=2"
