@@ -34,11 +34,14 @@ class Coalescer(Generic[T, R]):
     """Runs ``run_batch`` over the items of concurrent :meth:`submit` calls, at most ``runners``
     batches at a time.
 
-    ``run_batch`` gets the items in arrival order and returns one result per item; if it raises, every
-    caller of that batch gets the exception.
+    ``run_batch`` gets the items in arrival order and returns one result per item; a result that is an
+    exception is raised to its caller alone, and if ``run_batch`` raises, every caller of that batch
+    gets the exception.
     """
 
-    def __init__(self, run_batch: Callable[[Sequence[T]], Sequence[R]], runners: int = 1) -> None:
+    def __init__(
+        self, run_batch: Callable[[Sequence[T]], Sequence[R | BaseException]], runners: int = 1
+    ) -> None:
         self._run_batch = run_batch
         self._runners = runners
         self._guard = threading.Lock()
@@ -68,7 +71,10 @@ class Coalescer(Generic[T, R]):
         try:
             results = self._run_batch([call.item for call in batch])
             for call, result in zip(batch, results, strict=True):
-                call.result = result
+                if isinstance(result, BaseException):
+                    call.error = result
+                else:
+                    call.result = result
         except BaseException as exc:  # every caller of the batch learns why
             for call in batch:
                 call.error = exc

@@ -7,6 +7,7 @@ ticket and DoExchange all go through :meth:`VectorSearch.plan`.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ class VectorSearch:
         self.cache = cache
         self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._parser_guard = threading.Lock()
-        self._coalescers: dict[str, Coalescer[OneQuery, pa.Table | None]] = {}
+        self._coalescers: dict[str, Coalescer[OneQuery, pa.Table]] = {}
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self, request: SearchRequest, exchange: bool = False) -> SearchPlan:
@@ -167,10 +168,7 @@ class VectorSearch:
                 .rerank(RRFReranker(return_score="relevance"))
             )
         else:
-            in_memory = self._one_from_memory(plan, vector)
-            if in_memory is not None:
-                return in_memory
-            builder = plan.table.search(vector, vector_column_name=plan.vector_column)
+            return self._nearest(plan, vector)
         return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
 
     def exchange(self, plan: SearchPlan, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -205,37 +203,64 @@ class VectorSearch:
         result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
         yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
 
-    def _one_from_memory(self, plan: SearchPlan, vector: np.ndarray) -> pa.Table | None:
-        """The result of one query vector from the in-memory graph, if it can serve.
+    def _nearest(self, plan: SearchPlan, vector: np.ndarray) -> pa.Table:
+        """The k nearest rows of one query vector.
 
-        Without a filter, concurrent searches of a table are answered together (see ``batching``).
+        Concurrent searches of a table are answered together (see ``batching``): from the in-memory
+        graph when it serves the table, otherwise one multi-vector Lance query per distinct set of
+        parameters. A filtered search the graph serves is answered at once (its filter gives the
+        allowed rows of that search alone).
         """
-        if plan.request.filter is None:
-            name = plan.request.dataset
-            coalescer = self._coalescers.get(name)
-            if coalescer is None:
-                coalescer = Coalescer(self._batch_from_memory, BATCHES_AT_ONCE)
-                coalescer = self._coalescers.setdefault(name, coalescer)
-            return coalescer.submit((plan, vector))
-        in_memory = self._from_memory(plan, vector.reshape(1, -1))
-        return None if in_memory is None else in_memory[0].cast(plan.result_schema)
+        if plan.request.filter is not None:
+            in_memory = self._from_memory(plan, vector.reshape(1, -1))
+            if in_memory is not None:
+                return in_memory[0].cast(plan.result_schema)
+        name = plan.request.dataset
+        coalescer = self._coalescers.get(name)
+        if coalescer is None:
+            coalescer = self._coalescers.setdefault(name, Coalescer(self._nearest_batch, BATCHES_AT_ONCE))
+        return coalescer.submit((plan, vector))
 
-    def _batch_from_memory(self, queries: Sequence[OneQuery]) -> list[pa.Table | None]:
-        """The results of unfiltered searches of one table, one graph search per distinct (k, ef)."""
-        results: list[pa.Table | None] = [None] * len(queries)
+    def _nearest_batch(self, queries: Sequence[OneQuery]) -> list[pa.Table | BaseException]:
+        """The results of concurrent searches of one table: one graph search per distinct (k, ef) for
+        those the graph serves, one Lance query per distinct request (the vector aside) for the others.
+        A failing Lance query fails only the searches it answers."""
+        results: list[pa.Table | BaseException] = [ValueError("not searched")] * len(queries)
         served = self.cache.served(queries[0][0].request.dataset)
-        if served is None:
-            return results
-        groups: dict[tuple[int, int | None], list[int]] = {}
+        from_memory: dict[tuple[int, int | None], list[int]] = {}
+        from_lance: dict[str, list[int]] = {}
         for index, (plan, _) in enumerate(queries):
-            if plan.metric == served.metric and plan.vector_column == served.vector_column:
-                groups.setdefault((plan.request.k, plan.request.ef), []).append(index)
-        for (k, ef), members in groups.items():
+            if served is not None and plan.request.filter is None and self._serves(served, plan):
+                from_memory.setdefault((plan.request.k, plan.request.ef), []).append(index)
+            else:
+                from_lance.setdefault(plan.request.model_dump_json(exclude={"vector"}), []).append(index)
+        for (k, ef), members in from_memory.items():
+            assert served is not None
             slots, distances = served.search(np.stack([queries[i][1] for i in members]), k, None, ef)
             plans = [queries[i][0] for i in members]
             for index, table in zip(members, result_tables(served, plans, slots, distances), strict=True):
                 results[index] = table
+        for members in from_lance.values():
+            plan = queries[members[0]][0]
+            try:
+                tables = self._nearest_from_lance(plan, np.stack([queries[i][1] for i in members]))
+            except Exception as exc:  # e.g. a filter Lance refuses: those searches fail, not the batch
+                tables = [exc] * len(members)
+            for index, table in zip(members, tables, strict=True):
+                results[index] = table
         return results
+
+    def _nearest_from_lance(self, plan: SearchPlan, matrix: np.ndarray) -> list[pa.Table]:
+        """One table per query vector (rows of ``matrix``) from one Lance query with ``plan``'s parameters."""
+        if len(matrix) == 1:
+            builder = plan.table.search(matrix[0], vector_column_name=plan.vector_column)
+            return [self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)]
+        builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
+        result = self._run(plan, builder).sort_by([("query_index", "ascending"), (DISTANCE, "ascending")])
+        owners = result.column("query_index").to_numpy()
+        bounds = np.searchsorted(owners, np.arange(len(matrix) + 1))
+        rows = result.select(plan.result_schema.names).cast(plan.result_schema)
+        return [rows.slice(start, stop - start) for start, stop in itertools.pairwise(bounds)]
 
     def _from_memory(self, plan: SearchPlan, queries: np.ndarray) -> tuple[pa.Table, np.ndarray] | None:
         """The result rows (and the query each answers) from the in-memory graph, if it can serve."""
@@ -258,9 +283,12 @@ class VectorSearch:
         if plan.request.text is not None:
             return None
         served = self.cache.served(plan.request.dataset)
-        if served is None or served.metric != plan.metric or served.vector_column != plan.vector_column:
-            return None
-        return served
+        return served if served is not None and self._serves(served, plan) else None
+
+    @staticmethod
+    def _serves(served: ServedTable, plan: SearchPlan) -> bool:
+        """Whether the in-memory copy answers ``plan`` (its metric and vector column)."""
+        return served.metric == plan.metric and served.vector_column == plan.vector_column
 
     def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
         request = plan.request

@@ -6,8 +6,11 @@ The slow cases share one server on a local root; the restart case runs on both r
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -150,6 +153,52 @@ def test_ivf_pq_recall(local: ServerProcess, pq_dataset: str) -> None:
         )
     assert exact == 10, "refine_factor gives exact distances"
     assert approximate >= 5, "without refinement the distances are PQ approximations (index in use)"
+
+
+def test_concurrent_lance_searches_each_get_their_own_rows(local: ServerProcess, pq_dataset: str) -> None:
+    """16 clients searching the ivf_pq table at once (concurrent searches with the same parameters are
+    answered by one multi-vector Lance query): every client gets the rows its search alone gives, and a
+    filter Lance refuses fails only the searches that sent it."""
+    selections = [["id"], ["id", "vec"]]
+    filters = [None, "id % 2 = 0", "no_such_column > 1"]
+    requests = [
+        {
+            "dataset": pq_dataset,
+            "vector": QUERIES[i % QUERY_COUNT].tolist(),
+            "k": (5, K)[i % 2],
+            "columns": selections[i // 2 % 2],
+            **({"filter": filters[i % 3]} if filters[i % 3] else {}),
+            **PQ_SEARCH,
+        }
+        for i in range(60)
+    ]
+    refused = {i for i, request in enumerate(requests) if request.get("filter") == filters[2]}
+    alone = {i: search(local, request) for i, request in enumerate(requests) if i not in refused}
+    start = threading.Barrier(16)
+
+    def client(first: int) -> list[tuple[int, pa.Table | Exception]]:
+        connection = flight.FlightClient(local.location)
+        start.wait()
+        got: list[tuple[int, pa.Table | Exception]] = []
+        for i in range(first, len(requests), 16):
+            ticket = flight.Ticket(json.dumps({"search": requests[i]}).encode())
+            try:
+                got.append((i, connection.do_get(ticket).read_all()))
+            except pa.ArrowException as exc:  # INVALID_ARGUMENT arrives as ArrowInvalid
+                got.append((i, exc))
+        return got
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = dict(answer for part in pool.map(client, range(16)) for answer in part)
+    assert len(answers) == len(requests)
+    for i, answer in answers.items():
+        if i in refused:
+            assert isinstance(answer, pa.ArrowInvalid), answer
+            assert "no_such_column" in str(answer), answer
+        else:
+            assert isinstance(answer, pa.Table), answer
+            assert_same_rows(answer, alone[i])
+            assert answer.num_rows == requests[i]["k"]
 
 
 def test_ivf_hnsw_sq_recall(local: ServerProcess, hnsw_dataset: str) -> None:
