@@ -73,3 +73,26 @@ def test_at_most_runners_batches_run_at_once() -> None:
         answers = sorted(answer for part in pool.map(caller, range(8)) for answer in part)
     assert answers == list(range(200))
     assert most == 2, f"{most} batches ran at once with runners=2"
+
+
+def test_an_exception_result_is_raised_to_its_caller_alone() -> None:
+    def refuse_odd(items: Sequence[int]) -> list[int | BaseException]:
+        return [ValueError(f"odd {item}") if item % 2 else item for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(refuse_odd)
+    start = threading.Barrier(4)
+
+    def caller(first: int) -> list[int | str]:
+        start.wait()
+        answers: list[int | str] = []
+        for item in range(first, 40, 4):
+            try:
+                answers.append(coalescer.submit(item))
+            except ValueError as exc:
+                answers.append(str(exc))
+        return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = [answer for part in pool.map(caller, range(4)) for answer in part]
+    assert sorted(a for a in answers if isinstance(a, int)) == list(range(0, 40, 2))
+    assert sorted(a for a in answers if isinstance(a, str)) == sorted(f"odd {i}" for i in range(1, 40, 2))
