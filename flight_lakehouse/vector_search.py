@@ -31,10 +31,10 @@ if TYPE_CHECKING:
     from lancedb.query import LanceQueryBuilder
     from lancedb.table import LanceTable
 
-#: One single-vector search waiting to be answered from memory: its plan and its query vector.
+#: One single-vector search waiting in a batch: its plan and its query vector.
 OneQuery = tuple["SearchPlan", np.ndarray]
-#: In-memory search batches run at once: while one waits for the GIL, the other's graph search runs
-#: (10 clients on 2 cores: 1 batch ~850 q/s, 2 batches ~970, 3 no better).
+#: Search batches of one table run at once: while one waits for the GIL, the other's graph search runs
+#: (in memory, 10 clients on 2 cores: 1 batch ~850 q/s, 2 batches ~970, 3 no better).
 BATCHES_AT_ONCE = 2
 #: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
 MAX_EXCHANGE_ROWS = 1_000_000
