@@ -11,7 +11,9 @@ overwrite) is tombstoned whole. A rebuild folds tombstones in.
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +34,8 @@ EXACT_SHARE = 0.02
 #: Graph candidates per result row, re-ranked exactly with the original vectors.
 REFINE = 4
 RERANK_QUERIES = 32
+#: Batches of at least this many queries spread their graph search over OpenMP threads.
+PARALLEL_QUERIES = 64
 DEFAULT_EF = 64
 TRAINING_ROWS = 20_000  # sample the quantiser's ranges are learnt from
 ADD_BATCH_ROWS = 8192
@@ -272,6 +276,10 @@ class ServedTable:
         if count < self.size:
             bitmap = np.packbits(mask, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bitmap))
+        # OpenMP threads only for large batches (DoExchange): for a few queries, waking the other
+        # threads costs more than it saves, and concurrent searches already run two batches at once
+        # (1 client: 2.1 -> 1.5-1.7 ms of server CPU per query; 10 clients: no worse)
+        faiss.omp_set_num_threads(search_threads() if len(queries) >= PARALLEL_QUERIES else 1)
         _, candidates = self.graph.search(self._graph_form(queries), wanted, params=params)
         del bitmap  # the selector points into it: alive until the search has returned
         return candidates
@@ -404,6 +412,14 @@ class ServedTable:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
+
+
+@functools.cache
+def search_threads() -> int:
+    """OpenMP threads a large batched graph search uses: ``OMP_NUM_THREADS``, else one per CPU (as
+    OpenMP's own default; read here because the calling thread's OpenMP setting may have been lowered)."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
 
 
 def offsets_of(addresses: pa.ChunkedArray | pa.Array) -> np.ndarray:
