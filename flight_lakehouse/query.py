@@ -13,6 +13,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -140,9 +141,13 @@ class RunningQuery:
     database: SnapshotDatabase
     cursor: duckdb.DuckDBPyConnection
     deadline: float
+    #: Asks the query's Flight call whether the client went away; valid only while the call runs, so it
+    #: is asked by the watchdog only until the call hands its stream over, then by the stream itself.
     is_cancelled: Callable[[], bool]
     stop_reason: str | None = None
     key: int = field(default=0)
+    starting: bool = True  # the call is still inside DoGet (the watchdog may ask is_cancelled)
+    finished: bool = False
 
 
 class Watchdog:
@@ -168,11 +173,18 @@ class Watchdog:
         with self._guard:
             self._queries.pop(query.key, None)
 
+    def streaming(self, query: RunningQuery) -> None:
+        """The query's call is about to hand its stream over: from now on only its deadline is watched
+        here (the stream checks for cancellation itself, on the call's own thread)."""
+        with self._guard:
+            query.starting = False
+
     def _run(self) -> None:
         while True:
             time.sleep(self._interval)
-            # Checked under the guard: a query is forgotten (under the guard) before its call's context
-            # is destroyed, and asking a destroyed context whether it is cancelled would crash.
+            # Checked under the guard: a call's context is asked only while the call is inside DoGet
+            # (``starting``, cleared under the guard before DoGet returns); asking a destroyed context
+            # whether it is cancelled would crash.
             with self._guard:
                 now = time.monotonic()
                 for query in self._queries.values():
@@ -182,7 +194,7 @@ class Watchdog:
     @staticmethod
     def _check(query: RunningQuery, now: float) -> None:
         try:
-            if query.is_cancelled():
+            if query.starting and query.is_cancelled():
                 query.stop_reason = "cancelled"
             elif now > query.deadline:
                 query.stop_reason = "timeout"
@@ -226,9 +238,16 @@ class Prefetcher:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[pa.RecordBatch]:
+    def batches(self, is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
+        """The batches in order; while waiting for one, ``is_cancelled`` is asked every 50 ms and a
+        cancelled call raises :class:`Cancelled`."""
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if is_cancelled():
+                    raise Cancelled("the client cancelled the query") from None
+                continue
             if item is self._END:
                 return
             if isinstance(item, BaseException):
@@ -248,8 +267,6 @@ class CallHooks:
     """What a query needs of the Flight call that runs it."""
 
     is_cancelled: Callable[[], bool]
-    #: Registers a callback to run when the call ends (before its context is destroyed).
-    on_end: Callable[[Callable[[], None]], None]
 
 
 @dataclass
@@ -348,14 +365,17 @@ class QueryEngine:
         deadline = time.monotonic() + self.settings.query_timeout_seconds
         query = RunningQuery(database, cursor, deadline, call.is_cancelled)
         self._watchdog.watch(query)
-        call.on_end(lambda: self._watchdog.forget(query))
         try:
             self._prepare(cursor, database, check_select(cursor, sql, database.names))
             reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None
-        return QueryStream(reader.schema, self._batches(reader, query))
+        self._watchdog.streaming(query)
+        batches = self._batches(reader, query)
+        # a stream dropped before its first batch never runs its ``finally``: finish when it is freed
+        weakref.finalize(batches, self._finish, query)
+        return QueryStream(reader.schema, batches)
 
     def _prepare(
         self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
@@ -374,7 +394,7 @@ class QueryEngine:
     def _batches(self, reader: pa.RecordBatchReader, query: RunningQuery) -> Iterator[pa.RecordBatch]:
         prefetch = Prefetcher(reader)
         try:
-            yield from prefetch
+            yield from prefetch.batches(query.is_cancelled)
         except GeneratorExit:
             query.stop_reason = query.stop_reason or "cancelled"
             raise
@@ -385,7 +405,11 @@ class QueryEngine:
             self._finish(query)
 
     def _finish(self, query: RunningQuery) -> None:
+        """Stop watching ``query`` and close its cursor (once; later calls do nothing)."""
         self._watchdog.forget(query)
+        if query.finished:
+            return
+        query.finished = True
         try:
             query.cursor.close()
         except duckdb.Error:

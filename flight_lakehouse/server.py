@@ -92,31 +92,9 @@ def decode_request(raw: bytes, what: str) -> Request:
     )
 
 
-CALL_END = "call_end"
-
-
-class CallEnd(flight.ServerMiddleware):
-    """Runs registered callbacks when its call completes, while the call's context is still alive."""
-
-    def __init__(self) -> None:
-        self.callbacks: list[Callable[[], None]] = []
-
-    def call_completed(self, exception: BaseException | None) -> None:
-        for callback in self.callbacks:
-            callback()
-
-
-class CallEndFactory(flight.ServerMiddlewareFactory):
-    """Gives every call a :class:`CallEnd`."""
-
-    def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> CallEnd:
-        return CallEnd()
-
-
 def call_hooks(context: flight.ServerCallContext) -> CallHooks:
-    """The cancellation check and end-of-call hook of a Flight call."""
-    call_end: CallEnd = context.get_middleware(CALL_END)
-    return CallHooks(is_cancelled=context.is_cancelled, on_end=call_end.callbacks.append)
+    """What a query needs of its Flight call: the cancellation check."""
+    return CallHooks(is_cancelled=context.is_cancelled)
 
 
 class LakehouseServer(flight.FlightServerBase):
@@ -166,8 +144,7 @@ class LakehouseServer(flight.FlightServerBase):
                 Optimize, "Compact a Lance table, update its indexes, remove old versions.", self.optimize
             ),
         }
-        middleware = {CALL_END: CallEndFactory(), **server_options.pop("middleware", {})}
-        super().__init__(settings.location, middleware=middleware, **server_options)
+        super().__init__(settings.location, **server_options)
 
     # -- actions ---------------------------------------------------------------------------------
     def health(self, _: EmptyBody) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import pytest
 from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, root_forms, root_listing, running_server
 
 HEAVY_SQL = "select count(*) from range(10000000000) a, range(1000) b"
+#: Its first batch (128k rows) comes at once, the next one only after hours of md5.
+SLOW_SECOND_BATCH_SQL = "select i from range(100000000000) t(i) where i < 200000 or md5(i::varchar) = 'x'"
 SMALL = pa.table({"x": [1, 2, 3]})
 BAD_NAMES = ["", "..", "a/b", "../x", 'a"b', "a'b", "a b", "a\x00b", "a" * 129, "1abc", "café", "abc\n"]
 FLIGHT_SQL_COMMAND = (
@@ -283,15 +285,17 @@ def test_query_timeout(start_server: Callable[..., ServerProcess]) -> None:
     assert server.sql("select 42 as x").to_pylist() == [{"x": 42}]
 
 
-def test_client_deadline_stops_server_work(server: ServerProcess) -> None:
-    """When the client's deadline cancels a heavy query, the server stops working on it."""
+@pytest.mark.parametrize("sql", [HEAVY_SQL, SLOW_SECOND_BATCH_SQL], ids=["before_first_batch", "mid_stream"])
+def test_client_deadline_stops_server_work(server: ServerProcess, sql: str) -> None:
+    """When the client's deadline cancels a heavy query, the server stops working on it: while DoGet
+    is still computing the first batch, and while the stream waits for a later one."""
     process = psutil.Process(server.pid)
     errors: list[BaseException] = []
 
     def run() -> None:
         options = flight.FlightCallOptions(timeout=2.5)
         try:
-            server.client.do_get(flight.Ticket(json.dumps({"sql": HEAVY_SQL}).encode()), options).read_all()
+            server.client.do_get(flight.Ticket(json.dumps({"sql": sql}).encode()), options).read_all()
         except BaseException as exc:
             errors.append(exc)
 
