@@ -49,7 +49,7 @@ def exact_distances(metric: str, vectors: np.ndarray, queries: np.ndarray) -> np
     (``(queries, candidates, dimension)``: each query against its own candidates). Computed in float64
     (an exact match has distance 0, not the float32 rounding of |q|^2 - 2q.x + |x|^2).
     """
-    queries, vectors = queries.astype(np.float64), vectors.astype(np.float64)
+    queries, vectors = np.asarray(queries, dtype=np.float64), np.asarray(vectors, dtype=np.float64)
     per_query = vectors.ndim == 3
     dots = np.einsum("qcd,qd->qc", vectors, queries) if per_query else queries @ vectors.T
     if metric == "dot":
@@ -260,10 +260,19 @@ class ServedTable:
                 mask = mask & allowed[: self.size]
                 count = int(mask.sum())
             if count <= max(EXACT_ROWS, EXACT_SHARE * self.size):
-                slots = np.flatnonzero(mask)
-                return top_k(exact_distances(self.metric, self.vectors[slots], queries), slots, k)
+                return self._exact_scan(queries, np.flatnonzero(mask), k)
             candidates = self._candidates(queries, min(count, REFINE * k), mask, count, ef)
             return self._rerank(queries, candidates, k)
+
+    def _exact_scan(self, queries: np.ndarray, slots: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest of ``slots`` for each query, by exact distance; ``RERANK_QUERIES`` queries at a
+        time, so that a large batch never holds a distance for every (query, slot) pair at once."""
+        vectors = self.vectors[slots].astype(np.float64)
+        parts = [
+            top_k(exact_distances(self.metric, vectors, queries[start : start + RERANK_QUERIES]), slots, k)
+            for start in range(0, max(len(queries), 1), RERANK_QUERIES)
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _candidates(
         self, queries: np.ndarray, wanted: int, mask: np.ndarray, count: int, ef: int | None
