@@ -377,24 +377,48 @@ def render(results: Results, source: Source, repeats: int) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------
+def env_pair(text: str) -> tuple[str, str]:
+    """One ``--env KEY=VALUE`` argument."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env takes KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_work_arguments(parser: argparse.ArgumentParser, env_example: str = "") -> None:
+    """``--root`` (the work directory) and ``--env KEY=VALUE`` (the server's extra environment)."""
+    parser.add_argument("--root", type=Path, default=None, help="work directory (default: a temp dir)")
+    example = f", {env_example}" if env_example else ""
+    parser.add_argument(
+        "--env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"extra server environment{example} (repeatable)",
+    )
+
+
+def print_report(args: argparse.Namespace, prefix: str, report: Callable[[Path, dict[str, str]], str]) -> int:
+    """Print ``report(work directory, server environment)``: in ``--root``, else in a temp directory."""
+    env = dict(args.env)
+    if args.root is not None:
+        print(report(args.root, env))
+        return 0
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        print(report(Path(work), env))
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000, help="rows to generate (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement (default %(default)s)")
-    parser.add_argument("--root", type=Path, default=None, help="work directory (default: a temp dir)")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra server environment, e.g. LAKEHOUSE_QUERY_THREADS=2 (repeatable)",
-    )
+    add_work_arguments(parser, "e.g. LAKEHOUSE_QUERY_THREADS=2")
     args = parser.parse_args(argv)
     if args.rows <= 0 or args.repeats <= 0:
         parser.error("--rows and --repeats must be > 0")
-    if any("=" not in item for item in args.env):
-        parser.error("--env takes KEY=VALUE")
     return args
 
 
@@ -423,13 +447,7 @@ def run(work: Path, rows: int, repeats: int, env: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: print the markdown table on stdout."""
     args = parse_args(argv)
-    env = dict(item.split("=", 1) for item in args.env)
-    if args.root is not None:
-        print(run(args.root, args.rows, args.repeats, env))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="bench-core-") as work:
-        print(run(Path(work), args.rows, args.repeats, env))
-    return 0
+    return print_report(args, "bench-core-", lambda work, env: run(work, args.rows, args.repeats, env))
 
 
 if __name__ == "__main__":

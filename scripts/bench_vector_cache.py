@@ -47,7 +47,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -62,7 +61,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import RssSampler, median, spread
+from bench_core import RssSampler, add_work_arguments, median, print_report, spread
 from bench_vectors import (
     CANDIDATES,
     DATASET,
@@ -766,14 +765,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lance-batches", action="store_true", help="also time lancedb multi-vector batch searches"
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
-    parser.add_argument("--root", type=Path, default=None, help="work directory (default: a temp dir)")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra server environment (repeatable)",
-    )
+    add_work_arguments(parser)
     parser.add_argument("--serve-bare", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     counts = (args.rows, args.dim, args.clusters, args.rounds, args.queries, args.exchange_queries)
@@ -781,8 +773,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("counts must be > 0")
     if args.clusters > args.rows or args.k > args.rows:
         parser.error("--clusters and --k must not exceed --rows")
-    if any("=" not in item for item in args.env):
-        parser.error("--env takes KEY=VALUE")
     return args
 
 
@@ -811,13 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare is not None:
         return serve_bare(args.serve_bare)
-    env = dict(item.split("=", 1) for item in args.env)
-    if args.root is not None:
-        print(run(args.root, plan_of(args), env))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="bench-vector-cache-") as work:
-        print(run(Path(work), plan_of(args), env))
-    return 0
+    return print_report(args, "bench-vector-cache-", lambda work, env: run(work, plan_of(args), env))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +49,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import RssSampler, median, spread, stop_process
+from bench_core import RssSampler, add_work_arguments, median, print_report, spread, stop_process
 
 READY = re.compile(r"ready at (grpc://127\.0\.0\.1:\d+)")
 LANCE_WARNING = re.compile(r"\bWARN\s+(\S+)\]\s*(.{0,90})")
@@ -782,22 +781,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="index kinds, in order"
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
-    parser.add_argument("--root", type=Path, default=None, help="work directory (default: a temp dir)")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra server environment (repeatable)",
-    )
+    add_work_arguments(parser)
     args = parser.parse_args(argv)
     counts = (args.rows, args.dim, args.clusters, args.rounds, args.queries, args.recall_queries)
     if min(*counts, args.exchange_queries, args.concurrency, args.k) <= 0:
         parser.error("counts must be > 0")
     if args.clusters > args.rows or args.k > args.rows:
         parser.error("--clusters and --k must not exceed --rows")
-    if any("=" not in item for item in args.env):
-        parser.error("--env takes KEY=VALUE")
     return args
 
 
@@ -848,13 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds=tuple(args.kinds),
         seed=args.seed,
     )
-    env = dict(item.split("=", 1) for item in args.env)
-    if args.root is not None:
-        print(run(args.root, plan, env))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="bench-vectors-") as work:
-        print(run(Path(work), plan, env))
-    return 0
+    return print_report(args, "bench-vectors-", lambda work, env: run(work, plan, env))
 
 
 if __name__ == "__main__":
