@@ -10,16 +10,21 @@ import abc
 import contextlib
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import duckdb
 import pyarrow.fs as pafs
 
 from flight_lakehouse.settings import Settings, SettingsError
+
+#: Chunk of the copies between a local temporary file and an object.
+COPY_BYTES = 8 << 20
 
 
 class Storage(abc.ABC):
@@ -55,15 +60,27 @@ class Storage(abc.ABC):
         """A writable stream for a new object at ``uri``."""
         return self.filesystem.open_output_stream(self.fs_path(uri))
 
-    def write_atomically(self, uri: str, data: bytes) -> None:
-        """Write one object whole: readers see the old object or the new one, never a part."""
-        with self.open_output(uri) as out:  # S3 makes an object visible only when its upload completes
-            out.write(data)
+    def write_atomically(self, uri: str, write: Callable[[IO[bytes]], None]) -> None:
+        """Write one object whole with ``write(file)``: readers see the old object or the new one, never
+        a part. Here: ``write`` fills a local temporary file (a failure uploads nothing), then one
+        upload (an object store makes an object visible only when its upload completes)."""
+        with tempfile.TemporaryFile(prefix="lakehouse-upload-") as local:
+            write(local)
+            local.seek(0)
+            with self.open_output(uri) as out:
+                shutil.copyfileobj(local, out, COPY_BYTES)
 
-    def read_bytes(self, uri: str) -> bytes:
-        """The content of one object."""
-        with self.filesystem.open_input_stream(self.fs_path(uri)) as stream:
-            return stream.read()
+    @contextlib.contextmanager
+    def open_local(self, uri: str) -> Iterator[IO[bytes]]:
+        """A local, seekable file with the content of one object (here: downloaded to a temporary
+        file). ``FileNotFoundError`` when there is no such object."""
+        with (
+            tempfile.TemporaryFile(prefix="lakehouse-download-") as local,
+            self.filesystem.open_input_stream(self.fs_path(uri)) as stream,
+        ):
+            shutil.copyfileobj(stream, local, COPY_BYTES)
+            local.seek(0)
+            yield local
 
     def delete_files(self, uris: Iterable[str]) -> None:
         """Delete files, ignoring those already gone."""
@@ -124,14 +141,23 @@ class LocalStorage(Storage):
     def default_catalog_uri(self) -> str:
         return f"sqlite:///{self.root_uri}/catalog.db"
 
-    def write_atomically(self, uri: str, data: bytes) -> None:
-        """Write a temporary file beside ``uri``, then rename it over ``uri`` (atomic on one file system)."""
-        temporary = f"{uri}.{uuid.uuid4().hex}.tmp"
-        super().write_atomically(temporary, data)
+    @contextlib.contextmanager
+    def open_local(self, uri: str) -> Iterator[IO[bytes]]:
+        """The file itself."""
+        with open(self.fs_path(uri), "rb") as file:
+            yield file
+
+    def write_atomically(self, uri: str, write: Callable[[IO[bytes]], None]) -> None:
+        """Write a temporary file beside ``uri`` with ``write(file)``, then rename it over ``uri`` (atomic
+        on one file system)."""
+        temporary = self.fs_path(f"{uri}.{uuid.uuid4().hex}.tmp")
+        os.makedirs(posixpath.dirname(temporary), exist_ok=True)
         try:
-            os.replace(self.fs_path(temporary), self.fs_path(uri))
-        except OSError:
-            self.delete_files([temporary])
+            with open(temporary, "wb") as file:
+                write(file)
+            os.replace(temporary, self.fs_path(uri))
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
             raise
         target = Path(self.fs_path(uri))
         for leftover in target.parent.glob(f"{target.name}.*.tmp"):  # from writers killed mid-write

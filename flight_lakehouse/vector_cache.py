@@ -11,7 +11,6 @@ version, so a restart loads it and catches up instead of rebuilding.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -27,11 +26,12 @@ from flight_lakehouse.errors import NotFound
 from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vector_memory import (
-    TRAINING_ROWS,
     GraphSettings,
     ServedTable,
     estimated_bytes,
-    vector_matrix,
+    fragment_batches,
+    read_saved,
+    training_sample,
 )
 from flight_lakehouse.vectors import VectorTables, table_metric, vector_columns
 
@@ -121,7 +121,11 @@ class VectorCache:
             facts["detail"] = entry.detail
         if served is not None:
             facts.update(
-                bytes=served.nbytes, version=served.version, rows=served.live, tombstones=served.tombstones
+                bytes=served.nbytes,
+                vector_file_bytes=served.vectors.nbytes,
+                version=served.version,
+                rows=served.live,
+                tombstones=served.tombstones,
             )
         elif entry.estimate:
             facts["estimated_bytes"] = entry.estimate
@@ -246,8 +250,7 @@ class VectorCache:
         served = ServedTable.empty(name, schema, column, table_metric(schema), self.graph_settings)
         rows = dataset.count_rows()
         if rows:
-            sample = dataset.sample(min(rows, TRAINING_ROWS), columns=[column])
-            served.train(vector_matrix(sample.column(column), served.dimension))
+            served.train(training_sample(dataset, column, served.dimension))
         served.catch_up(dataset)
         served.trained_rows = served.size  # grown 4x past this, a rebuild retrains
         log.info("%s in memory: %d rows in %.1f s", name, served.size, time.monotonic() - started)
@@ -260,15 +263,16 @@ class VectorCache:
 
     def _save(self, served: ServedTable) -> None:
         try:
-            self.tables.storage.write_atomically(self.graph_uri(served.name), served.to_bytes())
+            self.tables.storage.write_atomically(self.graph_uri(served.name), served.save)
         except OSError as exc:  # serving goes on; the next start rebuilds
             log.warning("could not save the graph of %s: %s", served.name, exc)
 
     def _load(self, name: str, latest: lance.LanceDataset) -> ServedTable | None:
         """The saved graph of ``name`` with its rows re-read from Lance at the graph's version, if usable."""
         try:
-            saved = np.load(io.BytesIO(self.tables.storage.read_bytes(self.graph_uri(name))))
-        except (OSError, ValueError, zipfile.BadZipFile):  # missing or damaged: rebuild
+            with self.tables.storage.open_local(self.graph_uri(name)) as file:
+                saved = read_saved(file)
+        except (OSError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile):  # missing, damaged: rebuild
             return None
         try:
             version = int(saved["facts"][0])
@@ -277,7 +281,7 @@ class VectorCache:
                 name,
                 saved,
                 self.tables.schema(name),
-                lambda fragment_id: at_version.get_fragment(fragment_id).to_table(with_row_address=True),
+                lambda fragment_id: fragment_batches(at_version.get_fragment(fragment_id)),
                 self.graph_settings,
             )
         except (NotFound, KeyError, ValueError, AttributeError, zipfile.BadZipFile) as exc:

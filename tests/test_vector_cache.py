@@ -166,6 +166,9 @@ def test_recall_and_exact_distances_from_memory(warm_server: ServerProcess, metr
     name = recall_table(metric)
     described = wait_for_serving(warm_server, name)
     assert described["serving"]["rows"] == ROWS and described["serving"]["tombstones"] == 0
+    # the float32 vectors are in the vector file, not in the bytes held (graph, codes, columns)
+    assert described["serving"]["vector_file_bytes"] == ROWS * DIM * 4, described["serving"]
+    assert described["serving"]["bytes"] < ROWS * (DIM + 8 * GRAPH_M * 1.1 + 64), described["serving"]
     found, truth = [], []
     for query in QUERIES[:50]:
         result = search(warm_server, body(name, query))
@@ -505,8 +508,8 @@ BUDGET_B = clustered(BUDGET_ROWS, BUDGET_DIM, seed=92)
 
 
 def estimate(rows: int, dim: int) -> int:
-    """The server's size estimate of a table: rows * (5*dim + 8*M*1.1 + 64) bytes."""
-    return int(rows * (5 * dim + 8 * GRAPH_M * 1.1 + 64))
+    """The server's size estimate of a table: rows * (dim + 8*M*1.1 + 64) bytes."""
+    return int(rows * (dim + 8 * GRAPH_M * 1.1 + 64))
 
 
 def assert_brute_force(server: ServerProcess, name: str, matrix: np.ndarray, metric: str, seed: int) -> None:
