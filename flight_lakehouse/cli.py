@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import pyarrow as pa
@@ -22,8 +23,11 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
-from flight_lakehouse.memory import limit_malloc_arenas
+from flight_lakehouse.memory import keep_pandas_out, limit_malloc_arenas, release_memory_periodically
 from flight_lakehouse.settings import SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from flight_lakehouse.server import LakehouseServer
 
 server_option = click.option(
     "--server", envvar="LAKEHOUSE_SERVER", default=DEFAULT_SERVER, show_default=True, help="Flight location."
@@ -73,6 +77,7 @@ def serve(**options: object) -> None:
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried
     limit_malloc_arenas()
+    keep_pandas_out()  # pyarrow.dataset would import it: 49 MB the server never uses
     # OpenMP (faiss) threads sleep between parallel regions instead of spinning: on a small machine
     # spinning threads take the cores the gRPC threads need (10-client searches: ~760 -> ~920 q/s)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -93,12 +98,13 @@ def serve(**options: object) -> None:
         signal.signal(signum, lambda *_: stop.set())
     where = f"grpc://{settings.host}:{server.port}"
     logging.getLogger("flight_lakehouse").info("ready at %s, root %s", where, settings.root)
+    release_memory_periodically()
     while not stop.wait(0.5):
         pass
     _shutdown(server, settings.shutdown_grace_seconds)
 
 
-def _shutdown(server: flight.FlightServerBase, grace_seconds: float) -> None:
+def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
     """Stop taking calls, let running ones finish within the grace period, then exit 0."""
     log = logging.getLogger("flight_lakehouse")
     log.info("shutting down (waiting up to %g s for running calls)", grace_seconds)
@@ -107,6 +113,7 @@ def _shutdown(server: flight.FlightServerBase, grace_seconds: float) -> None:
     done.join(grace_seconds)
     if done.is_alive():
         log.warning("running calls did not finish in %g s; exiting anyway", grace_seconds)
+    server.engine.close()
     logging.shutdown()
     os._exit(0)
 

@@ -284,11 +284,15 @@ class QueryEngine:
         self.catalog = catalog
         self.settings = settings
         self.vectors = vectors
-        self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-")
+        self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-", ignore_cleanup_errors=True)
         self._database: tuple[frozenset[tuple[str, str]], SnapshotDatabase] | None = None
         self._guard = threading.Lock()
         self._watchdog = Watchdog()
         self._storage_root = catalog.storage.root_uri
+
+    def close(self) -> None:
+        """Delete DuckDB's spill directory (``serve`` ends with ``os._exit``: no finaliser runs)."""
+        self._temp_dir.cleanup()
 
     # -- databases -------------------------------------------------------------------------------
     def current_database(self) -> SnapshotDatabase:

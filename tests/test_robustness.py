@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -168,6 +169,22 @@ def test_sigterm_lets_a_running_query_finish_and_exits_zero(server: ServerProces
     assert rows == 4_000_000
     assert server.process is not None
     assert server.process.wait(30) == 0
+
+
+def test_stop_leaves_no_temporary_files(tmp_path: Path) -> None:
+    """A stopped server leaves nothing in its TMPDIR (DuckDB's spill directory, the vector files)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    server = ServerProcess(str(tmp_path / "lakehouse"), env={"TMPDIR": str(temp)})
+    try:
+        server.start()
+        server.put("numbers", pa.table({"x": pa.array(range(1000), pa.int64())}))
+        assert server.sql("select sum(x) as s from numbers").to_pylist() == [{"s": 499500}]
+        assert [p.name for p in temp.iterdir()], "the server made no temporary directory: nothing is tested"
+        assert server.stop() == 0
+        assert list(temp.iterdir()) == []
+    finally:
+        server.kill()
 
 
 def test_restart_keeps_data_on_disk_layout(server: ServerProcess) -> None:
