@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -26,6 +26,7 @@ from flight_lakehouse.errors import NotFound
 from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vector_memory import (
+    BuildStopped,
     GraphSettings,
     ServedTable,
     estimated_bytes,
@@ -57,6 +58,7 @@ class CacheEntry:
     served: ServedTable | None = None
     detail: str | None = None
     estimate: int = 0
+    dropped: threading.Event = field(default_factory=threading.Event)  # stops its build
 
 
 class VectorCache:
@@ -142,8 +144,10 @@ class VectorCache:
     def forget(self, name: str) -> None:
         """Stop serving a dropped table and delete its saved graph; tables over budget may fit now."""
         with self._guard:
-            self._entries.pop(name, None)
+            entry = self._entries.pop(name, None)
             self._queue.pop(name, None)
+            if entry is not None:
+                entry.dropped.set()
             waiting = [other for other, entry in self._entries.items() if entry.state == "over budget"]
         self.tables.storage.delete_files([self.graph_uri(name)])
         for other in waiting:
@@ -185,16 +189,23 @@ class VectorCache:
                 self._notice_other_writers()
                 next_check = time.monotonic() + self.refresh_seconds
                 continue
+            entry = self._entries.get(name)
             try:
                 self._refresh(name)
-                release_unused_memory()  # a build's temporaries: hundreds of MB for a large table
             except NotFound:
                 self.forget(name)
             except Exception as exc:
-                log.warning("serving %s from memory failed: %s", name, exc, exc_info=True)
-                entry = self._entries.get(name)
-                if entry is not None:
-                    entry.state, entry.served, entry.detail = "failed", None, str(exc).splitlines()[0][:300]
+                if entry is not None and entry.dropped.is_set():  # stopped, or its files went first
+                    log.info("building %s in memory stopped: the table was dropped", name)
+                else:
+                    self._failed(name, exc)
+            release_unused_memory()  # a build's temporaries: hundreds of MB for a large table
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        log.warning("serving %s from memory failed: %s", name, exc, exc_info=True)
+        entry = self._entries.get(name)
+        if entry is not None:
+            entry.state, entry.served, entry.detail = "failed", None, str(exc).splitlines()[0][:300]
 
     def _notice_other_writers(self) -> None:
         """Queue the tables whose Lance version moved without this server (another process wrote)."""
@@ -231,9 +242,11 @@ class VectorCache:
             return
         fresh = self._load(name, dataset) if served is None else None
         if fresh is None:
-            fresh = self._build(name, schema, dataset)
+            fresh = self._build(name, schema, dataset, entry.dropped)
+            if entry.dropped.is_set():  # no graph file for a table that is gone
+                raise BuildStopped(name)
             self._save(fresh)
-        fresh.catch_up(self.tables.dataset(name))  # commits made while it was being built
+        fresh.catch_up(self.tables.dataset(name), entry.dropped)  # commits made while it was being built
         entry.served, entry.state, entry.detail = fresh, "warm", None
         # a commit went to the copy being replaced, or a loaded graph caught up on many changes
         if fresh.version != self.tables.version(name) or self._needs_rebuild(fresh):
@@ -244,14 +257,16 @@ class VectorCache:
             entries = [entry for name, entry in self._entries.items() if name != excluding]
         return sum(entry.served.nbytes for entry in entries if entry.served is not None)
 
-    def _build(self, name: str, schema: pa.Schema, dataset: lance.LanceDataset) -> ServedTable:
+    def _build(
+        self, name: str, schema: pa.Schema, dataset: lance.LanceDataset, dropped: threading.Event
+    ) -> ServedTable:
         started = time.monotonic()
         column = next(iter(vector_columns(schema)))
         served = ServedTable.empty(name, schema, column, table_metric(schema), self.graph_settings)
         rows = dataset.count_rows()
         if rows:
             served.train(training_sample(dataset, column, served.dimension))
-        served.catch_up(dataset)
+        served.catch_up(dataset, dropped)
         served.trained_rows = served.size  # grown 4x past this, a rebuild retrains
         log.info("%s in memory: %d rows in %.1f s", name, served.size, time.monotonic() - started)
         return served

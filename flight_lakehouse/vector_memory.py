@@ -103,6 +103,10 @@ def vector_matrix(column: pa.ChunkedArray | pa.Array, dimension: int) -> np.ndar
     return values.astype(np.float32, copy=False).reshape(-1, dimension)
 
 
+class BuildStopped(Exception):
+    """A build or catch-up given up because its table is gone."""
+
+
 class VectorFile:
     """Fixed-size float32 rows by slot in an unlinked temporary file (in ``TMPDIR``; gone with the file
     handle, even after a kill): written where a slot is added, read by position."""
@@ -421,8 +425,9 @@ class ServedTable:
         """Rows of ``dataset`` in fragments this copy does not have yet."""
         return sum(f.count_rows() for f in dataset.get_fragments() if f.fragment_id not in self.fragments)
 
-    def catch_up(self, dataset: lance.LanceDataset) -> None:
-        """Follow ``dataset`` (a later version): add new fragments, tombstone deleted rows."""
+    def catch_up(self, dataset: lance.LanceDataset, stop: threading.Event | None = None) -> None:
+        """Follow ``dataset`` (a later version): add new fragments, tombstone deleted rows. ``stop`` set
+        (the table was dropped) ends it between batches with :class:`BuildStopped`."""
         current = {fragment.fragment_id: fragment for fragment in dataset.get_fragments()}
         with self.lock.writing():
             for fragment_id in [known for known in self.fragments if known not in current]:
@@ -430,7 +435,7 @@ class ServedTable:
             for fragment_id, fragment in current.items():
                 known = self.fragments.get(fragment_id)
                 if known is None:
-                    self._add_fragment(fragment)
+                    self._add_fragment(fragment, stop)
                 elif fragment.count_rows() < int(
                     self.alive[known.first : known.first + len(known.offsets)].sum()
                 ):
@@ -440,12 +445,14 @@ class ServedTable:
             self.version = dataset.version
             self.live = int(self.alive[: self.size].sum())
 
-    def _add_fragment(self, fragment: lance.LanceFragment) -> None:
+    def _add_fragment(self, fragment: lance.LanceFragment, stop: threading.Event | None) -> None:
         """Append a new fragment's live rows as slots, batch by batch (memory: one batch at a time)."""
         first = self.size
         self._reserve(first + fragment.count_rows())
         offsets = []
         for batch in fragment_batches(fragment):
+            if stop is not None and stop.is_set():
+                raise BuildStopped(self.name)
             self._add_rows(batch)
             offsets.append(offsets_of(batch.column(ROW_ADDRESS)))
         self.fragments[fragment.fragment_id] = FragmentSlots(first, np.concatenate([*offsets, OFFSETS_NONE]))

@@ -555,6 +555,26 @@ def test_budget_two_tables_compete(tmp_path: Path) -> None:
         assert_brute_force(server, waiting, tables[waiting], "cosine", seed=95)
 
 
+def test_drop_during_build_stops_it(server: ServerProcess) -> None:
+    """A table dropped while its in-memory copy is being built: the build stops (no graph is saved), and
+    a new table of the same name is built and served from its own rows."""
+    name = "dropped_early"
+    big = clustered(60_000, SMALL_DIM, seed=111)
+    server.put(name, vec_table(range(len(big)), big), mode="create", metric="l2")
+    mark = len(server.log_lines)
+    assert server.action("drop_dataset", {"dataset": name}) == {"dropped": True}
+    deadline = time.monotonic() + 30
+    while not any(f"building {name} in memory stopped" in line for line in server.log_lines[mark:]):
+        assert time.monotonic() < deadline, "\n".join(server.log_lines[mark:])
+        time.sleep(0.05)
+    assert not [a for a in stored_files(server.root) if a.endswith(f"{name}.hnsw.npz")]
+    server.put(name, vec_table(range(SMALL_ROWS), SMALL), mode="create", metric="l2")
+    wait_for_serving(server, name)
+    for query in near(SMALL, 3, seed=112):
+        found = search(server, body(name, query, k=5))
+        assert ids_of(found) == true_top(SMALL, query, "l2", 5, np.arange(SMALL_ROWS))
+
+
 def test_zero_budget_serves_nothing_from_memory(tmp_path: Path) -> None:
     """``--vector-cache-mb 0``: no table is served from memory (nor its graph saved); searches are right."""
     root = str(tmp_path / "lakehouse")
