@@ -712,6 +712,7 @@ def run(work: Path, plan: Plan, env: dict[str, str]) -> str:
             anchors = Anchors(index, lance_table, out.lance_params)
             contenders = contenders_of(stack, (lakehouse, bare), anchors, corpus, tickets, plan)
             check_memory(client, out, "before the searches")
+            record_steady(lakehouse, "lakehouse: before the searches (after the anchors' Lance index)", out)
             warm_up(contenders, plan)
             with PeakRss(lakehouse.pid) as rss, PeakRss(bare.pid) as bare_rss:
                 measure_searches(contenders, truth, plan, out)
