@@ -242,7 +242,7 @@ class IngestSession:
             )
         except TableAlreadyExistsError:
             raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
-        return self._add_files(tx, files)
+        return self._add_files(tx, files, new_table=True)
 
     def _evolve_schema(self, tx: Transaction) -> None:
         """Add the upload's new columns; an overwrite also removes the columns it does not have."""
@@ -254,15 +254,16 @@ class IngestSession:
                     if name not in self.file_schema.names:
                         update.delete_column(name)
 
-    def _add_files(self, tx: Transaction, files: list[str]) -> int | None:
-        """Stage schema changes and the new files in ``tx`` and commit it."""
+    def _add_files(self, tx: Transaction, files: list[str], new_table: bool = False) -> int | None:
+        """Stage schema changes and the new files in ``tx`` and commit it (an overwrite of a table this
+        transaction creates has nothing to replace: it appends)."""
         if tx.table_metadata.name_mapping() is None:
             mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
         if self._schema_mode == "evolve":
             self._evolve_schema(tx)
         new_files = data_files(tx, files) if files else []
-        if self.options.mode == "overwrite":
+        if self.options.mode == "overwrite" and not new_table:
             replaced = [task.file for task in tx._table.scan().plan_files()]
             with tx.update_snapshot().overwrite() as overwrite:  # one snapshot: old files out, new in
                 for data_file in replaced:

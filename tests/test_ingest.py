@@ -147,6 +147,18 @@ def test_path_append_create_and_put_result(server: ServerProcess) -> None:
     assert count(server, "fresh") == 4
 
 
+def test_overwrite_creates_a_missing_dataset(server: ServerProcess) -> None:
+    """``overwrite`` of a dataset that does not exist creates it (one append snapshot); a second
+    overwrite replaces its rows."""
+    first = server.put("restock", people(range(3)), mode="overwrite")
+    assert first["created"] is True and first["rows_written"] == 3
+    assert [entry["operation"] for entry in server.action("dataset_history", {"dataset": "restock"})] == [
+        "append"
+    ]
+    second = server.put("restock", people(range(10, 12)), mode="overwrite")
+    assert second["created"] is False and count(server, "restock") == 2
+
+
 def test_overwrite_replaces_rows_and_columns(server: ServerProcess) -> None:
     """``overwrite`` replaces every row and may add and remove columns."""
     server.put("stock", people(range(6)))
