@@ -27,28 +27,20 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-#: Allocations from this size up get their own mapping, unmapped when freed.
-MMAP_THRESHOLD = 128 << 10
 #: How often freed memory is handed back to the system while serving.
 RELEASE_SECONDS = 5.0
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas and fix its mmap threshold. No-op off glibc.
+    """Cap glibc's malloc arenas: each gRPC thread otherwise keeps its own, and a burst of ingests on
+    different threads pushed peak RSS from ~450 MB to 600-850 MB (docs/benchmarks.md). No-op off glibc.
 
-    Each gRPC thread otherwise keeps its own arena, and a burst of ingests on different threads pushed
-    peak RSS from ~450 MB to 600-850 MB (docs/benchmarks.md). glibc raises its mmap threshold (up to
-    32 MB) each time a large mapped block is freed, after which blocks of MBs (Lance and Arrow buffers of
-    an ingest, the graph's build) land in the arenas and stay there: a fixed threshold kept the ingesting
-    server of a 100k x 384 table 30 MB smaller (508 -> 476 MB).
-    """
+    The mmap threshold stays glibc's dynamic one: fixed at 128 KiB it kept an ingesting server 30 MB
+    smaller but made a 5M-row DoGet scan 10 % slower (every large buffer mapped and unmapped)."""
     libc = _libc()
-    if libc is None:
+    if libc is None or "MALLOC_ARENA_MAX" in os.environ:
         return
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        libc.mallopt(-8, arenas)  # M_ARENA_MAX
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (setting it stops the dynamic raise)
+    libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def release_memory_periodically(seconds: float = RELEASE_SECONDS) -> None:

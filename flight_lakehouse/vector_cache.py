@@ -247,6 +247,7 @@ class VectorCache:
                 raise BuildStopped(name)
             self._save(fresh)
         fresh.catch_up(self.tables.dataset(name), entry.dropped)  # commits made while it was being built
+        release_unused_memory()  # the build's temporaries, before the copy is announced warm
         entry.served, entry.state, entry.detail = fresh, "warm", None
         # a commit went to the copy being replaced, or a loaded graph caught up on many changes
         if fresh.version != self.tables.version(name) or self._needs_rebuild(fresh):
