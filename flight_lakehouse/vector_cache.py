@@ -148,7 +148,7 @@ class VectorCache:
             self._queue.pop(name, None)
             if entry is not None:
                 entry.dropped.set()
-            waiting = [other for other, entry in self._entries.items() if entry.state == "over budget"]
+            waiting = [other for other, kept in self._entries.items() if kept.state == "over budget"]
         self.tables.storage.delete_files([self.graph_uri(name)])
         for other in waiting:
             self.track(other)
@@ -192,14 +192,13 @@ class VectorCache:
             entry = self._entries.get(name)
             try:
                 self._refresh(name)
-            except NotFound:
-                self.forget(name)
             except Exception as exc:
                 if entry is not None and entry.dropped.is_set():  # stopped, or its files went first
                     log.info("building %s in memory stopped: the table was dropped", name)
+                elif isinstance(exc, NotFound):
+                    self.forget(name)
                 else:
                     self._failed(name, exc)
-            release_unused_memory()  # a build's temporaries: hundreds of MB for a large table
 
     def _failed(self, name: str, exc: Exception) -> None:
         log.warning("serving %s from memory failed: %s", name, exc, exc_info=True)

@@ -247,7 +247,7 @@ class ServedTable:
     columns: pa.Table  # the other columns, one row per slot
     version: int
     settings: GraphSettings
-    vectors: VectorFile = field(default_factory=lambda: VectorFile(1))
+    vectors: VectorFile
     alive: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     fragments: dict[int, FragmentSlots] = field(default_factory=dict)
     size: int = 0
@@ -271,8 +271,8 @@ class ServedTable:
             others.empty_table(),
             version=0,
             settings=settings,
+            vectors=VectorFile(dimension),
         )
-        served.vectors = VectorFile(dimension)
         return served
 
     @classmethod
