@@ -10,6 +10,13 @@ import os
 # vs 307 MB RSS after the DoPut).
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
+from flight_lakehouse.memory import keep_pandas_out, limit_malloc_arenas, release_memory_periodically
+
+# glibc fixes how many malloc arenas there are when threads first allocate, and importing pyarrow
+# starts threads: the cap must come before it (after, threads kept spreading over the arenas those
+# first threads had made).
+limit_malloc_arenas()
+
 import faulthandler
 import logging
 import signal
@@ -30,7 +37,6 @@ from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
-from flight_lakehouse.memory import keep_pandas_out, limit_malloc_arenas, release_memory_periodically
 from flight_lakehouse.settings import SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -83,7 +89,6 @@ def serve(**options: object) -> None:
     if settings.log_level != "DEBUG":  # "Loaded FileIO" on every table load
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried
-    limit_malloc_arenas()
     keep_pandas_out()  # pyarrow.dataset would import it: 49 MB the server never uses
     # OpenMP (faiss) threads sleep between parallel regions instead of spinning: on a small machine
     # spinning threads take the cores the gRPC threads need (10-client searches: ~760 -> ~920 q/s)

@@ -16,8 +16,6 @@ import threading
 import time
 from collections.abc import Sequence
 
-import pyarrow as pa
-
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
@@ -31,9 +29,14 @@ def _libc() -> ctypes.CDLL | None:
 RELEASE_SECONDS = 5.0
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas: each gRPC thread otherwise keeps its own, and a burst of ingests on
-    different threads pushed peak RSS from ~450 MB to 600-850 MB (docs/benchmarks.md). No-op off glibc.
+def limit_malloc_arenas(arenas: int = 1) -> None:
+    """Cap glibc's malloc arenas (no-op off glibc, or when ``MALLOC_ARENA_MAX`` is set).
+
+    Call it before anything starts a thread (importing pyarrow does): glibc counts the arenas those
+    first threads make, and a cap set after them left three arenas that every thread spread over. Each
+    arena keeps its own freed memory; with several, the same server measured anywhere from 411 to 436 MB
+    after the same restart (100k x 384 served), with one, 411-412 MB every time. A burst of ingests on
+    different threads had also pushed peak RSS from ~450 MB to 600-850 MB with one arena per thread.
 
     The mmap threshold stays glibc's dynamic one: fixed at 128 KiB it kept an ingesting server 30 MB
     smaller but made a 5M-row DoGet scan 10 % slower (every large buffer mapped and unmapped)."""
@@ -60,6 +63,8 @@ def release_memory_periodically(seconds: float = RELEASE_SECONDS) -> None:
 
 def release_unused_memory() -> None:
     """Give memory freed by a finished upload or build back to the system (glibc and Arrow's pool)."""
+    import pyarrow as pa
+
     pa.default_memory_pool().release_unused()
     libc = _libc()
     if libc is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +93,33 @@ def test_serve_refuses_bad_settings(args: list[str], message: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+ARENA_PROBE = """
+import ctypes, threading
+import flight_lakehouse.cli  # the entry point's process set-up, then what the server imports
+import pyarrow.flight
+keep = []
+def allocate():
+    keep.extend(bytearray(200_000) for _ in range(50))
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+out = ctypes.c_void_p(libc.fopen(b"/dev/stdout", b"w"))
+libc.malloc_info(0, out)
+libc.fflush(out)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc arenas")
+def test_command_line_process_has_one_malloc_arena() -> None:
+    """The CLI caps glibc's arenas before pyarrow starts its threads: allocating threads share one
+    arena (capped after the import, they spread over four)."""
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    probe = subprocess.run([sys.executable, "-c", ARENA_PROBE], capture_output=True, text=True, env=env)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.count("<heap nr=") == 1, probe.stdout[:2000]
