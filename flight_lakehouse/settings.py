@@ -56,10 +56,21 @@ class Settings(BaseSettings):
     vector_graph_m: int = Field(default=32, ge=4, le=128, description="HNSW links per vector")
     vector_graph_ef_construction: int = Field(default=64, ge=8, le=2048)
     vector_graph_ef_search: int = Field(default=64, ge=8, le=4096)
+    vector_graph_code_bits: int = Field(
+        default=8,
+        description="bits a dimension of a graph's quantised vectors: 4, 6 or 8 (re-ranked exactly)",
+    )
     index_wait_seconds: float = Field(
         default=2.0, ge=0, description="how long create_index waits for its build before answering 'building'"
     )
     log_level: str = "INFO"
+
+    @field_validator("vector_graph_code_bits")
+    @classmethod
+    def _quantiser_bits(cls, bits: int) -> int:
+        if bits not in (4, 6, 8):
+            raise ValueError("faiss quantises to 4, 6 or 8 bits a dimension")
+        return bits
 
     @field_validator("root")
     @classmethod

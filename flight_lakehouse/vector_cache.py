@@ -72,6 +72,7 @@ class VectorCache:
             m=settings.vector_graph_m,
             ef_construction=settings.vector_graph_ef_construction,
             ef_search=settings.vector_graph_ef_search,
+            code_bits=settings.vector_graph_code_bits,
         )
         self._entries: dict[str, CacheEntry] = {}
         self._queue: dict[str, None] = {}

@@ -18,10 +18,16 @@ from tests.conftest import ServerProcess
 ROWS = 500_000
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``flight-lakehouse ARGS``."""
+def cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flight-lakehouse ARGS`` (with ``env`` added to the environment)."""
     return subprocess.run(
-        [sys.executable, "-m", "flight_lakehouse", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "flight_lakehouse", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -80,16 +86,17 @@ def test_cli_query_errors_are_one_line(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "env", "message"),
     [
-        (["--port", "70000"], "invalid setting port"),
-        (["--root", "gs://bucket/x"], "unknown storage scheme 'gs'"),
-        (["--root", "/proc/forbidden"], "is not a writable directory"),
-        (["--host", "0.0.0.0"], "is not a loopback address"),
+        (["--port", "70000"], {}, "invalid setting port"),
+        (["--root", "gs://bucket/x"], {}, "unknown storage scheme 'gs'"),
+        (["--root", "/proc/forbidden"], {}, "is not a writable directory"),
+        (["--host", "0.0.0.0"], {}, "is not a loopback address"),
+        ([], {"LAKEHOUSE_VECTOR_GRAPH_CODE_BITS": "5"}, "invalid setting vector_graph_code_bits"),
     ],
 )
-def test_serve_refuses_bad_settings(args: list[str], message: str) -> None:
-    result = cli("serve", *args, timeout=60)
+def test_serve_refuses_bad_settings(args: list[str], env: dict[str, str], message: str) -> None:
+    result = cli("serve", *args, timeout=60, env=env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -180,6 +180,25 @@ def test_recall_and_exact_distances_from_memory(warm_server: ServerProcess, metr
     assert serving(warm_server, name)["from"] == "memory", "searches must not have moved it out of memory"
 
 
+def test_fewer_code_bits_hold_less_and_stay_exact(warm_server: ServerProcess, tmp_path: Path) -> None:
+    """LAKEHOUSE_VECTOR_GRAPH_CODE_BITS=6: the same table is held with 2 bits a dimension less (the
+    8-bit server holds it too, for comparison), and every result keeps its exact distance."""
+    eight_bits = wait_for_serving(warm_server, recall_table("l2"))["serving"]["bytes"]
+    server = ServerProcess(str(tmp_path / "lakehouse"), env={"LAKEHOUSE_VECTOR_GRAPH_CODE_BITS": "6"})
+    try:
+        server.start()
+        server.put("six_bits", vec_table(IDS, MATRIX, tag=TAGS), mode="create", metric="l2")
+        six_bits = wait_for_serving(server, "six_bits")["serving"]["bytes"]
+        assert eight_bits - six_bits == pytest.approx(ROWS * DIM * 2 / 8, rel=0.02), (eight_bits, six_bits)
+        for query in QUERIES[:10]:
+            result = search(server, body("six_bits", query))
+            assert result.num_rows == K
+            assert_exact_distances(result, MATRIX, query, "l2")
+    finally:
+        server.stop()
+        server.kill()
+
+
 @pytest.mark.parametrize(
     ("predicate", "matching"),
     [
