@@ -87,7 +87,9 @@ from bench_vectors import (
     result_ids,
     run_round,
     search_tickets,
+    serving,
     unit_rows,
+    wait_served,
 )
 
 COLUMNS = ["id"]
@@ -303,24 +305,12 @@ class Contender:
 
 
 # -- lakehouse phases ------------------------------------------------------------------------------
-def serving(client: flight.FlightClient) -> dict[str, Any]:
-    """The ``serving`` facts of ``describe_dataset``."""
-    return action(client, "describe_dataset", {"dataset": DATASET}).get("serving", {})
-
-
 def wait_warm(client: flight.FlightClient, timeout: float = WARM_TIMEOUT) -> float:
     """Seconds until ``describe_dataset`` shows the table served from memory."""
     started = time.perf_counter()
-    while True:
-        facts = serving(client)
-        elapsed = time.perf_counter() - started
-        if facts.get("from") == "memory":
-            return elapsed
-        if facts.get("state") in ("failed", "over budget", "not served"):
-            raise RuntimeError(f"the table is not served from memory: {facts}")
-        if elapsed > timeout:
-            raise RuntimeError(f"not warm after {timeout:.0f} s: {facts}")
-        time.sleep(POLL_SECONDS)
+    if not wait_served(client, timeout, POLL_SECONDS):
+        raise RuntimeError(f"the table is not served from memory: {serving(client)}")
+    return time.perf_counter() - started
 
 
 def measure_ingest(

@@ -16,7 +16,9 @@
   this process on the same Lance table (same k, parameters, query vectors and number of threads).
 * Batch search: DoExchange with the queries streamed in batches of 100, next to lancedb multi-vector
   searches of the same batches in this process.
-* Memory: the server's RSS (children included), peak per phase and steady after the searches.
+* Memory: the server's RSS (children included), peak per phase and steady after the searches. After
+  each DoPut the server builds its in-memory copy of the table (issue 5; unless ``--env
+  LAKEHOUSE_VECTOR_CACHE_MB=0``): the next round waits for it, and its peak is listed with the builds.
 
 Every measurement is repeated ``--rounds`` times (contenders interleaved) and reported as medians.
 
@@ -67,6 +69,7 @@ EXCHANGE_BATCH_ROWS = 100
 WARMUP_QUERIES = 50
 POLL_SECONDS = 0.25
 SETTLE_SECONDS = 2.0
+BUILD_TIMEOUT = 900.0  # an in-memory copy or an index of the table
 MB = 1e6
 STARTED = time.monotonic()
 #: Search parameters tried per index kind, cheapest first; the first reaching the target recall is used.
@@ -215,6 +218,25 @@ def put_table(client: flight.FlightClient, table: pa.Table) -> dict[str, Any]:
         writer.done_writing()
         result = metadata.read()
     return json.loads(result.to_pybytes()) if result is not None else {}
+
+
+def serving(client: flight.FlightClient) -> dict[str, Any]:
+    """The ``serving`` facts of ``describe_dataset`` (the in-memory copy of the table, issue 5)."""
+    return action(client, "describe_dataset", {"dataset": DATASET}).get("serving", {})
+
+
+def wait_served(
+    client: flight.FlightClient, timeout: float = BUILD_TIMEOUT, poll: float = POLL_SECONDS
+) -> bool:
+    """Wait until the table is served from memory (True), or the server says it will not be (False)."""
+    started = time.perf_counter()
+    while (facts := serving(client)).get("from") != "memory":
+        if facts.get("state") in ("failed", "over budget", "not served"):
+            return False
+        if time.perf_counter() - started > timeout:
+            raise RuntimeError(f"not served from memory after {timeout:.0f} s: {facts}")
+        time.sleep(poll)
+    return True
 
 
 def index_state(client: flight.FlightClient, kind: str) -> str:
@@ -499,6 +521,12 @@ def measure_ingest(
             f"  ingest #{i + 1}: {seconds:.2f} s, {plan.rows / seconds:,.0f} rows/s, "
             f"peak RSS {rss.peak / MB:.0f} MB"
         )
+        # the server then builds its in-memory copy (issue 5): a build, measured apart like the index
+        # builds, before the next round drops the table
+        with RssSampler(server.pid) as rss:
+            built = wait_served(client)
+        if built:
+            out.rss_mb["in-memory copy build peak"].append(rss.peak / MB)
     time.sleep(SETTLE_SECONDS)
     out.rss_mb["steady after ingest"].append(RssSampler(server.pid).sample() / MB)
 
