@@ -49,6 +49,9 @@ METRIC_KEY = b"lakehouse.metric"
 DEFAULT_METRIC = "cosine"
 VECTOR_VALUE_TYPES = (pa.float32(), pa.float16())
 MAX_DIMENSION = 65_536
+#: Uploaded batches reach Lance in slices of about this size: every step between Flight and Lance (the
+#: aligned copy, lancedb's own vector checks, Lance's write buffers) holds a few batches at once.
+SLICE_BYTES = 2 << 20
 
 
 def vector_columns(schema: pa.Schema) -> dict[str, int]:
@@ -516,11 +519,12 @@ class CheckedStream:
                         f"batch of {batch.nbytes} bytes exceeds the limit of "
                         f"{self._max_batch_bytes >> 20} MB; send smaller batches"
                     )
-                batch = aligned(self.plan.conform(batch))
-                for name in self.plan.vectors:
-                    check_vectors(batch.column(name), name, self.plan.metric, self.rows)
-                self.rows += batch.num_rows
-                yield batch
+                for piece in slices(batch, SLICE_BYTES):
+                    piece = aligned(self.plan.conform(piece))
+                    for name in self.plan.vectors:
+                        check_vectors(piece.column(name), name, self.plan.metric, self.rows)
+                    self.rows += piece.num_rows
+                    yield piece
         except BaseException as exc:
             self._refusal = exc  # Lance wraps it; the caller re-raises the original
             raise
@@ -537,6 +541,13 @@ class CheckedStream:
         return lance_error(exc, root, doing)
 
 
+def slices(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
+    """``batch`` in consecutive zero-copy slices of at most about ``max_bytes`` (at least one row each)."""
+    rows = max(1, batch.num_rows * max_bytes // max(batch.nbytes, 1))
+    for start in range(0, batch.num_rows, rows):
+        yield batch.slice(start, rows)
+
+
 def aligned(batch: pa.RecordBatch, alignment: int = 64) -> pa.RecordBatch:
     """``batch`` with every buffer aligned, copying it if needed.
 
@@ -545,7 +556,7 @@ def aligned(batch: pa.RecordBatch, alignment: int = 64) -> pa.RecordBatch:
     """
     for column in batch.columns:
         if any(buffer is not None and buffer.address % alignment for buffer in column.buffers()):
-            return batch.copy_to(pa.default_cpu_memory_manager())
+            return pa.concat_batches([batch])  # new buffers, of the slice's rows only (copy_to: all rows)
     return batch
 
 
