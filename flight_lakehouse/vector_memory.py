@@ -135,11 +135,12 @@ class VectorFile:
         self.rows = max(self.rows, first + len(data))
 
     def write_slots(self, slots: np.ndarray, vectors: np.ndarray) -> None:
-        """Store ``vectors[i]`` as the row of ``slots[i]`` (increasing; the slots between keep zeros)."""
+        """Store ``vectors[i]`` as the row of ``slots[i]`` (increasing; the slots between read as zeros),
+        one write per run of consecutive slots: no block spanning the gaps of deleted rows."""
         if len(slots):
-            block = np.zeros((int(slots[-1] - slots[0]) + 1, self.dimension), dtype=np.float32)
-            block[slots - slots[0]] = vectors
-            self.write(int(slots[0]), block)
+            breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+            for run, rows in zip(np.split(slots, breaks), np.split(vectors, breaks), strict=True):
+                self.write(int(run[0]), rows)
 
     def extend(self, rows: int) -> None:
         """Make the file ``rows`` rows long at least (new rows read as zeros)."""
@@ -272,7 +273,7 @@ class ServedTable:
         """A table with no slots yet, for ``schema``."""
         dimension = schema.field(vector_column).type.list_size
         others = pa.schema([f for f in schema if f.name != vector_column])
-        served = cls(
+        return cls(
             name,
             vector_column,
             dimension,
@@ -283,7 +284,6 @@ class ServedTable:
             settings=settings,
             vectors=VectorFile(dimension),
         )
-        return served
 
     @classmethod
     def restore(
