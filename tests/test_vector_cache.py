@@ -613,3 +613,28 @@ def test_zero_budget_serves_nothing_from_memory(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert serving(server, "no_cache")["from"] == "lance"
         assert not [a for a in stored_files(root) if a.endswith(".hnsw.npz")], "a graph was saved"
+
+
+def test_dropping_a_served_table_frees_its_copy(tmp_path: Path) -> None:
+    """Once dropped, a table's in-memory copy is gone: nothing, not even the idle build worker, holds it
+    (it once did until the next commit, so a re-ingest ran with both in memory)."""
+    import weakref
+
+    from flight_lakehouse.server import LakehouseServer
+    from flight_lakehouse.settings import Settings
+
+    server = LakehouseServer(Settings(root=str(tmp_path / "lakehouse"), host="127.0.0.1", port=0))
+    threading.Thread(target=server.serve, daemon=True).start()
+    client = ServerProcess(str(tmp_path), location=f"grpc://127.0.0.1:{server.port}")
+    try:
+        client.put("gone", vec_table(range(SMALL_ROWS), SMALL), mode="create", metric="l2")
+        wait_for_serving(client, "gone")
+        served = server.cache.served("gone")
+        assert served is not None
+        copy = weakref.ref(served)
+        del served
+        assert client.action("drop_dataset", {"dataset": "gone"}) == {"dropped": True}
+        assert copy() is None
+    finally:
+        client.stop()
+        server.shutdown()
