@@ -192,18 +192,18 @@ class LakehouseServer(flight.FlightServerBase):
 
     def create_index(self, body: CreateIndex) -> dict[str, Any]:
         """The ``create_index`` action."""
-        self.vectors.lance_table(body.dataset, "create_index")
+        self.vectors.require(body.dataset, "create_index")
         return self.indexes.create(body)
 
     def delete_rows(self, body: DeleteRows) -> dict[str, Any]:
         """The ``delete_rows`` action."""
-        self.vectors.lance_table(body.dataset, "delete_rows")
+        self.vectors.require(body.dataset, "delete_rows")
         self.searcher.check_filter(body.where)
         return self.vectors.delete_rows(body.dataset, body.where)
 
     def optimize(self, body: Optimize) -> dict[str, Any]:
         """The ``optimize`` action."""
-        self.vectors.lance_table(body.dataset, "optimize")
+        self.vectors.require(body.dataset, "optimize")
         try:
             return self.vectors.optimize(body.dataset, body.older_than_seconds)
         finally:

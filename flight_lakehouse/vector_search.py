@@ -48,12 +48,17 @@ class SearchPlan:
     """A checked search request against one open table."""
 
     request: SearchRequest
-    table: LanceTable
+    tables: VectorTables
     vector_column: str
     dimension: int
     metric: str
     columns: list[str]
     schema: pa.Schema  # the table's
+
+    @property
+    def table(self) -> LanceTable:
+        """lancedb's handle of the table, for a search Lance answers (loads lancedb on first use)."""
+        return self.tables.table(self.request.dataset)
 
     @cached_property
     def result_schema(self) -> pa.Schema:
@@ -104,14 +109,14 @@ class VectorSearch:
         if not exchange and request.vector is None and request.text is None:
             raise InvalidArgument("a search needs 'vector', 'text' or both")
         name = request.dataset
-        table = self.tables.lance_table(name, "search")
+        self.tables.require(name, "search")
         schema = self.tables.schema(name)
         vector_column, dimension = self._vector_column(request, schema)
         metric = request.metric or table_metric(schema)
         columns = self._columns(request, schema)
         if request.filter is not None:
             self.check_filter(request.filter)
-        plan = SearchPlan(request, table, vector_column, dimension, metric, columns, schema)
+        plan = SearchPlan(request, self.tables, vector_column, dimension, metric, columns, schema)
         if request.vector is not None:
             plan.query_vectors(request.vector)
         return plan

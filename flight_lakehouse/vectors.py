@@ -1,4 +1,4 @@
-"""Vector tables: Lance tables (through lancedb) beside the Iceberg datasets, under the same root.
+"""Vector tables: Lance tables beside the Iceberg datasets, under the same root.
 
 A dataset whose schema holds a vector column (``fixed_size_list<float32|float16>``) is a Lance table at
 ``<root>/lance/<name>.lance``. :class:`VectorTables` opens, lists, describes, writes and maintains them;
@@ -52,6 +52,8 @@ MAX_DIMENSION = 65_536
 #: Uploaded batches reach Lance in slices of about this size: every step between Flight and Lance (the
 #: aligned copy, lancedb's own vector checks, Lance's write buffers) holds a few batches at once.
 SLICE_BYTES = 2 << 20
+#: Column data Lance buffers while it writes a file (its default: 8 MiB per column).
+WRITE_BUFFER_BYTES = 4 << 20
 
 
 def vector_columns(schema: pa.Schema) -> dict[str, int]:
@@ -83,6 +85,8 @@ def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:
     lowered = message.lower()
     if "commit conflict" in lowered or "retryable" in lowered or "concurrent" in lowered:
         return Unavailable(f"{doing}: a concurrent write won; retry ({message})")
+    if "invalid user input" in lowered or "schema error" in lowered:  # pylance raises these as OSError
+        return InvalidArgument(f"{doing}: {message}")
     if isinstance(exc, OSError) or any(
         word in lowered for word in ("object store", "io error", "connection", "timed out", "dispatch")
     ):
@@ -91,15 +95,53 @@ def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:
     return InvalidArgument(f"{doing}: {message}")
 
 
-def summary(name: str, stats: dict[str, Any], versions: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``list_datasets`` entry of a Lance table from its stats and versions."""
+def summary(name: str, dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``list_datasets`` entry of a Lance table from its dataset and versions."""
     return {
         "name": name,
         "format": "lance",
-        "rows": int(stats["num_rows"]),
-        "bytes": int(stats["total_bytes"]),
+        "rows": dataset.count_rows(),
+        "bytes": total_bytes(dataset, versions),
         "updated_at": iso(versions[-1]["timestamp"]),
     }
+
+
+def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
+    """Bytes of the table's current data files and indexes (deleted versions' files not counted)."""
+    current = next((v for v in versions if v["version"] == dataset.version), versions[-1])
+    data = int(current.get("metadata", {}).get("total_files_size", 0) or 0)
+    return data + sum(index.total_size_bytes or 0 for index in dataset.describe_indices())
+
+
+#: Lance's index types as ``create_index`` names them.
+INDEX_KINDS = {
+    "IVF_PQ": "ivf_pq",
+    "IVF_HNSW_SQ": "ivf_hnsw_sq",
+    "BTree": "btree",
+    "Bitmap": "bitmap",
+    "Inverted": "fts",
+}
+
+
+def indexes(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
+    """The built indexes of ``dataset``."""
+    found = []
+    for index in dataset.describe_indices():
+        stats = dataset.index_statistics(index.name)
+        details = stats.get("indices") or [{}]
+        kind = str(stats.get("index_type", ""))
+        found.append(
+            {
+                "name": index.name,
+                "column": index.field_names[0] if index.field_names else None,
+                "kind": INDEX_KINDS.get(kind, kind.lower()),
+                "state": "ready",
+                "metric": details[0].get("metric_type"),
+                "indexed_rows": stats.get("num_indexed_rows"),
+                "unindexed_rows": stats.get("num_unindexed_rows"),
+            }
+        )
+    return found
 
 
 def iso(value: datetime) -> str:
@@ -110,14 +152,24 @@ def iso(value: datetime) -> str:
 
 
 class VectorTables:
-    """The Lance tables under the root: one lancedb connection, one open handle per table."""
+    """The Lance tables under the root: one pylance dataset per table, lancedb handles opened on demand.
+
+    Lance itself (pylance) opens, lists, describes, writes and reads the tables. lancedb runs what only
+    it offers: its query builders for searches answered by Lance, typed index configurations, and
+    ``optimize``. It loads on the first of those: each of the two libraries carries its own copy of
+    Lance, and lancedb costs a server about 100 MB of RSS (its imports, its code pages) that a server
+    ingesting and serving tables from memory never needs.
+    """
 
     def __init__(self, storage: Storage, settings: Settings, catalog: DatasetCatalog) -> None:
         self.storage = storage
         self.settings = settings
         self.catalog = catalog
         self._db: DBConnection | None = None
-        self._tables: dict[str, LanceTable] = {}
+        #: The newest version of each table this server knows, and when the store was last asked.
+        self._datasets: dict[str, lance.LanceDataset] = {}
+        self._checked: dict[str, float] = {}
+        self._queryable: dict[str, LanceTable] = {}
         self._schemas: dict[str, pa.Schema] = {}
         self._guard = threading.Lock()
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
@@ -125,14 +177,26 @@ class VectorTables:
         #: Called with a table's name after each commit to it by this server, and after it is dropped.
         self.on_commit: list[Callable[[str], None]] = []
         self.on_drop: list[Callable[[str], None]] = []
-        self._versions: dict[str, int] = {}
         if self._folder_exists():
-            self._tables.update(self._stored_tables())
+            for name, dataset in self._stored_tables().items():
+                self._adopt(name, dataset)
 
     def _folder_exists(self) -> bool:
-        """Whether the Lance folder exists: without it, lancedb (seconds of imports) loads on first write."""
-        path = self.storage.fs_path(self.storage.lance_uri)
-        return self.storage.filesystem.get_file_info(path).type == pafs.FileType.Directory
+        """Whether the Lance folder exists: without it, Lance (a second of imports) loads on first write."""
+        return self.storage.filesystem.get_file_info(self._folder).type == pafs.FileType.Directory
+
+    @property
+    def _folder(self) -> str:
+        return self.storage.fs_path(self.storage.lance_uri)
+
+    def _uri(self, name: str) -> str:
+        return f"{self.storage.lance_uri}/{name}.lance"
+
+    def _open(self, name: str) -> lance.LanceDataset:
+        """The newest version of ``name``, read from the store."""
+        import lance
+
+        return lance.dataset(self._uri(name), storage_options=self.storage.lance_storage_options())
 
     @property
     def _connection(self) -> DBConnection:
@@ -147,21 +211,33 @@ class VectorTables:
             )
         return self._db
 
-    def _stored_tables(self) -> dict[str, LanceTable]:
+    def _stored_tables(self) -> dict[str, lance.LanceDataset]:
         """Tables with at least one version (an object store may keep the folder of a dropped one)."""
+        selector = pafs.FileSelector(self._folder, allow_not_found=True)
         tables = {}
-        for name in self._connection.list_tables().tables:
+        for info in self.storage.filesystem.get_file_info(selector):
+            if info.type != pafs.FileType.Directory or not info.base_name.endswith(".lance"):
+                continue
+            name = info.base_name.removesuffix(".lance")
             try:
-                tables[name] = self._connection.open_table(name)
+                tables[name] = self._open(name)
             except Exception:  # no manifest: an empty folder left behind
                 log.debug("skipping %s: not a Lance table", name, exc_info=True)
         return tables
+
+    def _adopt(self, name: str, dataset: lance.LanceDataset) -> None:
+        """Make ``dataset`` the known newest version of ``name`` (never going back to an older one)."""
+        with self._guard:
+            known = self._datasets.get(name)
+            if known is None or dataset.version >= known.version:
+                self._datasets[name] = dataset
+            self._checked[name] = time.monotonic()
 
     # -- names -----------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Every Lance table, sorted."""
         with self._guard:
-            return sorted(self._tables)
+            return sorted(self._datasets)
 
     def find(self, name: str) -> str | None:
         """The stored name equal to ``name`` ignoring case, if any."""
@@ -171,40 +247,76 @@ class VectorTables:
     def exists(self, name: str) -> bool:
         """Whether the Lance table ``name`` exists."""
         with self._guard:
-            return name in self._tables
+            return name in self._datasets
+
+    def require(self, name: str, doing: str) -> None:
+        """Refuse ``doing`` on anything but a Lance table: INVALID_ARGUMENT for Parquet, else NOT_FOUND."""
+        if self.exists(name):
+            return
+        if self.catalog.exists(name):
+            raise InvalidArgument(f"{doing} serves Lance tables; dataset {name!r} is Parquet")
+        raise NotFound(f"dataset {name!r} not found")
+
+    def _known(self, name: str) -> lance.LanceDataset:
+        with self._guard:
+            dataset = self._datasets.get(name)
+        if dataset is None:
+            raise NotFound(f"dataset {name!r} not found")
+        return dataset
 
     def table(self, name: str) -> LanceTable:
-        """The open handle of ``name``."""
+        """lancedb's handle of ``name`` (for its query builders, index builds and optimize)."""
+        self._known(name)
         with self._guard:
-            table = self._tables.get(name)
+            table = self._queryable.get(name)
         if table is None:
-            raise NotFound(f"dataset {name!r} not found")
+            table = self._connection.open_table(name)
+            with self._guard:
+                table = self._queryable.setdefault(name, table)
         return table
 
     def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
-        """The Lance dataset of ``name`` at ``version`` (current when None), pinned for one query."""
-        table = self.table(name)
+        """The Lance dataset of ``name`` at ``version`` (the newest when None), pinned for one query.
+
+        The newest is what this server committed last, or what the store holds when the last look is
+        older than ``lance_refresh_seconds`` (commits by other processes)."""
         if version is None:
-            return table.to_lance()
+            if time.monotonic() - self._checked.get(name, 0.0) >= self.settings.lance_refresh_seconds:
+                self.refresh_version(name)
+            return self._known(name)
         try:
-            return table.to_lance().checkout_version(version)
+            return self._known(name).checkout_version(version)
+        except NotFound:
+            raise
         except Exception:
             raise NotFound(f"version {version} of dataset {name!r} not found") from None
 
     def version(self, name: str) -> int:
         """The table's current version as this server knows it (updated by its own commits)."""
-        known = self._versions.get(name)
-        return known if known is not None else self.refresh_version(name)
+        return self._known(name).version
 
     def refresh_version(self, name: str) -> int:
-        """The table's current version, asking Lance (commits by other processes included)."""
-        version = self.table(name).version
-        self._versions[name] = version
-        return version
+        """The table's current version, asking the store (commits by other processes included)."""
+        known = self._known(name)
+        try:
+            latest = known.latest_version
+        except Exception:  # dropped by another process: its last version stays readable until noticed
+            log.debug("cannot read the versions of %s", name, exc_info=True)
+            return known.version
+        self._adopt(name, known if latest == known.version else known.checkout_version(latest))
+        return self._known(name).version
 
-    def committed(self, name: str) -> None:
-        """Record a commit by this server and tell the listeners (before the commit's call returns)."""
-        self.refresh_version(name)
+    def committed(self, name: str, dataset: lance.LanceDataset | None = None) -> None:
+        """Record a commit by this server (``dataset``: the version it made, else read from the store)
+        and tell the listeners, before the commit's call returns."""
+        if dataset is None:
+            self.refresh_version(name)
+        else:
+            self._adopt(name, dataset)
+        with self._guard:
+            queryable = self._queryable.get(name)
+        if queryable is not None:
+            queryable.checkout_latest()
         for listener in self.on_commit:
             listener(name)
 
@@ -213,66 +325,40 @@ class VectorTables:
         creation (``check_compatible``), and asking Lance costs ~0.4 ms, a third of an in-memory search."""
         schema = self._schemas.get(name)
         if schema is None:
-            schema = self._schemas[name] = self.table(name).schema
+            schema = self._schemas[name] = self._known(name).schema
         return schema
 
     # -- catalog actions -------------------------------------------------------------------------
-    def lance_table(self, name: str, doing: str) -> LanceTable:
-        """The table ``doing`` works on: INVALID_ARGUMENT for a Parquet dataset, NOT_FOUND for none."""
-        if not self.exists(name) and self.catalog.exists(name):
-            raise InvalidArgument(f"{doing} serves Lance tables; dataset {name!r} is Parquet")
-        return self.table(name)
-
     def summarise(self, name: str) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
-        table = self.table(name)
-        return summary(name, table.stats(), table.list_versions())
+        dataset = self.dataset(name)
+        return summary(name, dataset, dataset.versions())
 
     def describe(self, name: str, building: list[dict[str, Any]]) -> dict[str, Any]:
         """Schema, vector columns, versions and indexes (``building``: builds not finished yet)."""
-        table = self.table(name)
+        dataset = self.dataset(name)
         schema = self.schema(name)
         vectors = vector_columns(schema)
-        stats = table.stats()
-        versions = table.list_versions()
-        facts = summary(name, stats, versions)
+        versions = dataset.versions()
+        facts = summary(name, dataset, versions)
         facts.update(
             {
                 "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
                 "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
-                "files": int(stats["fragment_stats"]["num_fragments"]),
-                "version": table.version,
+                "files": len(dataset.get_fragments()),
+                "version": dataset.version,
                 "versions": len(versions),
                 "vector_columns": vectors,
                 "dimension": next(iter(vectors.values()), None),
                 "metric": table_metric(schema),
-                "indexes": self.indexes(table) + building,
+                "indexes": indexes(dataset) + building,
             }
         )
         return facts
 
-    @staticmethod
-    def indexes(table: LanceTable) -> list[dict[str, Any]]:
-        """The table's built indexes."""
-        found = []
-        for index in table.list_indices():
-            stats = table.index_stats(index.name)
-            found.append(
-                {
-                    "name": index.name,
-                    "column": index.columns[0] if index.columns else None,
-                    "kind": str(stats.index_type).lower() if stats else str(index.index_type).lower(),
-                    "state": "ready",
-                    "metric": stats.distance_type if stats else None,
-                    "indexed_rows": stats.num_indexed_rows if stats else None,
-                    "unindexed_rows": stats.num_unindexed_rows if stats else None,
-                }
-            )
-        return found
-
     def history(self, name: str) -> list[dict[str, Any]]:
         """The table's versions, newest first."""
-        versions = self.table(name).list_versions()
+        versions = self.dataset(name).versions()
         current = versions[-1]["version"] if versions else None
         return [
             {
@@ -288,53 +374,66 @@ class VectorTables:
         """Drop a Lance table and delete its files."""
         with self.catalog.write_lock(name):
             with self._guard:
-                if self._tables.pop(name, None) is None:
+                if self._datasets.pop(name, None) is None:
                     raise NotFound(f"dataset {name!r} not found")
+                self._queryable.pop(name, None)
                 self._schemas.pop(name, None)
+                self._checked.pop(name, None)
                 self.generation += 1
-                self._versions.pop(name, None)
-            self._connection.drop_table(name, ignore_missing=True)
+            self._delete_folder(name)
         for listener in self.on_drop:
             listener(name)
         log.info("dropped Lance table %s", name)
 
+    def _delete_folder(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.storage.filesystem.delete_dir(self.storage.fs_path(self._uri(name)))
+
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
-        table = self.table(name)
+        dataset = self._writable(name)
         try:
-            result = table.delete(where)
+            result = dataset.delete(where)
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
-        self.committed(name)
-        return {"dataset": name, "rows_deleted": result.num_deleted_rows, "version": result.version}
+        self.committed(name, dataset)
+        return {"dataset": name, "rows_deleted": result["num_deleted_rows"], "version": dataset.version}
+
+    def _writable(self, name: str) -> lance.LanceDataset:
+        """A handle of its own for a commit: Lance moves the handle it commits with to the new version,
+        and the shared one may be in use by a query."""
+        known = self._known(name)
+        return known.checkout_version(known.version)
 
     def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
         """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
-        table = self.table(name)
-        before = table.stats()
-        versions_before = len(table.list_versions())
+        before = self.dataset(name)
+        versions = before.versions()
+        versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
         try:
             with warnings_silenced():
-                table.optimize(cleanup_older_than=timedelta(seconds=older_than_seconds))
+                self.table(name).optimize(cleanup_older_than=timedelta(seconds=older_than_seconds))
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
         self.committed(name)
-        after = table.stats()
+        after = self.dataset(name)
+        versions = after.versions()
+        bytes_after = total_bytes(after, versions)
         return {
             "dataset": name,
-            "version": table.version,
-            "fragments_before": int(before["fragment_stats"]["num_fragments"]),
-            "fragments_after": int(after["fragment_stats"]["num_fragments"]),
+            "version": after.version,
+            "fragments_before": len(before.get_fragments()),
+            "fragments_after": len(after.get_fragments()),
             "versions_before": versions_before,
-            "versions_after": len(table.list_versions()),
-            "bytes_before": int(before["total_bytes"]),
-            "bytes_after": int(after["total_bytes"]),
-            "bytes_removed": max(0, int(before["total_bytes"]) - int(after["total_bytes"])),
+            "versions_after": len(versions),
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "bytes_removed": max(0, bytes_before - bytes_after),
             "seconds": round(time.monotonic() - started, 3),
         }
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- writes ----------------------------------------------------------------------------------
     def write(self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> dict:
         """Write one upload as one new version (a new table when missing); refused uploads write nothing."""
         name = options.dataset
@@ -346,18 +445,22 @@ class VectorTables:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
         if self.exists(name):
-            result = self._write_existing(options, schema, batches)
+            result, dataset = self._write_existing(options, schema, batches)
         else:
             with self.catalog.write_lock(name):
                 if self.exists(name):  # created meanwhile: write into it
-                    result = self._write_existing(options, schema, batches)
+                    result, dataset = self._write_existing(options, schema, batches)
                 else:
-                    result = self._create(options, schema, batches)
-        self.committed(name)
+                    result, dataset = self._create(options, schema, batches)
+        self.committed(name, dataset)
         result.update(dataset=name, format="lance", seconds=round(time.monotonic() - started, 3))
         return result
 
-    def _create(self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> dict:
+    def _create(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> tuple[dict, lance.LanceDataset]:
+        import lance
+
         name = options.dataset
         twin = self.catalog.find(name) or self.find(name)
         if twin is not None:
@@ -371,24 +474,32 @@ class VectorTables:
             batches = itertools.chain([first], batches)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
         try:
-            table = self._connection.create_table(name, data=stream.reader(), schema=plan.table_schema)
+            dataset = lance.write_dataset(
+                stream.reader(),
+                self._uri(name),
+                schema=plan.table_schema,
+                mode="create",
+                data_cache_bytes=WRITE_BUFFER_BYTES,
+                storage_options=self.storage.lance_storage_options(),
+            )
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                self._connection.drop_table(name, ignore_missing=True)
+                self._delete_folder(name)
             raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
         with self._guard:
-            self._tables[name] = table
             self.generation += 1
+        self._adopt(name, dataset)
         log.info("created Lance table %s (%d rows)", name, stream.rows)
-        return {"rows_written": stream.rows, "version": table.version, "created": True}
+        return {"rows_written": stream.rows, "version": dataset.version, "created": True}, dataset
 
     def _write_existing(
         self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
-    ) -> dict:
+    ) -> tuple[dict, lance.LanceDataset]:
+        import lance
+
         name = options.dataset
         if options.mode == "create":
             raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
-        table = self.table(name)
         metric = table_metric(self.schema(name))
         if options.metric is not None and options.metric != metric:
             raise InvalidArgument(
@@ -396,23 +507,32 @@ class VectorTables:
             )
         plan = UploadPlan.for_table(self.schema(name), schema, options)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        dataset = self._writable(name)
         result: dict[str, Any] = {"created": False}
         try:
             if options.mode == "upsert":
                 merged = (
-                    table.merge_insert(options.key)
+                    dataset.merge_insert(options.key)
                     .when_matched_update_all()
                     .when_not_matched_insert_all()
                     .execute(stream.reader())
                 )
-                result.update(rows_inserted=merged.num_inserted_rows, rows_updated=merged.num_updated_rows)
+                result.update(
+                    rows_inserted=merged["num_inserted_rows"], rows_updated=merged["num_updated_rows"]
+                )
             else:
-                mode = "overwrite" if options.mode == "overwrite" else "append"
-                table.add(stream.reader(), mode=mode)
+                dataset = lance.write_dataset(
+                    stream.reader(),
+                    dataset,
+                    schema=plan.table_schema,
+                    mode="overwrite" if options.mode == "overwrite" else "append",
+                    data_cache_bytes=WRITE_BUFFER_BYTES,
+                    storage_options=self.storage.lance_storage_options(),
+                )
         except BaseException as exc:
             raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None
-        result.update(rows_written=stream.rows, version=table.version)
-        return result
+        result.update(rows_written=stream.rows, version=dataset.version)
+        return result, dataset
 
 
 @contextlib.contextmanager

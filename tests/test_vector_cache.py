@@ -615,6 +615,39 @@ def test_zero_budget_serves_nothing_from_memory(tmp_path: Path) -> None:
         assert not [a for a in stored_files(root) if a.endswith(".hnsw.npz")], "a graph was saved"
 
 
+def lancedb_loaded(server: ServerProcess) -> bool:
+    """Whether the server process has lancedb's native library mapped."""
+    return "_lancedb" in Path(f"/proc/{server.pid}/maps").read_text()
+
+
+def test_ingesting_and_serving_never_load_lancedb(tmp_path: Path) -> None:
+    """Writes, catalog actions, SQL and in-memory searches go through Lance alone: lancedb (its own copy
+    of Lance, ~100 MB of RSS) loads only for what needs it, here an index build, which then works."""
+    with running_server(str(tmp_path / "lakehouse")) as server:
+        name = "lean"
+        server.put(name, vec_table(range(SMALL_ROWS), SMALL), mode="create", metric="l2")
+        server.put(name, vec_table([SMALL_ROWS], SMALL[:1]), mode="append")
+        server.put(name, vec_table([0], SMALL[1:2]), mode="upsert", key="id")
+        assert server.action("delete_rows", {"dataset": name, "where": "id = 1"})["rows_deleted"] == 1
+        described = wait_for_serving(server, name)
+        assert described["version"] == 4 and described["rows"] == SMALL_ROWS
+        assert [entry["version"] for entry in server.action("dataset_history", {"dataset": name})] == [
+            4,
+            3,
+            2,
+            1,
+        ]
+        assert server.sql(f"SELECT count(*) AS n FROM {name}").column("n").to_pylist() == [SMALL_ROWS]
+        found = search(server, body(name, SMALL[5], k=3))
+        assert ids_of(found)[0] == 5
+        assert not lancedb_loaded(server)
+
+        server.action("create_index", {"dataset": name, "column": "id", "kind": "btree"})
+        assert lancedb_loaded(server)
+        indexes = server.action("describe_dataset", {"dataset": name})["indexes"]
+        assert [(e["column"], e["kind"], e["state"]) for e in indexes] == [("id", "btree", "ready")]
+
+
 def test_dropping_a_served_table_frees_its_copy(tmp_path: Path) -> None:
     """Once dropped, a table's in-memory copy is gone: nothing, not even the idle build worker, holds it
     (it once did until the next commit, so a re-ingest ran with both in memory)."""
