@@ -96,6 +96,8 @@ def serve(**options: object) -> None:
     faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
     # lancedb's Rust logger (read at import): warnings only from DEBUG down, errors otherwise
     os.environ.setdefault("LANCEDB_LOG", "warn" if settings.log_level == "DEBUG" else "error")
+    # describe_dataset reads index statistics: without this, Lance adds every IVF centroid to them
+    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:

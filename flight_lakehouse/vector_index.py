@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -23,7 +23,27 @@ from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vectors import VectorTables, lance_error, table_metric, vector_columns
 
+if TYPE_CHECKING:
+    import lance
+
 VECTOR_KINDS = ("ivf_pq", "ivf_hnsw_sq")
+#: lancedb's HNSW build defaults, kept when the builds moved to Lance's own API.
+HNSW_M, HNSW_EF_CONSTRUCTION = 20, 300
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How Lance builds one index: its type name and build options (Lance's defaults for the rest)."""
+
+    lance_type: str  # IVF_PQ, IVF_HNSW_SQ, BTREE, BITMAP, INVERTED
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, dataset: lance.LanceDataset, column: str, name: str, replace: bool) -> None:
+        """Build the index on ``dataset`` (Lance commits it as a new version)."""
+        if self.lance_type.startswith("IVF_"):
+            dataset.create_index(column, self.lance_type, name=name, replace=replace, **self.options)
+        else:
+            dataset.create_scalar_index(column, self.lance_type, name=name, replace=replace, **self.options)
 
 
 @dataclass
@@ -68,9 +88,9 @@ class IndexBuilder:
 
     def create(self, request: CreateIndex) -> dict[str, Any]:
         """Check and start a build; wait up to ``index_wait_seconds`` for it."""
-        table = self.tables.table(request.dataset)
-        config = index_config(request, self.tables.schema(request.dataset))
-        existing = [index for index in table.list_indices() if request.column in index.columns]
+        dataset = self.tables.dataset(request.dataset)
+        spec = index_spec(request, self.tables.schema(request.dataset))
+        existing = [index for index in dataset.describe_indices() if request.column in index.field_names]
         if existing and not request.replace:
             raise AlreadyExists(
                 f"column {request.column!r} of {request.dataset!r} has index {existing[0].name!r}; "
@@ -84,9 +104,9 @@ class IndexBuilder:
                 raise Unavailable(
                     f"an index on {request.dataset}.{request.column} is being built; retry later"
                 )
-            build = IndexBuild(request.dataset, request.column, request.kind, name, table.count_rows())
+            build = IndexBuild(request.dataset, request.column, request.kind, name, dataset.count_rows())
             self._builds[key] = build
-            build.future = self._executor.submit(self._build, build, config, request.replace)
+            build.future = self._executor.submit(self._build, build, spec, request.replace)
         answer = {"dataset": request.dataset, "index": name, "column": request.column, "kind": request.kind}
         try:
             build.future.result(timeout=self.settings.index_wait_seconds)
@@ -96,11 +116,11 @@ class IndexBuilder:
             raise InvalidArgument(build.error)
         return {**answer, "state": "ready"}
 
-    def _build(self, build: IndexBuild, config: Any, replace: bool) -> None:
+    def _build(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
         build.started_at = time.monotonic()
         try:
-            table = self.tables.table(build.dataset)
-            table.create_index(build.column, config=config, replace=replace, name=build.name)
+            dataset = self.tables.writable(build.dataset)
+            spec.build(dataset, build.column, build.name, replace)
             self.tables.committed(build.dataset)
         except Exception as exc:
             error = lance_error(
@@ -131,10 +151,8 @@ class IndexBuilder:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def index_config(request: CreateIndex, schema: pa.Schema) -> Any:
-    """The lancedb index configuration of ``request``, refusing kinds that do not fit the column."""
-    from lancedb.index import FTS, Bitmap, BTree, HnswSq, IvfPq
-
+def index_spec(request: CreateIndex, schema: pa.Schema) -> IndexSpec:
+    """How Lance builds the index of ``request``, refusing kinds that do not fit the column."""
     if request.column not in schema.names:
         raise InvalidArgument(f"unknown column {request.column!r} in dataset {request.dataset!r}")
     column_type = schema.field(request.column).type
@@ -151,16 +169,16 @@ def index_config(request: CreateIndex, schema: pa.Schema) -> Any:
                 raise InvalidArgument(
                     f"num_sub_vectors {request.num_sub_vectors} must divide the dimension {dimension}"
                 )
-            return IvfPq(
-                distance_type=metric,
-                num_partitions=request.num_partitions,
-                num_sub_vectors=request.num_sub_vectors,
-            )
-        options = {"m": request.m, "ef_construction": request.ef_construction}
-        return HnswSq(
-            distance_type=metric,
-            num_partitions=request.num_partitions,
-            **{key: value for key, value in options.items() if value is not None},
+            sub_vectors = request.num_sub_vectors or suggested_sub_vectors(dimension)
+            return IndexSpec("IVF_PQ", partitions(request, metric=metric, num_sub_vectors=sub_vectors))
+        return IndexSpec(
+            "IVF_HNSW_SQ",
+            partitions(
+                request,
+                metric=metric,
+                m=request.m or HNSW_M,
+                ef_construction=request.ef_construction or HNSW_EF_CONSTRUCTION,
+            ),
         )
     vector_only = {"metric", "num_partitions", "num_sub_vectors", "m", "ef_construction"}
     given = sorted(key for key in vector_only if getattr(request, key) is not None)
@@ -171,9 +189,24 @@ def index_config(request: CreateIndex, schema: pa.Schema) -> Any:
             raise InvalidArgument(
                 f"index kind 'fts' needs a string column; {request.column!r} is {column_type}"
             )
-        return FTS()
+        return IndexSpec("INVERTED")  # Lance's defaults, the same as lancedb's FTS()
     if request.column in vectors or pa.types.is_nested(column_type) or pa.types.is_binary(column_type):
         raise InvalidArgument(
             f"index kind {request.kind!r} needs a scalar column; {request.column!r} is {column_type}"
         )
-    return BTree() if request.kind == "btree" else Bitmap()
+    return IndexSpec(request.kind.upper())
+
+
+def partitions(request: CreateIndex, **options: Any) -> dict[str, Any]:
+    """``options`` with the requested IVF partitions, if any (else Lance sizes them by the row count)."""
+    if request.num_partitions is not None:
+        options["num_partitions"] = request.num_partitions
+    return options
+
+
+def suggested_sub_vectors(dimension: int) -> int:
+    """lancedb's default PQ sub-vectors: a sixteenth of the dimension, else an eighth, else one."""
+    for share in (16, 8):
+        if dimension % share == 0:
+            return dimension // share
+    return 1

@@ -154,11 +154,10 @@ def iso(value: datetime) -> str:
 class VectorTables:
     """The Lance tables under the root: one pylance dataset per table, lancedb handles opened on demand.
 
-    Lance itself (pylance) opens, lists, describes, writes and reads the tables. lancedb runs what only
-    it offers: its query builders for searches answered by Lance, typed index configurations, and
-    ``optimize``. It loads on the first of those: each of the two libraries carries its own copy of
-    Lance, and lancedb costs a server about 100 MB of RSS (its imports, its code pages) that a server
-    ingesting and serving tables from memory never needs.
+    Lance itself (pylance) opens, lists, describes, writes, indexes and reads the tables. lancedb runs
+    the searches Lance answers (its query builders), and loads on the first of them: each of the two
+    libraries carries its own copy of Lance, and lancedb costs a server about 90 MB of RSS (its imports,
+    its code pages) that a server ingesting, indexing and serving tables from memory never needs.
     """
 
     def __init__(self, storage: Storage, settings: Settings, catalog: DatasetCatalog) -> None:
@@ -179,7 +178,7 @@ class VectorTables:
         self.on_drop: list[Callable[[str], None]] = []
         if self._folder_exists():
             for name, dataset in self._stored_tables().items():
-                self._adopt(name, dataset)
+                self._adopt(name, dataset, new=True)
 
     def _folder_exists(self) -> bool:
         """Whether the Lance folder exists: without it, Lance (a second of imports) loads on first write."""
@@ -225,13 +224,18 @@ class VectorTables:
                 log.debug("skipping %s: not a Lance table", name, exc_info=True)
         return tables
 
-    def _adopt(self, name: str, dataset: lance.LanceDataset) -> None:
-        """Make ``dataset`` the known newest version of ``name`` (never going back to an older one)."""
+    def _adopt(self, name: str, dataset: lance.LanceDataset, new: bool = False) -> None:
+        """Make ``dataset`` the known newest version of ``name`` (never going back to an older one).
+        Only a ``new`` table is added: a late commit or refresh does not bring back a dropped one."""
         with self._guard:
             known = self._datasets.get(name)
+            if known is None and not new:
+                return
             if known is None or dataset.version >= known.version:
                 self._datasets[name] = dataset
             self._checked[name] = time.monotonic()
+            if known is None:
+                self.generation += 1
 
     # -- names -----------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -265,7 +269,7 @@ class VectorTables:
         return dataset
 
     def table(self, name: str) -> LanceTable:
-        """lancedb's handle of ``name`` (for its query builders, index builds and optimize)."""
+        """lancedb's handle of ``name``, for its query builders (loads lancedb on first use)."""
         self._known(name)
         with self._guard:
             table = self._queryable.get(name)
@@ -391,7 +395,7 @@ class VectorTables:
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
-        dataset = self._writable(name)
+        dataset = self.writable(name)
         try:
             result = dataset.delete(where)
         except Exception as exc:
@@ -399,7 +403,7 @@ class VectorTables:
         self.committed(name, dataset)
         return {"dataset": name, "rows_deleted": result["num_deleted_rows"], "version": dataset.version}
 
-    def _writable(self, name: str) -> lance.LanceDataset:
+    def writable(self, name: str) -> lance.LanceDataset:
         """A handle of its own for a commit: Lance moves the handle it commits with to the new version,
         and the shared one may be in use by a query."""
         known = self._known(name)
@@ -412,8 +416,10 @@ class VectorTables:
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
         try:
-            with warnings_silenced():
-                self.table(name).optimize(cleanup_older_than=timedelta(seconds=older_than_seconds))
+            dataset = self.writable(name)
+            dataset.optimize.compact_files()
+            dataset.optimize.optimize_indices()  # rows added since an index was built join it
+            dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
         self.committed(name)
@@ -486,9 +492,7 @@ class VectorTables:
             with contextlib.suppress(Exception):
                 self._delete_folder(name)
             raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
-        with self._guard:
-            self.generation += 1
-        self._adopt(name, dataset)
+        self._adopt(name, dataset, new=True)
         log.info("created Lance table %s (%d rows)", name, stream.rows)
         return {"rows_written": stream.rows, "version": dataset.version, "created": True}, dataset
 
@@ -507,7 +511,7 @@ class VectorTables:
             )
         plan = UploadPlan.for_table(self.schema(name), schema, options)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
-        dataset = self._writable(name)
+        dataset = self.writable(name)
         result: dict[str, Any] = {"created": False}
         try:
             if options.mode == "upsert":
@@ -533,16 +537,6 @@ class VectorTables:
             raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None
         result.update(rows_written=stream.rows, version=dataset.version)
         return result, dataset
-
-
-@contextlib.contextmanager
-def warnings_silenced() -> Iterator[None]:
-    """lancedb warns about short retention periods; the caller asked for them."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 @dataclass
