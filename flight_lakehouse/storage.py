@@ -99,11 +99,11 @@ class Storage(abc.ABC):
 
     @property
     def lance_uri(self) -> str:
-        """The lancedb database (a folder of ``<name>.lance`` tables) beside the Iceberg tables."""
+        """The Lance folder (a ``<name>.lance`` table each) beside the Iceberg tables."""
         return self.uri("lance")
 
     def lance_storage_options(self) -> dict[str, str]:
-        """lancedb/Lance object-store options for this storage."""
+        """Lance (pylance and lancedb) object-store options for this storage."""
         return {}
 
     def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook

@@ -1,8 +1,9 @@
 """Vector, full-text and hybrid search over the Lance tables, for one query or a stream of them.
 
 One :class:`SearchPlan` per request: the request is checked once against the table (columns, vector
-column, metric, filter, query vectors), then lancedb's query builder runs it. The action, the DoGet
-ticket and DoExchange all go through :meth:`VectorSearch.plan`.
+column, metric, filter, query vectors). The in-memory copy answers k-NN searches it serves; Lance answers
+the others (a batch nearest query through pylance), and lancedb's query builder runs full-text and hybrid
+searches. The action, the DoGet ticket and DoExchange all go through :meth:`VectorSearch.plan`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ MAX_EXCHANGE_ROWS = 1_000_000
 DISTANCE = "_distance"
 SCORE = "_score"
 QUERY_INDEX = "_query_index"
+#: The column Lance tags batch-query rows with (int32).
+LANCE_QUERY_INDEX = "query_index"
+#: IVF partitions searched when the request does not say (lancedb's default, kept).
+DEFAULT_NPROBES = 20
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class SearchPlan:
 
     @property
     def table(self) -> LanceTable:
-        """lancedb's handle of the table, for a search Lance answers (loads lancedb on first use)."""
+        """lancedb's handle of the table, for full-text and hybrid search (loads lancedb on first use)."""
         return self.tables.table(self.request.dataset)
 
     @cached_property
@@ -198,15 +203,10 @@ class VectorSearch:
             tagged = rows.add_column(0, QUERY_INDEX, pa.array(query_rows + first_row, pa.int64()))
             yield from tagged.cast(plan.exchange_schema).to_batches()
             return
-        builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
-        result = self._run(plan, builder)
-        if "query_index" in result.column_names:  # lancedb tags rows only when given several vectors
-            indexes = pc.add(result.column("query_index").cast(pa.int64()), first_row)
-        else:
-            indexes = pa.array(np.full(result.num_rows, first_row, dtype=np.int64))
+        result = self._lance_nearest(plan, matrix)
+        indexes = pc.add(result.column(LANCE_QUERY_INDEX).cast(pa.int64()), first_row)
         result = result.append_column(QUERY_INDEX, indexes)
-        result = result.select(plan.exchange_schema.names).cast(plan.exchange_schema)
-        yield from result.sort_by([(QUERY_INDEX, "ascending"), (DISTANCE, "ascending")]).to_batches()
+        yield from result.select(plan.exchange_schema.names).cast(plan.exchange_schema).to_batches()
 
     def _nearest(self, plan: SearchPlan, vector: np.ndarray) -> pa.Table:
         """The k nearest rows of one query vector.
@@ -257,15 +257,36 @@ class VectorSearch:
 
     def _nearest_from_lance(self, plan: SearchPlan, matrix: np.ndarray) -> list[pa.Table]:
         """One table per query vector (rows of ``matrix``) from one Lance query with ``plan``'s parameters."""
-        if len(matrix) == 1:
-            builder = plan.table.search(matrix[0], vector_column_name=plan.vector_column)
-            return [self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)]
-        builder = plan.table.search(list(matrix), vector_column_name=plan.vector_column)
-        result = self._run(plan, builder).sort_by([("query_index", "ascending"), (DISTANCE, "ascending")])
-        owners = result.column("query_index").to_numpy()
+        result = self._lance_nearest(plan, matrix)
+        owners = result.column(LANCE_QUERY_INDEX).to_numpy()
         bounds = np.searchsorted(owners, np.arange(len(matrix) + 1))
         rows = result.select(plan.result_schema.names).cast(plan.result_schema)
         return [rows.slice(start, stop - start) for start, stop in itertools.pairwise(bounds)]
+
+    def _lance_nearest(self, plan: SearchPlan, matrix: np.ndarray) -> pa.Table:
+        """The k nearest rows of every query vector (rows of ``matrix``) in one Lance batch query, tagged
+        with Lance's ``query_index``, by query then distance. The first ``nprobes`` partitions are searched,
+        more only while fewer than k rows pass the filter."""
+        request = plan.request
+        nearest: dict[str, Any] = {
+            "column": plan.vector_column,
+            "q": matrix,
+            "k": request.k,
+            "metric": plan.metric,
+            "minimum_nprobes": request.nprobes or DEFAULT_NPROBES,
+        }
+        if request.refine_factor is not None:
+            nearest["refine_factor"] = request.refine_factor
+        if request.ef is not None:
+            nearest["ef"] = request.ef
+        dataset = self.tables.dataset(request.dataset)
+        try:
+            result = dataset.to_table(
+                columns=plan.columns, filter=request.filter, prefilter=True, nearest=nearest
+            )
+        except Exception as exc:
+            raise lance_error(exc, self.tables.storage.root_uri, f"search on {request.dataset!r}") from None
+        return result.sort_by([(LANCE_QUERY_INDEX, "ascending"), (DISTANCE, "ascending")])
 
     def _from_memory(self, plan: SearchPlan, queries: np.ndarray) -> tuple[pa.Table, np.ndarray] | None:
         """The result rows (and the query each answers) from the in-memory graph, if it can serve."""
@@ -296,9 +317,9 @@ class VectorSearch:
         return served.metric == plan.metric and served.vector_column == plan.vector_column
 
     def _run(self, plan: SearchPlan, builder: LanceQueryBuilder) -> pa.Table:
+        """A full-text or hybrid search through lancedb's query builder."""
         request = plan.request
-        full_text_only = request.text is not None and request.vector is None
-        if not full_text_only:
+        if request.vector is not None:  # hybrid: the vector half
             builder = builder.distance_type(plan.metric)
             if request.nprobes is not None:
                 builder = builder.nprobes(request.nprobes)

@@ -154,10 +154,10 @@ def iso(value: datetime) -> str:
 class VectorTables:
     """The Lance tables under the root: one pylance dataset per table, lancedb handles opened on demand.
 
-    Lance itself (pylance) opens, lists, describes, writes, indexes and reads the tables. lancedb runs
-    the searches Lance answers (its query builders), and loads on the first of them: each of the two
-    libraries carries its own copy of Lance, and lancedb costs a server about 90 MB of RSS (its imports,
-    its code pages) that a server ingesting, indexing and serving tables from memory never needs.
+    Lance itself (pylance) opens, lists, describes, writes, indexes, reads and k-NN searches the tables.
+    lancedb runs full-text and hybrid searches (its query builders), and loads on the first of them: each
+    of the two libraries carries its own copy of Lance, and lancedb costs a server about 90 MB of RSS (its
+    imports, its code pages) that a server ingesting, indexing and searching vectors never needs.
     """
 
     def __init__(self, storage: Storage, settings: Settings, catalog: DatasetCatalog) -> None:
@@ -269,7 +269,7 @@ class VectorTables:
         return dataset
 
     def table(self, name: str) -> LanceTable:
-        """lancedb's handle of ``name``, for its query builders (loads lancedb on first use)."""
+        """lancedb's handle of ``name``, for full-text and hybrid search (loads lancedb on first use)."""
         self._known(name)
         with self._guard:
             table = self._queryable.get(name)

@@ -621,8 +621,9 @@ def lancedb_loaded(server: ServerProcess) -> bool:
 
 
 def test_ingesting_and_serving_never_load_lancedb(tmp_path: Path) -> None:
-    """Writes, catalog actions, index builds, optimize, SQL and in-memory searches go through Lance alone:
-    lancedb (its own copy of Lance, ~90 MB of RSS) loads only for a search Lance answers, which works."""
+    """Writes, catalog actions, index builds, optimize, SQL and k-NN searches (from memory or from Lance)
+    go through Lance alone: lancedb (its own copy of Lance, ~90 MB of RSS) loads only for a full-text or
+    hybrid search, which then works."""
     with running_server(str(tmp_path / "lakehouse")) as server:
         name = "lean"
         server.put(name, vec_table(range(SMALL_ROWS), SMALL), mode="create", metric="l2")
@@ -633,18 +634,22 @@ def test_ingesting_and_serving_never_load_lancedb(tmp_path: Path) -> None:
         server.action("optimize", {"dataset": name})
         described = wait_for_serving(server, name)
         assert described["rows"] == SMALL_ROWS
-        assert [(e["column"], e["kind"], e["state"]) for e in described["indexes"]] == [
-            ("id", "btree", "ready")
-        ]
+        indexes = [(e["column"], e["kind"], e["state"]) for e in described["indexes"]]
+        assert indexes == [("id", "btree", "ready")]
         history = server.action("dataset_history", {"dataset": name})
         assert [entry["version"] for entry in history][-4:] == [4, 3, 2, 1]
         assert server.sql(f"SELECT count(*) AS n FROM {name}").column("n").to_pylist() == [SMALL_ROWS]
         assert ids_of(search(server, body(name, SMALL[5], k=3)))[0] == 5
+        by_cosine = search(server, body(name, SMALL[5], k=3, metric="cosine"))  # Lance: not the copy's metric
+        assert by_cosine.num_rows == 3 and ids_of(by_cosine)[0] == 5
         assert not lancedb_loaded(server)
 
-        by_cosine = search(server, body(name, SMALL[5], k=3, metric="cosine"))  # not the copy's metric
+        notes = ["apples and pears", "a quiet harbour at dawn", "pears in syrup"]
+        server.put("notes", vec_table(range(3), SMALL[:3], note=notes), mode="create", metric="l2")
+        server.action("create_index", {"dataset": "notes", "column": "note", "kind": "fts"})
+        found = search(server, {"dataset": "notes", "text": "harbour", "k": 3, "columns": ["id"]})
         assert lancedb_loaded(server)
-        assert by_cosine.num_rows == 3 and ids_of(by_cosine)[0] == 5
+        assert found.column("id").to_pylist() == [1]
 
 
 def test_dropping_a_served_table_frees_its_copy(tmp_path: Path) -> None:
