@@ -194,7 +194,7 @@ class VectorCache:
 
     def _handle(self, name: str) -> None:
         """Refresh ``name``'s copy; a method of its own so that no local of this loop outlives the work
-        (the idle worker once kept a dropped table's copy, 80 MB at 100k x 384, until the next commit)."""
+        (the idle worker once kept a dropped table's copy, ~70 MB at 100k x 384, until the next commit)."""
         entry = self._entries.get(name)
         try:
             self._refresh(name)

@@ -176,17 +176,8 @@ class VectorTables:
         #: Called with a table's name after each commit to it by this server, and after it is dropped.
         self.on_commit: list[Callable[[str], None]] = []
         self.on_drop: list[Callable[[str], None]] = []
-        if self._folder_exists():
-            for name, dataset in self._stored_tables().items():
-                self._adopt(name, dataset, new=True)
-
-    def _folder_exists(self) -> bool:
-        """Whether the Lance folder exists: without it, Lance (a second of imports) loads on first write."""
-        return self.storage.filesystem.get_file_info(self._folder).type == pafs.FileType.Directory
-
-    @property
-    def _folder(self) -> str:
-        return self.storage.fs_path(self.storage.lance_uri)
+        for name, dataset in self._stored_tables().items():
+            self._adopt(name, dataset, new=True)
 
     def _uri(self, name: str) -> str:
         return f"{self.storage.lance_uri}/{name}.lance"
@@ -211,8 +202,9 @@ class VectorTables:
         return self._db
 
     def _stored_tables(self) -> dict[str, lance.LanceDataset]:
-        """Tables with at least one version (an object store may keep the folder of a dropped one)."""
-        selector = pafs.FileSelector(self._folder, allow_not_found=True)
+        """Tables with at least one version (an object store may keep the folder of a dropped one).
+        Lance (a second of imports) loads only when there is one."""
+        selector = pafs.FileSelector(self.storage.fs_path(self.storage.lance_uri), allow_not_found=True)
         tables = {}
         for info in self.storage.filesystem.get_file_info(selector):
             if info.type != pafs.FileType.Directory or not info.base_name.endswith(".lance"):
