@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import traceback
 import uuid
@@ -113,8 +114,8 @@ def storage_fault(exc: OSError) -> str:
     aws = re.search(r"AWS Error ([A-Z_]+)", text)
     if aws:
         return f"S3 {aws.group(1)}"
-    if exc.strerror:
-        return exc.strerror
+    if exc.errno:  # pyarrow's strerror is its whole message, server paths included
+        return os.strerror(exc.errno)
     return "I/O error"
 
 

@@ -1,18 +1,22 @@
 """Streaming ingest: a DoPut stream becomes rolling Parquet files and, at its end, one Iceberg commit.
 
 Nothing is visible before the commit; a stream that fails or is cut off deletes the files it wrote.
+Every client stream (DoPut to Parquet or Lance, DoExchange query vectors) is read under
+:func:`reading_upload` and each of its batches passes :func:`validated` before anything else uses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 from pyiceberg.io.pyarrow import parquet_file_to_data_file
@@ -20,11 +24,69 @@ from pyiceberg.table import TableProperties, Transaction
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, SchemaConflict, Unavailable
+from flight_lakehouse.errors import (
+    AlreadyExists,
+    Cancelled,
+    ClientError,
+    InvalidArgument,
+    NotFound,
+    SchemaConflict,
+    Unavailable,
+)
+from flight_lakehouse.sandbox import first_line
 from flight_lakehouse.schema_types import canonical_type, storage_schema
 from flight_lakehouse.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+#: The longest part of an Arrow error message quoted back to a client.
+MAX_DETAIL = 200
+
+
+@contextlib.contextmanager
+def reading_upload(is_cancelled: Callable[[], bool]) -> Iterator[None]:
+    """Read a client's stream: what fails there is the client's input (INVALID_ARGUMENT), or its cancel.
+
+    pyarrow raises malformed IPC (garbage headers, truncated bodies, a second schema) as ``OSError``,
+    which would otherwise pass for a storage fault and tell the client to retry the same bytes.
+    """
+    try:
+        yield
+    except (ClientError, flight.FlightError, MemoryError):
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        if is_cancelled():
+            raise Cancelled("upload cancelled by the client; nothing was committed") from None
+        raise InvalidArgument(f"malformed upload: not a valid Arrow IPC stream ({detail(exc)})") from None
+
+
+def validated(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` once it is valid Arrow throughout (offsets, buffer sizes, dictionary indices, UTF-8).
+
+    Nothing unchecked may reach a writer, cast or query: bad offsets crash them instead of raising.
+    """
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as exc:
+        raise InvalidArgument(invalid_batch(batch, exc)) from None
+    return batch
+
+
+def invalid_batch(batch: pa.RecordBatch, exc: pa.ArrowException) -> str:
+    """The refusal of a batch that failed validation, naming its first invalid column."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=False):
+        try:
+            column.validate(full=True)
+        except pa.ArrowException as column_exc:
+            return f"column {name!r} of the upload is not valid Arrow: {detail(column_exc)}"
+    return f"uploaded batch is not valid Arrow: {detail(exc)}"
+
+
+def detail(exc: BaseException) -> str:
+    """The first line of an Arrow error, cut to :data:`MAX_DETAIL` characters."""
+    line = first_line(exc)
+    return line if len(line) <= MAX_DETAIL else line[: MAX_DETAIL - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from flight_lakehouse.errors import (
     client_safe_iter,
     install_traceback_filter,
 )
-from flight_lakehouse.ingest import IngestSession
+from flight_lakehouse.ingest import IngestSession, reading_upload, validated
 from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
@@ -232,12 +232,13 @@ class LakehouseServer(flight.FlightServerBase):
         writer: flight.FlightMetadataWriter,
     ) -> None:
         options = self._ingest_options(descriptor)
+        schema = uploaded_schema(reader, context)
         batches = uploaded_batches(reader, context)
         try:
-            if self._is_lance(options, reader.schema):
-                result = self.vectors.write(options, reader.schema, batches)
+            if self._is_lance(options, schema):
+                result = self.vectors.write(options, schema, batches)
             else:
-                result = self._ingest_parquet(options, reader.schema, batches)
+                result = self._ingest_parquet(options, schema, batches)
         finally:
             release_unused_memory()
         writer.write(pa.py_buffer(json_bytes(result)))
@@ -370,12 +371,24 @@ class LakehouseServer(flight.FlightServerBase):
         return validate_dataset_name(path[0])
 
 
+def uploaded_schema(reader: flight.MetadataRecordBatchReader, context: flight.ServerCallContext) -> pa.Schema:
+    """The schema a client stream announces (a stream without one is refused)."""
+    with reading_upload(context.is_cancelled):
+        return reader.schema
+
+
 def uploaded_batches(
     reader: flight.MetadataRecordBatchReader, context: flight.ServerCallContext
 ) -> Iterator[pa.RecordBatch]:
-    """The record batches of a client stream; a stream the client cut off raises instead of ending."""
-    for chunk in reader:
+    """The record batches of a client stream, each fully validated before anything uses it; malformed
+    IPC is the client's error, and a stream the client cut off raises instead of ending."""
+    chunks = iter(reader)
+    while True:
+        with reading_upload(context.is_cancelled):
+            chunk = next(chunks, None)
+        if chunk is None:
+            break
         if chunk.data is not None:
-            yield chunk.data
+            yield validated(chunk.data)
     if context.is_cancelled():  # a client that died mid-stream can look like a finished one
         raise Cancelled("upload cancelled by the client; nothing was committed")

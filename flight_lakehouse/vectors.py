@@ -552,6 +552,7 @@ class UploadPlan:
         target = schema.remove_metadata()
         marked = options.vector_column
         if marked is not None:
+            marked_field(target, marked)  # its type, before its first row is measured
             target = mark_vector_column(target, marked, first_dimension(first, marked))
         metric = options.metric or DEFAULT_METRIC
         vectors = vector_columns(target)
@@ -660,10 +661,26 @@ def aligned(batch: pa.RecordBatch, alignment: int = 64) -> pa.RecordBatch:
     Buffers received over Flight can sit at any address; Lance (arrow-rs) aborts the process on
     misaligned buffers instead of raising, so they are copied first.
     """
-    for column in batch.columns:
-        if any(buffer is not None and buffer.address % alignment for buffer in column.buffers()):
-            return pa.concat_batches([batch])  # new buffers, of the slice's rows only (copy_to: all rows)
-    return batch
+    columns = batch.columns
+    if all(is_aligned(column, alignment) for column in columns):
+        return batch
+    copies = [column if is_aligned(column, alignment) else copied(column) for column in columns]
+    return pa.RecordBatch.from_arrays(copies, schema=batch.schema)
+
+
+def is_aligned(column: pa.Array, alignment: int) -> bool:
+    """Whether every buffer of ``column`` (its dictionary's too) starts at a multiple of ``alignment``."""
+    buffers = column.buffers()
+    if pa.types.is_dictionary(column.type):
+        buffers += column.dictionary.buffers()
+    return not any(buffer is not None and buffer.address % alignment for buffer in buffers)
+
+
+def copied(column: pa.Array) -> pa.Array:
+    """``column`` in new buffers of its rows only (a dictionary is copied too: concatenation keeps it)."""
+    if pa.types.is_dictionary(column.type):
+        return pa.DictionaryArray.from_arrays(copied(column.indices), pa.concat_arrays([column.dictionary]))
+    return pa.concat_arrays([column])
 
 
 def check_dimensions(vectors: dict[str, int]) -> None:
@@ -696,18 +713,26 @@ def check_compatible(table: pa.Schema, upload: pa.Schema, dataset: str) -> None:
             raise SchemaConflict(f"column {field.name!r} of dataset {dataset!r} is missing from the upload")
 
 
-def mark_vector_column(schema: pa.Schema, name: str, dimension: int) -> pa.Schema:
-    """``schema`` with the list column ``name`` as ``fixed_size_list<float32>`` (dimension from data)."""
+def marked_field(schema: pa.Schema, name: str) -> pa.Field:
+    """The upload's column ``name``, marked as the vector column: refused unless it holds lists of floats."""
     if name not in schema.names:
         raise InvalidArgument(f"vector_column {name!r} is not a column of the upload")
     field = schema.field(name)
     if pa.types.is_fixed_size_list(field.type) and field.type.value_type in VECTOR_VALUE_TYPES:
-        return schema
+        return field
     if not (
         (pa.types.is_list(field.type) or pa.types.is_large_list(field.type))
         and pa.types.is_floating(field.type.value_type)
     ):
         raise InvalidArgument(f"vector_column {name!r} must be a list of floats, got {field.type}")
+    return field
+
+
+def mark_vector_column(schema: pa.Schema, name: str, dimension: int) -> pa.Schema:
+    """``schema`` with the list column ``name`` as ``fixed_size_list<float32>`` (dimension from data)."""
+    field = marked_field(schema, name)
+    if pa.types.is_fixed_size_list(field.type):
+        return schema
     index = schema.get_field_index(name)
     return schema.set(index, pa.field(name, pa.list_(pa.float32(), dimension), field.nullable))
 
