@@ -7,6 +7,7 @@ Each model refuses unknown fields and wrong types; a refusal names the field and
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -17,6 +18,11 @@ from flight_lakehouse.errors import InvalidArgument
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 MAX_COMMAND_BYTES = 1 << 20
 MAX_SQL_CHARS = 100_000
+#: orjson's own nesting limit for JSON arrays and objects; deeper documents are refused.
+MAX_JSON_DEPTH = 1024
+#: How refusals show an offending value: a few levels of a nested one (a full repr of a deep one recurses).
+VALUE_REPR = reprlib.Repr()
+VALUE_REPR.maxlevel, VALUE_REPR.maxstring, VALUE_REPR.maxother = 4, 160, 160
 
 DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
@@ -165,7 +171,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         return f"unknown field {where!r}"
     if first["type"] == "missing":
         return f"missing field {where!r}"
-    value = repr(first.get("input"))
+    value = VALUE_REPR.repr(first.get("input"))
     if len(value) > 80:
         value = value[:77] + "..."
     message = first["msg"]
@@ -182,7 +188,9 @@ def decode_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
         return {}
     try:
         value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise too_deep(what) from None
         value = decode_json_leniently(raw, what)
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {type(value).__name__}")
@@ -196,6 +204,13 @@ def decode_json_leniently(raw: bytes | str, what: str) -> Any:
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep(what) from None
+
+
+def too_deep(what: str) -> InvalidArgument:
+    """The refusal of a JSON document nested past :data:`MAX_JSON_DEPTH`."""
+    return InvalidArgument(f"{what} is nested too deeply (JSON depth limit {MAX_JSON_DEPTH})")
 
 
 def parse_model(model: type[M], payload: dict[str, Any]) -> M:

@@ -1,19 +1,24 @@
 """The SQL sandbox: user SQL may read the registered datasets and nothing else.
 
-Two walls. First, the statement is checked here on DuckDB's own parse tree: exactly one read-only
-SELECT, whose tables are datasets or its own CTEs, whose table functions are generators, and which calls
-no introspection function. Second, the DuckDB database that runs it has external access switched off
-(only the snapshot's data files are allowed paths) and its configuration locked (see ``query.py``).
+Two walls. First, every SQL fragment a client sends (a query, a scan, search or delete filter) is checked
+here on DuckDB's own parse tree: exactly one read-only SELECT (or one predicate), whose tables are datasets
+or CTEs in scope (resolved with DuckDB's scoping rules), whose table functions are generators, whose
+functions are DuckDB built-ins that read neither the catalog nor the settings, and whose nesting is bounded
+before DuckDB binds or plans it. Second, the DuckDB databases that run it have external access switched off
+(only the snapshot's data files are allowed paths), their configuration locked, and time and memory limits
+(see ``query.py`` and ``vector_cache.py``).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import duckdb
+import orjson
 
 from flight_lakehouse.commands import NAME_PATTERN
 from flight_lakehouse.errors import InvalidArgument, NotFound
@@ -29,10 +34,75 @@ BLOCKED_FUNCTIONS = frozenset(
         "query",
         "query_table",
         "glob",
+        "sleep_ms",
+        "pg_sleep",
+        "write_log",
+        "parse_duckdb_log_message",
     }
 )
 LOCAL_SCHEMAS = frozenset({"", "main"})
 LOCAL_CATALOGS = frozenset({"", "memory"})
+#: Nested SELECTs (derived tables, CTE bodies, subqueries) a query may hold, the outermost counted: nesting
+#: multiplies DuckDB's planning work (24 nested aggregating derived tables took 5 s, 16 took 0.03 s).
+MAX_QUERY_DEPTH = 16
+#: Subquery expressions (scalar, EXISTS, IN) nested inside each other, which cost more: each level of
+#: ``(SELECT max(...) FROM t)`` roughly quadruples planning (8 levels: 0.03 s, 10: 0.4 s, 12: 6 s).
+MAX_SUBQUERY_DEPTH = 8
+#: Nested expressions (function calls, operators, casts ...) on one path of the parse tree.
+MAX_EXPRESSION_DEPTH = 200
+TOO_DEEP = (
+    f"query is nested too deeply (limits: {MAX_QUERY_DEPTH} nested SELECTs, {MAX_SUBQUERY_DEPTH} nested "
+    f"subquery expressions, {MAX_EXPRESSION_DEPTH} nested expressions)"
+)
+PIVOT_REFUSED = (
+    "PIVOT without an IN list is not supported (DuckDB runs it as several statements); list the values, "
+    "e.g. PIVOT t ON col IN ('a', 'b') USING sum(x), or use conditional aggregation such as "
+    "sum(x) FILTER (WHERE col = 'a')"
+)
+
+
+@dataclass(frozen=True)
+class DuckdbNames:
+    """What a fresh DuckDB database knows: the functions queries may call, the catalog views they may not
+    read (nor shadow with a CTE: a CTE named like one would vouch for the real view elsewhere)."""
+
+    functions: frozenset[str]
+    catalog_views: frozenset[str]
+
+
+@functools.cache
+def duckdb_names() -> DuckdbNames:
+    """The function allow-list and the catalog view names of this DuckDB version (computed once)."""
+    with duckdb.connect(":memory:") as connection:
+        rows = connection.execute(
+            "SELECT lower(function_name), bool_or(coalesce(macro_definition, '') ILIKE '%select%') "
+            "FROM duckdb_functions() WHERE function_type IN ('scalar', 'aggregate', 'macro') GROUP BY 1"
+        ).fetchall()
+        # a macro holding a query reads the catalog behind the check (pg_get_viewdef: duckdb_views())
+        functions = {
+            name for name, reads in rows if not reads and not is_blocked(name)
+        } | SAFE_TABLE_FUNCTIONS
+        candidates = connection.execute(
+            "SELECT DISTINCT lower(view_name) FROM duckdb_views() WHERE internal "
+            "UNION SELECT DISTINCT lower(function_name) FROM duckdb_functions() "
+            "WHERE function_type IN ('table', 'table_macro')"
+        ).fetchall()
+        views = {name for (name,) in candidates if resolves(connection, name)}
+    return DuckdbNames(frozenset(functions), frozenset(views))
+
+
+def is_blocked(function: str) -> bool:
+    """Whether a function name is refused outright (introspection, settings, files, sleeping)."""
+    return function.startswith(BLOCKED_FUNCTION_PREFIXES) or function in BLOCKED_FUNCTIONS
+
+
+def resolves(connection: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether ``FROM name`` (unqualified) binds to something in ``connection``."""
+    try:
+        connection.execute(f'SELECT * FROM "{name}" LIMIT 0')
+    except duckdb.Error:
+        return False
+    return True
 
 
 def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> set[str]:
@@ -41,6 +111,9 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
     Returns the datasets the query names (lower-case).
     """
     statements = parse_statements(connection, sql)
+    generated = len(statements) > 1 and not statements[0].query  # DuckDB's expansion of one statement
+    if generated and re.search(r"\bpivot\b", sql, re.IGNORECASE):
+        raise InvalidArgument(PIVOT_REFUSED)
     if len(statements) != 1:
         raise InvalidArgument(f"expected exactly one SQL statement, got {len(statements)}")
     kind = statements[0].type
@@ -48,21 +121,18 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
         raise InvalidArgument(
             f"only SELECT queries are allowed; writes go through DoPut and actions (got {kind.name})"
         )
-    tree = serialize(connection, sql)
-    # CTE names count only when they are plain identifiers: a CTE named like a file path could
-    # otherwise vouch for a file read elsewhere in the query, outside the CTE's scope.
-    ctes = {name.lower() for name in cte_names(tree) if re.fullmatch(NAME_PATTERN, name)}
-    readable = datasets | ctes
-    named: set[str] = set()
-    for node in walk(tree):
-        table = check_node(node, readable)
-        if table is not None:
-            named.add(table)
-    return named & datasets
+    return check_tree(serialize(connection, sql), datasets) & datasets
 
 
-def check_predicate(connection: duckdb.DuckDBPyConnection, predicate: str) -> None:
-    """Refuse a scan filter that is not exactly one boolean expression (e.g. one closing its parenthesis)."""
+def check_predicate(
+    connection: duckdb.DuckDBPyConnection, predicate: str, datasets: set[str] | None = None
+) -> set[str]:
+    """Refuse a filter that is not exactly one boolean expression passing the checks of queries.
+
+    Subqueries are refused unless ``datasets`` (lower-case) says what they may read; a search or delete
+    filter is evaluated row by row outside the query engine and may read nothing. Returns the datasets the
+    predicate names.
+    """
     tree = serialize(connection, f"SELECT * FROM __scan WHERE ({predicate}\n)")
     statements = tree.get("statements", [])
     node = statements[0].get("node", {}) if len(statements) == 1 else {}
@@ -76,6 +146,84 @@ def check_predicate(connection: duckdb.DuckDBPyConnection, predicate: str) -> No
     )
     if not single:
         raise InvalidArgument(f"filter must be one SQL predicate: {predicate[:200]!r}")
+    where = node.get("where_clause")
+    if datasets is None and any("cte_map" in part for part in walk(where)):
+        raise InvalidArgument("a filter may not contain a subquery")
+    return check_tree(where, datasets or set()) & (datasets or set())
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A part of the parse tree still to check: the CTE names in scope there and how deep it is."""
+
+    node: Any
+    ctes: frozenset[str] = frozenset()
+    queries: int = 0
+    subqueries: int = 0
+    expressions: int = 0
+
+
+def check_tree(tree: Any, datasets: set[str]) -> set[str]:
+    """Check every table reference, function call and nesting level of a parse tree.
+
+    A table name is readable when it is a dataset or a CTE in scope at that reference: a CTE is visible in
+    the body of the query node defining it and in the CTEs that follow it in the same WITH, and inside its
+    own definition only in the recursive branch of a WITH RECURSIVE (DuckDB binds any other self-reference
+    to the catalog). Returns the lower-case table names the tree reads.
+    """
+    named: set[str] = set()
+    stack = [Frame(tree)]
+    while stack:
+        frame = stack.pop()
+        if isinstance(frame.node, list):
+            stack.extend(replace(frame, node=item) for item in frame.node)
+        elif isinstance(frame.node, dict):
+            stack.extend(check_object(frame, datasets, named))
+    return named
+
+
+def check_object(frame: Frame, datasets: set[str], named: set[str]) -> Iterator[Frame]:
+    """Check one JSON object of the parse tree; yields its children to check, with their scopes."""
+    node: dict[str, Any] = frame.node
+    depth = replace(
+        frame,
+        queries=frame.queries + ("cte_map" in node),
+        subqueries=frame.subqueries + (node.get("class") == "SUBQUERY"),
+        expressions=frame.expressions + ("class" in node),
+    )
+    if (
+        depth.queries > MAX_QUERY_DEPTH
+        or depth.subqueries > MAX_SUBQUERY_DEPTH
+        or depth.expressions > MAX_EXPRESSION_DEPTH
+    ):
+        raise InvalidArgument(TOO_DEEP)
+    ctes = frame.ctes
+    if "cte_map" in node:
+        entries = node["cte_map"].get("map", []) if isinstance(node["cte_map"], dict) else []
+        for entry in entries:
+            yield replace(depth, node=entry, ctes=ctes)  # sees the CTEs before it only
+            ctes = ctes | cte_name(entry)
+    table = check_node(node, datasets | ctes)
+    if table is not None:
+        named.add(table)
+    for key, value in node.items():
+        if key == "cte_map":
+            continue
+        scope = ctes
+        if node.get("type") == "RECURSIVE_CTE_NODE" and key == "right":
+            scope = ctes | {str(node.get("cte_name", "")).lower()}
+        yield replace(depth, node=value, ctes=scope)
+
+
+def cte_name(entry: dict[str, Any]) -> frozenset[str]:
+    """The name a CTE entry puts in scope (lower-case), refusing names of DuckDB's catalog views.
+
+    Only plain identifiers count: a CTE named like a file path vouches for nothing.
+    """
+    name = str(entry.get("key", ""))
+    if name.lower() in duckdb_names().catalog_views:
+        raise InvalidArgument(f"CTE name {name!r} is reserved: it names a DuckDB catalog view")
+    return frozenset({name.lower()}) if re.fullmatch(NAME_PATTERN, name) else frozenset()
 
 
 def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
@@ -84,6 +232,8 @@ def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[An
         return connection.extract_statements(sql)
     except duckdb.Error as exc:
         message = first_line(exc)
+        if "expression depth" in message:  # DuckDB's own parser limit (1000), far past ours
+            raise InvalidArgument(TOO_DEEP) from None
         if message.endswith("at end of input"):
             message += f" (the query ends with {sql.strip()[-40:]!r})"
         raise InvalidArgument(f"SQL syntax error: {message}") from None
@@ -92,7 +242,10 @@ def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[An
 def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
     """DuckDB's parse tree of a SELECT as JSON."""
     rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
-    tree = json.loads(rows[0][0]) if rows else {}
+    try:
+        tree = orjson.loads(rows[0][0]) if rows else {}
+    except orjson.JSONDecodeError:  # nested past orjson's depth limit (1024): far past ours
+        raise InvalidArgument(TOO_DEEP) from None
     if tree.get("error"):
         message = str(tree.get("error_message", "cannot parse the query"))
         if message.startswith("Only SELECT statements"):
@@ -116,15 +269,6 @@ def walk(tree: Any) -> Iterator[dict[str, Any]]:
             stack.extend(node)
 
 
-def cte_names(tree: dict[str, Any]) -> Iterator[str]:
-    """Names of every common table expression defined anywhere in the query."""
-    for node in walk(tree):
-        cte_map = node.get("cte_map")
-        if isinstance(cte_map, dict):
-            for entry in cte_map.get("map", []):
-                yield str(entry.get("key", ""))
-
-
 def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
     """Refuse a table reference or function call that reaches outside the datasets.
 
@@ -137,6 +281,8 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
         local = schema.lower() in LOCAL_SCHEMAS and catalog.lower() in LOCAL_CATALOGS
         if local and name.lower() in readable:
             return name.lower()
+        if local and name.lower() in duckdb_names().catalog_views:
+            raise NotFound(f"dataset {name!r} not found (DuckDB's catalog views are not readable)")
         if local and re.fullmatch(NAME_PATTERN, name):
             raise NotFound(f"dataset {name!r} not found")
         shown = ".".join(part for part in (catalog, schema, name) if part)
@@ -150,8 +296,8 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
             )
     elif node.get("class") == "FUNCTION":
         name = str(node.get("function_name", "")).lower()
-        if name.startswith(BLOCKED_FUNCTION_PREFIXES) or name in BLOCKED_FUNCTIONS:
-            raise InvalidArgument(f"function {name!r} is not allowed in queries")
+        if name not in duckdb_names().functions:
+            raise InvalidArgument(f"function {name!r} is not allowed in queries and filters")
     return None
 
 

@@ -22,7 +22,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from flight_lakehouse.errors import NotFound
+from flight_lakehouse.errors import NotFound, TimedOut, Unavailable
 from flight_lakehouse.memory import release_unused_memory
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vector_memory import (
@@ -61,6 +61,31 @@ class CacheEntry:
     dropped: threading.Event = field(default_factory=threading.Event)  # stops its build
 
 
+def filter_database(settings: Settings) -> duckdb.DuckDBPyConnection:
+    """The DuckDB database evaluating search filters on in-memory rows, locked down as query databases
+    are: no external access, no extension loading, the query memory limit, configuration locked."""
+    config: dict[str, str | int | bool] = {
+        "enable_external_access": False,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+    }
+    if settings.query_threads:
+        config["threads"] = settings.query_threads
+    if settings.query_memory_mb:
+        config["memory_limit"] = f"{settings.query_memory_mb}MB"
+    connection = duckdb.connect(":memory:", config=config)
+    connection.execute("SET lock_configuration = true")
+    return connection
+
+
+def interrupt(cursor: duckdb.DuckDBPyConnection) -> None:
+    """Interrupt what ``cursor`` runs (a filter past its time limit)."""
+    try:
+        cursor.interrupt()
+    except duckdb.Error:  # closed meanwhile: nothing left to interrupt
+        log.debug("interrupting a search filter failed", exc_info=True)
+
+
 class VectorCache:
     """Keeps Lance tables in memory for search, within the memory budget."""
 
@@ -77,7 +102,8 @@ class VectorCache:
         self._entries: dict[str, CacheEntry] = {}
         self._queue: dict[str, None] = {}
         self._guard = threading.Condition()
-        self._filters = duckdb.connect(":memory:", config={"enable_external_access": False})
+        self._filters = filter_database(settings)
+        self.filter_seconds = settings.query_timeout_seconds
         tables.on_commit.append(self.committed)
         tables.on_drop.append(self.forget)
         threading.Thread(target=self._work, name="vector-cache", daemon=True).start()
@@ -100,10 +126,17 @@ class VectorCache:
             size = served.size
             rows = served.columns.append_column(SLOT, pa.array(np.arange(size, dtype=np.int64)))
         cursor = self._filters.cursor()
+        timer = threading.Timer(self.filter_seconds, interrupt, [cursor])
+        timer.start()
         try:
             cursor.register("rows", rows)
             found = cursor.sql(f"SELECT {SLOT} FROM rows WHERE ({predicate}\n)").fetchnumpy()[SLOT]
+        except duckdb.InterruptException:
+            raise TimedOut(f"search filter exceeded the time limit of {self.filter_seconds:g} s") from None
+        except duckdb.OutOfMemoryException:
+            raise Unavailable("search filter ran out of memory") from None
         finally:
+            timer.cancel()
             cursor.close()
         mask = np.zeros(size, dtype=bool)
         mask[np.asarray(found, dtype=np.int64)] = True

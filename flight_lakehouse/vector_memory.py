@@ -433,14 +433,20 @@ class ServedTable:
 
     def rows(self, slots: np.ndarray, columns: list[str]) -> pa.Table:
         """The rows of ``slots`` with ``columns`` (in that order; the vector column included if named)."""
+        indices = pa.array(slots, pa.int64())
         with self.lock.reading():
-            others = [name for name in columns if name != self.vector_column]
-            table = self.columns.select(others).take(pa.array(slots, pa.int64()))
+            arrays = {
+                name: self.columns.column(name).take(indices)
+                for name in columns
+                if name != self.vector_column
+            }
             if self.vector_column in columns:
                 values = pa.array(self.vectors.read(slots).ravel(), pa.float32())
-                vectors = pa.FixedSizeListArray.from_arrays(values, self.dimension)
-                table = table.append_column(self.vector_column, vectors)
-        return table.select(columns)
+                arrays[self.vector_column] = pa.FixedSizeListArray.from_arrays(values, self.dimension)
+        # built from the arrays (a take of no columns would have no rows); no columns at all: just the count
+        if not columns:
+            return pa.table({"slot": indices}).select([])
+        return pa.table([arrays[name] for name in columns], names=columns)
 
     # -- following Lance -------------------------------------------------------------------------
     def pending_rows(self, dataset: lance.LanceDataset) -> int:

@@ -151,7 +151,7 @@ class VectorSearch:
         return list(dict.fromkeys(request.columns))
 
     def check_filter(self, predicate: str) -> None:
-        """Refuse a filter that is not exactly one SQL predicate."""
+        """Refuse a filter that is not exactly one SQL predicate passing the sandbox (no subqueries)."""
         with self._parser_guard:
             cursor = self._parser.cursor()
         try:
@@ -381,6 +381,10 @@ def query_matrix(batch: pa.RecordBatch, dimension: int) -> np.ndarray:
             f"query batches need a 'vector' column (or exactly one list column); got {names}"
         )
     column = batch.column(name)
+    if name not in lists or not (
+        pa.types.is_floating(column.type.value_type) or pa.types.is_integer(column.type.value_type)
+    ):
+        raise InvalidArgument(f"query column {name!r} must hold lists of numbers, got {column.type}")
     if column.null_count:
         raise InvalidArgument("a query vector is null")
     if pa.types.is_fixed_size_list(column.type):
