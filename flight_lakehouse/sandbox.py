@@ -50,6 +50,19 @@ MAX_QUERY_DEPTH = 16
 MAX_SUBQUERY_DEPTH = 8
 #: Nested expressions (function calls, operators, casts ...) on one path of the parse tree.
 MAX_EXPRESSION_DEPTH = 200
+#: Parse-tree nodes of a query with every CTE reference replaced by the CTE's body, as DuckDB's planner
+#: inlines them: a chain of CTEs each reading the previous one twice doubles it a level, and planning time
+#: with it (2^17 nodes: 0.25 s; every further level twice that).
+MAX_INLINED_NODES = 200_000
+TOO_LARGE = (
+    f"query is too large once its CTEs are expanded (limit {MAX_INLINED_NODES:,} parse-tree nodes); "
+    "a CTE read many times over is expanded each time"
+)
+NOT_MATERIALIZED = re.compile(r"\bnot\s+materialized\b", re.IGNORECASE)
+NOT_MATERIALIZED_REFUSED = (
+    "NOT MATERIALIZED is not allowed: it makes DuckDB expand a CTE at every reference, which can keep its "
+    "planner busy for minutes; leave the choice to DuckDB"
+)
 TOO_DEEP = (
     f"query is nested too deeply (limits: {MAX_QUERY_DEPTH} nested SELECTs, {MAX_SUBQUERY_DEPTH} nested "
     f"subquery expressions, {MAX_EXPRESSION_DEPTH} nested expressions)"
@@ -116,6 +129,8 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
         raise InvalidArgument(PIVOT_REFUSED)
     if len(statements) != 1:
         raise InvalidArgument(f"expected exactly one SQL statement, got {len(statements)}")
+    if NOT_MATERIALIZED.search(sql):  # the parse tree as JSON does not keep the hint: read the text
+        raise InvalidArgument(NOT_MATERIALIZED_REFUSED)
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
         raise InvalidArgument(
@@ -179,7 +194,35 @@ def check_tree(tree: Any, datasets: set[str]) -> set[str]:
             stack.extend(replace(frame, node=item) for item in frame.node)
         elif isinstance(frame.node, dict):
             stack.extend(check_object(frame, datasets, named))
+    inlined_size(tree, {})
     return named
+
+
+def inlined_size(tree: Any, ctes: dict[str, int]) -> int:
+    """The parse-tree nodes of ``tree`` with each CTE reference counted as its CTE's expanded body
+    (``ctes``: the sizes of the CTEs in scope); refuses a tree past :data:`MAX_INLINED_NODES`.
+
+    Recursion goes one level per nested WITH only (bounded by :data:`MAX_QUERY_DEPTH`)."""
+    total = 0
+    stack: list[tuple[Any, dict[str, int]]] = [(tree, ctes)]
+    while stack:
+        node, scope = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, scope) for item in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        total += 1
+        if isinstance(node.get("cte_map"), dict):
+            scope = dict(scope)
+            for entry in node["cte_map"].get("map", []):
+                scope[str(entry.get("key", "")).lower()] = inlined_size(entry.get("value"), scope)
+        if node.get("type") == "BASE_TABLE":
+            total += scope.get(str(node.get("table_name", "")).lower(), 0)
+        if total > MAX_INLINED_NODES:
+            raise InvalidArgument(TOO_LARGE)
+        stack.extend((value, scope) for key, value in node.items() if key != "cte_map")
+    return total
 
 
 def check_object(frame: Frame, datasets: set[str], named: set[str]) -> Iterator[Frame]:

@@ -22,6 +22,7 @@ import pytest
 from flight_lakehouse.errors import InvalidArgument, NotFound
 from flight_lakehouse.sandbox import (
     MAX_EXPRESSION_DEPTH,
+    MAX_INLINED_NODES,
     MAX_QUERY_DEPTH,
     MAX_SUBQUERY_DEPTH,
     check_predicate,
@@ -288,6 +289,44 @@ def test_deep_queries_are_refused_before_planning(hostile: ServerProcess, name: 
     assert time.monotonic() - started < 1.5
     limits = (str(limit) for limit in (MAX_QUERY_DEPTH, MAX_SUBQUERY_DEPTH, MAX_EXPRESSION_DEPTH))
     assert_invalid(exc, hostile, "nested too deeply", *limits)
+
+
+def fan_out(levels: int, hint: str = "") -> str:
+    """CTEs each reading the previous one twice: DuckDB's planner expands them, doubling a level."""
+    ctes = ["a0 AS (SELECT 1 AS x)"]
+    for level in range(1, levels + 1):
+        previous = f"a{level - 1}"
+        ctes.append(
+            f"a{level} AS {hint}(SELECT (SELECT x FROM {previous}) + (SELECT x FROM {previous}) AS x)"
+        )
+    return f"WITH {', '.join(ctes)} SELECT x FROM a{levels}"
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        (fan_out(15), f"{MAX_INLINED_NODES:,} parse-tree nodes"),
+        (fan_out(40), f"{MAX_INLINED_NODES:,} parse-tree nodes"),
+        (fan_out(3, "NOT MATERIALIZED "), "NOT MATERIALIZED is not allowed"),
+        (fan_out(3, "not\n  materialized "), "NOT MATERIALIZED is not allowed"),
+    ],
+    ids=["expands_15", "expands_40", "not_materialized", "not_materialized_lower"],
+)
+def test_cte_expansion_is_bounded_before_planning(sql: str, message: str) -> None:
+    """A query short as text that DuckDB's planner would expand for minutes is refused on its parse tree."""
+    connection = duckdb.connect()
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument, match=message):
+        check_select(connection, sql, set())
+    assert time.monotonic() - started < 1
+
+
+def test_cte_expansion_within_the_bound_runs(hostile: ServerProcess) -> None:
+    """12 doubling levels (94k nodes expanded) and recursive CTEs stay allowed and answer."""
+    assert hostile.sql(fan_out(12)).to_pylist() == [{"x": 4096}]
+    recursive = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 50) "
+    recursive += "SELECT sum(n) AS s FROM r"
+    assert hostile.sql(recursive).to_pylist() == [{"s": 1275}]
 
 
 def test_queries_within_the_limits_run(hostile: ServerProcess) -> None:
