@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -162,15 +163,19 @@ class DatasetCatalog:
         return rows
 
     def drop(self, name: str, if_exists: bool) -> bool:
-        """Drop a dataset and delete its files."""
+        """Drop a dataset: its name goes at once (and may be re-created); its files, as they are now, are
+        deleted once no running query reads them (:class:`~flight_lakehouse.storage.ReadLeases`)."""
+        location = self.table_location(name)
         with self.write_lock(name):
             if not self.exists(name):
                 if if_exists:
                     return False
                 raise NotFound(f"dataset {name!r} not found")
+            found = self.storage.listing(location)
             self.iceberg.drop_table(self.identifier(name))
-        self.storage.delete_tree(self.table_location(name))
-        log.info("dropped dataset %s", name)
+        delete = functools.partial(self.storage.delete_listed, location, found)
+        now = self.storage.leases.delete_when_unread(name, delete)
+        log.info("dropped dataset %s (files %s)", name, "deleted" if now else "kept for running queries")
         return True
 
     def refuse_case_twin(self, name: str) -> None:

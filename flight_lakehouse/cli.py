@@ -73,6 +73,10 @@ def main() -> None:
     "--insecure-no-auth", is_flag=True, default=None, help="Allow a non-loopback bind without auth."
 )
 @click.option("--query-timeout-seconds", type=float, default=None, help="Time limit of one query.")
+@click.option("--query-memory-mb", type=int, default=None, help="DuckDB memory limit (0: DuckDB's own).")
+@click.option(
+    "--result-buffer-mb", type=int, default=None, help="Memory for unsent result batches, all queries."
+)
 @click.option(
     "--vector-cache-mb", type=int, default=None, help="Memory for in-memory vector search (0: Lance only)."
 )
@@ -126,7 +130,11 @@ def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
     done.start()
     done.join(grace_seconds)
     if done.is_alive():
+        server.engine.stop_all()  # what still runs gets its error instead of a cut connection
+        done.join(min(grace_seconds, 1.0))
+    if done.is_alive():
         log.warning("running calls did not finish in %g s; exiting anyway", grace_seconds)
+    server.storage.leases.flush()  # files of dropped tables kept for the queries just ended
     server.engine.close()
     logging.shutdown()
     os._exit(0)
@@ -282,7 +290,8 @@ def rebuild(**options: object) -> None:
 @click.option("--dry-run/--apply", default=True, help="List only (default), or delete.")
 @click.option("--older-than-seconds", type=float, default=3600.0, show_default=True, help="Grace period.")
 def gc(dry_run: bool, older_than_seconds: float, **options: object) -> None:
-    """List or delete files under the root that no snapshot references (older than the grace period)."""
+    """List or delete files under the root that no snapshot or Lance version references (older than the
+    grace period)."""
     from flight_lakehouse.maintenance import collect_garbage
 
     found = collect_garbage(open_catalog(**options), older_than_seconds, apply=not dry_run)

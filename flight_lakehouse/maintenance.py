@@ -80,16 +80,75 @@ def referenced_files(catalog: DatasetCatalog) -> set[str]:
     return used
 
 
+def lance_tables(catalog: DatasetCatalog) -> dict[str, list[StoredFile]]:
+    """The files under each ``<name>.lance`` folder of the Lance root, by folder URI."""
+    base = catalog.storage.lance_uri
+    tables: dict[str, list[StoredFile]] = {}
+    for found in list_files(catalog, "lance"):
+        folder = found.uri.removeprefix(base + "/").split("/", 1)[0]
+        if folder.endswith(".lance"):
+            tables.setdefault(f"{base}/{folder}", []).append(found)
+    return tables
+
+
+def lance_referenced(catalog: DatasetCatalog, uri: str) -> set[str] | None:
+    """Paths (relative to the table) of the data, deletion and index files some version of the Lance table
+    at ``uri`` uses; None when no version can be opened (the folder of a dropped or never-made table)."""
+    import lance
+
+    try:
+        dataset = lance.dataset(uri, storage_options=catalog.storage.lance_storage_options())
+    except Exception:  # no manifest left
+        return None
+    used: set[str] = set()
+    for entry in dataset.versions():
+        version = dataset.checkout_version(entry["version"])
+        for fragment in version.get_fragments():
+            metadata = fragment.metadata
+            used.update(f"data/{data_file.path}" for data_file in metadata.data_files())
+            if metadata.deletion_file is not None:
+                used.add(metadata.deletion_file.path(metadata.id))
+        used.update(f"_indices/{index['uuid']}/" for index in version.list_indices())
+    return used
+
+
+#: Folders of a Lance table whose files only versions reference (manifests and transactions always stay).
+LANCE_VERSIONED = ("data/", "_deletions/", "_indices/")
+
+
+def lance_garbage(catalog: DatasetCatalog) -> list[StoredFile]:
+    """Files of Lance tables no version references (a crashed write's data files, say), and every file of
+    a Lance folder without a version (a dropped table's leftovers)."""
+    garbage: list[StoredFile] = []
+    for uri, files in lance_tables(catalog).items():
+        used = lance_referenced(catalog, uri)
+        for found in files:
+            relative = found.uri.removeprefix(uri + "/")
+            if used is None or (relative.startswith(LANCE_VERSIONED) and not is_used(relative, used)):
+                garbage.append(found)
+    return garbage
+
+
+def is_used(relative: str, used: set[str]) -> bool:
+    """Whether a Lance file is referenced: by its path, or as a file of a referenced index folder."""
+    if relative in used:
+        return True
+    parts = relative.split("/")
+    return len(parts) > 2 and f"{parts[0]}/{parts[1]}/" in used
+
+
 def garbage(catalog: DatasetCatalog, grace_seconds: float) -> list[StoredFile]:
-    """Unreferenced files and unfinished uploads under ``tables/``, older than the grace period."""
+    """Unreferenced files and unfinished uploads under ``tables/`` and ``lance/``, older than the grace
+    period."""
     used = {uri.removeprefix("file://") for uri in referenced_files(catalog)}
+    unused = [found for found in list_files(catalog, "tables") if found.uri not in used]
     cutoff = time.time() - grace_seconds
-    files = [
-        found for found in list_files(catalog, "tables") if found.uri not in used and found.modified < cutoff
-    ]
+    files = [found for found in [*unused, *lance_garbage(catalog)] if found.modified < cutoff]
+    storage = catalog.storage
     uploads = [
         StoredFile(uri, 0, started, upload_id)
-        for uri, upload_id, started in catalog.storage.pending_uploads(catalog.storage.uri("tables"))
+        for folder in ("tables", "lance")
+        for uri, upload_id, started in storage.pending_uploads(storage.uri(folder))
         if started < cutoff
     ]
     return files + uploads

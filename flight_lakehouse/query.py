@@ -1,9 +1,16 @@
 """SQL over the datasets: DuckDB on the current snapshots, streamed batch by batch, sandboxed.
 
-Each distinct state of the catalog (the set of current metadata files) gets its own in-memory DuckDB
-database with one view per dataset over exactly that snapshot's Parquet files. A query takes the
-database current when it starts and a cursor of its own, so it sees one snapshot of every dataset
-(read-your-writes on this server, never a mix) and runs in parallel with the others.
+A query reads only the datasets it names: the catalog's listing (one catalog query, no metadata file
+read) gives the names, the sandbox check the ones the query reads, and the query takes leases on those
+(a dropped dataset's files outlive the queries reading them) before their snapshots are loaded. Each
+distinct set of named datasets at their snapshots gets its own in-memory DuckDB database with one view per
+dataset over exactly that snapshot's Parquet files. A query takes a cursor of its own, so it sees one
+snapshot of every dataset it reads (read-your-writes on this server, never a mix) and runs in parallel
+with the others.
+
+Limits: the time limit covers planning (run on a thread of its own: DuckDB's optimizer ignores an
+interrupt), execution and a client that stops reading (its buffered batches are released and its next
+read fails); batches waiting to be sent count against one server-wide budget.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -26,12 +34,31 @@ from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.sandbox import check_predicate, check_select, first_line
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.storage import Storage, quote_literal
+from flight_lakehouse.storage import Lease, Storage, quote_literal
 from flight_lakehouse.vectors import VectorTables
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 128 * 1024
+#: Query databases kept for reuse (each a DuckDB instance over some datasets at their snapshots).
+CACHED_DATABASES = 16
+#: How often a query looks its datasets up again while drops keep racing with it.
+PIN_TRIES = 5
+#: How long a stopped query's planning may take to notice before it is abandoned.
+PLAN_GRACE_SECONDS = 0.2
+#: Stopped queries whose planning may still hold a core; past this, new queries are refused as busy
+#: (a client could otherwise start slow-planning queries faster than DuckDB finishes them).
+MAX_ABANDONED_PLANS = 2
+
+T = TypeVar("T")
+
+
+def interrupt(cursor: duckdb.DuckDBPyConnection) -> None:
+    """Interrupt what ``cursor`` runs (nothing when it is closed already)."""
+    try:
+        cursor.interrupt()
+    except duckdb.Error:
+        log.debug("interrupting a closed cursor", exc_info=True)
 
 
 def quote_identifier(name: str) -> str:
@@ -134,11 +161,19 @@ class SnapshotDatabase:
 
 
 @dataclass
+class Pinned:
+    """A query's database, with leases on the datasets it reads (their files outlive the query)."""
+
+    database: SnapshotDatabase
+    lease: Lease
+
+
+@dataclass
 class RunningQuery:
     """A query in flight, watched for cancellation and its deadline."""
 
     # Held until the query ends, so that a superseded database outlives every cursor still reading it.
-    database: SnapshotDatabase
+    pinned: Pinned
     cursor: duckdb.DuckDBPyConnection
     deadline: float
     #: Asks the query's Flight call whether the client went away; valid only while the call runs, so it
@@ -148,6 +183,16 @@ class RunningQuery:
     key: int = field(default=0)
     starting: bool = True  # the call is still inside DoGet (the watchdog may ask is_cancelled)
     finished: bool = False
+    #: Planning outlived the query's stop: the planning thread closes the cursor when DuckDB lets it go.
+    abandoned: bool = False
+    prefetch: Prefetcher | None = None
+
+    def stop(self, reason: str) -> None:
+        """End the query: interrupt DuckDB and release its buffered batches (its next read fails)."""
+        self.stop_reason = self.stop_reason or reason
+        if self.prefetch is not None:
+            self.prefetch.expire()
+        interrupt(self.cursor)
 
 
 class Watchdog:
@@ -179,6 +224,12 @@ class Watchdog:
         with self._guard:
             query.starting = False
 
+    def stop_all(self, reason: str) -> None:
+        """Stop every running query (at shutdown)."""
+        with self._guard:
+            for query in self._queries.values():
+                self._stop(query, reason)
+
     def _run(self) -> None:
         while True:
             time.sleep(self._interval)
@@ -191,31 +242,94 @@ class Watchdog:
                     if query.stop_reason is None:
                         self._check(query, now)
 
-    @staticmethod
-    def _check(query: RunningQuery, now: float) -> None:
+    @classmethod
+    def _check(cls, query: RunningQuery, now: float) -> None:
         try:
             if query.starting and query.is_cancelled():
-                query.stop_reason = "cancelled"
+                cls._stop(query, "cancelled")
             elif now > query.deadline:
-                query.stop_reason = "timeout"
-            if query.stop_reason is not None:
-                query.cursor.interrupt()
+                cls._stop(query, "timeout")
+        except Exception:
+            log.debug("checking a query failed", exc_info=True)
+
+    @staticmethod
+    def _stop(query: RunningQuery, reason: str) -> None:
+        try:
+            query.stop(reason)
         except Exception:  # a cursor closed under our feet has nothing left to interrupt
             log.debug("interrupting a query failed", exc_info=True)
+
+
+class Stopped(Exception):
+    """The query was stopped (deadline, cancellation, shutdown) while its batches were waiting."""
+
+
+class ResultTooLarge(Exception):
+    """One result row is larger than the server-wide budget of unsent results."""
+
+
+class ResultBudget:
+    """Bytes of result batches produced but not yet handed to gRPC, across all queries."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, size: int, stopped: threading.Event, waiting: int) -> bool:
+        """Wait until ``size`` bytes fit, unless the query has none ``waiting`` (one piece a query always
+        fits: stalled readers cannot starve the others); False when ``stopped`` first."""
+        if size > self.limit:
+            raise ResultTooLarge(
+                f"a result row of {size / 2**20:.0f} MB is larger than the server's limit of "
+                f"{self.limit / 2**20:.0f} MB for unsent results; select smaller values"
+            )
+        with self._changed:
+            while waiting and self.used + size > self.limit:
+                if stopped.is_set():
+                    return False
+                self._changed.wait(0.1)
+            self.used += size
+            return True
+
+    def release(self, size: int) -> None:
+        """Give ``size`` bytes back."""
+        with self._changed:
+            self.used -= size
+            self._changed.notify_all()
+
+
+def pieces(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
+    """``batch`` in zero-copy slices of at most ``max_bytes`` each, unless a single row is larger."""
+    if batch.nbytes <= max_bytes or batch.num_rows <= 1:
+        yield batch
+        return
+    half = batch.num_rows // 2
+    yield from pieces(batch.slice(0, half), max_bytes)
+    yield from pieces(batch.slice(half), max_bytes)
 
 
 class Prefetcher:
     """Reads the next batches from DuckDB on a thread of its own while the current one is being sent.
 
     Sending a batch (IPC encoding, gRPC) and producing the next (DuckDB) then overlap; at most
-    ``depth`` batches wait in between, so memory stays bounded.
+    ``depth`` batches wait in between, within the server-wide ``budget``. ``on_exit`` runs on the
+    producing thread once it is out of DuckDB for good (closing the cursor there is safe).
     """
 
     _END = object()
 
-    def __init__(self, reader: pa.RecordBatchReader, depth: int = 2) -> None:
+    def __init__(
+        self,
+        reader: pa.RecordBatchReader,
+        budget: ResultBudget,
+        on_exit: Callable[[], None],
+        depth: int = 2,
+    ) -> None:
         self._reader = reader
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._budget = budget
+        self._on_exit = on_exit
+        self._queue: queue.Queue[tuple[object, int]] = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="query-prefetch", daemon=True)
         self._thread.start()
@@ -223,43 +337,114 @@ class Prefetcher:
     def _produce(self) -> None:
         try:
             for batch in self._reader:
-                if not self._offer(batch):
-                    return
-            self._offer(self._END)
+                for piece in pieces(batch, self._budget.limit // 4):
+                    if not self._offer(piece, piece.nbytes):
+                        return
+            self._offer(self._END, 0)
         except BaseException as exc:
-            self._offer(exc)
+            self._offer(exc, 0)
+        finally:
+            if self._stopped.is_set():
+                self._drain()
+                self._on_exit()
 
-    def _offer(self, item: object) -> bool:
+    def _offer(self, item: object, size: int) -> bool:
+        if size and not self._budget.acquire(size, self._stopped, self._queue.qsize()):
+            return False
         while not self._stopped.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put((item, size), timeout=0.1)
                 return True
             except queue.Full:
                 continue
+        self._budget.release(size)
         return False
+
+    def _drain(self) -> None:
+        """Drop the waiting batches, giving their bytes back to the budget."""
+        while True:
+            try:
+                _, size = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._budget.release(size)
 
     def batches(self, is_cancelled: Callable[[], bool]) -> Iterator[pa.RecordBatch]:
         """The batches in order; while waiting for one, ``is_cancelled`` is asked every 50 ms and a
-        cancelled call raises :class:`Cancelled`."""
+        cancelled call raises :class:`Cancelled`; a stopped prefetcher raises :class:`Stopped`."""
         while True:
+            if self._stopped.is_set():
+                self._drain()
+                raise Stopped("query stopped")
             try:
-                item = self._queue.get(timeout=0.05)
+                item, size = self._queue.get(timeout=0.05)
             except queue.Empty:
                 if is_cancelled():
                     raise Cancelled("the client cancelled the query") from None
                 continue
+            self._budget.release(size)
             if item is self._END:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item  # type: ignore[misc]
 
+    def expire(self) -> None:
+        """Stop producing and release the waiting batches, without waiting (the watchdog calls this)."""
+        self._stopped.set()
+        self._drain()
+        if not self._thread.is_alive():  # done producing: nothing else will close the query
+            self._on_exit()
+
     def stop(self, cursor: duckdb.DuckDBPyConnection) -> None:
         """Stop producing: interrupt DuckDB if the producer is still inside it, and wait for the thread."""
         self._stopped.set()
         if self._thread.is_alive():
-            cursor.interrupt()
+            interrupt(cursor)
             self._thread.join(10)
+        self._drain()
+
+
+class Planner:
+    """Runs DuckDB's planning of a query on a thread of its own, so that a stopped query answers at once.
+
+    DuckDB's optimizer does not look at interrupts (a 20-level nested subquery planned on for seconds
+    past an interrupt), so the call stops waiting and leaves the thread to finish; ``on_abandoned``
+    runs on that thread once DuckDB returns.
+    """
+
+    def __init__(self, plan: Callable[[], Any], on_abandoned: Callable[[Any], None]) -> None:
+        self._plan = plan
+        self._on_abandoned = on_abandoned
+        self._done = threading.Event()
+        self._guard = threading.Lock()
+        self.abandoned = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="query-plan", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._result = self._plan()
+        except BaseException as exc:
+            self._error = exc
+        with self._guard:
+            self._done.set()
+            abandoned = self.abandoned
+        if abandoned:
+            self._on_abandoned(self._result)
+
+    def wait(self, stopped: Callable[[], bool]) -> Any:
+        """The plan's result; raises :class:`Stopped` when ``stopped()`` and DuckDB does not return soon."""
+        while not self._done.wait(0.05):
+            if stopped() and not self._done.wait(PLAN_GRACE_SECONDS):
+                with self._guard:
+                    if not self._done.is_set():
+                        self.abandoned = True
+                        raise Stopped("query stopped while being planned")
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 @dataclass(frozen=True)
@@ -277,6 +462,31 @@ class QueryStream:
     batches: Iterator[pa.RecordBatch]
 
 
+@dataclass(frozen=True)
+class Listing:
+    """The datasets when a query starts, as the catalog lists them (no metadata file is read)."""
+
+    locations: dict[str, str]  # Iceberg dataset -> its current metadata file
+    lance: frozenset[str]
+
+    def by_lower(self) -> dict[str, str]:
+        """Lower-case name -> stored name, of every dataset."""
+        return {name.lower(): name for name in [*self.locations, *self.lance]}
+
+    def stored(self, lower_names: set[str]) -> list[str]:
+        """The stored names of the listed datasets among ``lower_names``."""
+        by_lower = self.by_lower()
+        return sorted(by_lower[lower] for lower in lower_names if lower in by_lower)
+
+    def same_for(self, other: Listing, names: list[str]) -> bool:
+        """Whether ``names`` are the same datasets (at the same snapshots) in both listings."""
+        return all(
+            self.locations.get(name) == other.locations.get(name)
+            and (name in self.lance) == (name in other.lance)
+            for name in names
+        )
+
+
 class QueryEngine:
     """Runs SQL and scans on DuckDB over the catalog's current snapshots."""
 
@@ -285,54 +495,114 @@ class QueryEngine:
         self.settings = settings
         self.vectors = vectors
         self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-", ignore_cleanup_errors=True)
-        self._database: tuple[frozenset[tuple[str, str]], SnapshotDatabase] | None = None
+        self._databases: dict[frozenset[tuple[Any, ...]], SnapshotDatabase] = {}
         self._guard = threading.Lock()
+        self._closing = threading.Lock()
         self._watchdog = Watchdog()
+        self._budget = ResultBudget(settings.result_buffer_mb << 20)
         self._storage_root = catalog.storage.root_uri
+        self._leases = catalog.storage.leases
+        #: An empty locked-down database: the sandbox parses queries on it before any dataset is loaded.
+        self._parser = self._build({})
+        self._abandoned_plans = 0
 
     def close(self) -> None:
         """Delete DuckDB's spill directory (``serve`` ends with ``os._exit``: no finaliser runs)."""
         self._temp_dir.cleanup()
 
-    # -- databases -------------------------------------------------------------------------------
-    def current_database(self) -> SnapshotDatabase:
-        """The database of the catalog's current state, built when the state changed."""
-        return self._current()[1]
+    def stop_all(self) -> None:
+        """Stop every running query (at shutdown: a call stuck in DuckDB must not hold the exit up)."""
+        self._watchdog.stop_all("shutdown")
 
-    def _current(self) -> tuple[dict[str, str], SnapshotDatabase]:
-        """The current metadata file of every dataset (one catalog query), and the database over them."""
-        locations = self.catalog.metadata_locations()
-        # Lance tables change the set of names only when one is created or dropped: the generation says so
-        state = frozenset([*locations.items(), ("lance generation", str(self.vectors.generation))])
+    # -- databases -------------------------------------------------------------------------------
+    def _listing(self) -> Listing:
+        return Listing(self.catalog.metadata_locations(), frozenset(self.vectors.names()))
+
+    def _pin(self, named: Callable[[Listing], set[str]]) -> Pinned:
+        """The database of the datasets a query reads (``named``: lower-case names from a listing), at
+        their current snapshots, with leases taken before their metadata is read.
+
+        A drop racing with the lookup is seen by the leases' epoch: the datasets are looked up again (one
+        dropped is then NOT_FOUND for this query; drops of others do not concern it)."""
+        for _ in range(PIN_TRIES):
+            epoch = self._leases.epoch
+            listing = self._listing()
+            names = listing.stored(named(listing))
+            lease = self._leases.hold(names)
+            if self._leases.epoch == epoch or self._listing().same_for(listing, names):
+                try:
+                    return Pinned(self._database(listing, names), lease)
+                except BaseException:
+                    lease.release()
+                    raise
+            lease.release()
+        raise Unavailable("datasets are being dropped and re-created; retry the query")
+
+    def _database(self, listing: Listing, names: list[str]) -> SnapshotDatabase:
+        """The database of ``names`` at their listed snapshots (reused while they are current)."""
+        lance = {name: LanceView(self.vectors.schema(name)) for name in names if name in listing.lance}
+        key = frozenset(
+            [(name, listing.locations[name]) for name in names if name in listing.locations]
+            + [(name, view.schema) for name, view in lance.items()]
+        )
         with self._guard:
-            if self._database is None or self._database[0] != state:
-                views = {name: self.catalog.snapshot_files(location) for name, location in locations.items()}
-                lance = {name: LanceView(self.vectors.schema(name)) for name in self.vectors.names()}
-                self._database = (state, self._build(views, lance))
-            return locations, self._database[1]
+            database = self._databases.get(key)
+        if database is not None:
+            return database
+        views = {name: self._snapshot(name, listing.locations[name]) for name in names if name not in lance}
+        database = self._build(views, lance)
+        with self._guard:
+            self._forget_stale(listing)
+            return self._databases.setdefault(key, database)
+
+    def _forget_stale(self, listing: Listing) -> None:
+        """Drop cached databases of superseded snapshots, and the oldest beyond the cache's size."""
+        current = set(listing.locations.items())
+        for key in list(self._databases):
+            if not all((name, value) in current or name in listing.lance for name, value in key):
+                del self._databases[key]
+        while len(self._databases) >= CACHED_DATABASES:
+            del self._databases[next(iter(self._databases))]
+
+    def _snapshot(self, name: str, location: str, snapshot_id: int | None = None) -> SnapshotFiles:
+        """A snapshot's files; NOT_FOUND when the dataset went away before its metadata could be read."""
+        try:
+            return self.catalog.snapshot_files(location, snapshot_id)
+        except OSError as exc:
+            if self.catalog.metadata_locations().get(name) != location:
+                raise NotFound(f"dataset {name!r} not found") from None
+            log.warning("cannot read the metadata of %s: %s", name, exc)
+            raise Unavailable(f"storage error: the metadata of dataset {name!r} cannot be read") from None
 
     def _build(
         self, views: dict[str, SnapshotFiles], lance: dict[str, LanceView] | None = None
     ) -> SnapshotDatabase:
         return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name, lance)
 
-    def scan_database(self, request: ScanRequest) -> SnapshotDatabase:
+    def scan_database(self, request: ScanRequest) -> Pinned:
         """A database with the scanned dataset, at the requested snapshot when there is one."""
-        locations, database = self._current()
-        location = locations.get(request.dataset)
-        if location is None and request.dataset not in database.lance:
-            raise NotFound(f"dataset {request.dataset!r} not found")
+        pinned = self._pin(lambda listing: self._scanned(request, listing))
         if request.snapshot_id is None:
-            return database
-        if location is None:  # a Lance table: snapshots are its versions
-            self.vectors.dataset(request.dataset, request.snapshot_id)  # NOT_FOUND for unknown versions
-            lance = {request.dataset: LanceView(database.lance[request.dataset].schema, request.snapshot_id)}
-            return self._build({}, lance)
-        return self._build({request.dataset: self.catalog.snapshot_files(location, request.snapshot_id)})
+            return pinned
+        name, database = request.dataset, pinned.database
+        if name in database.lance:  # a Lance table: snapshots are its versions
+            self.vectors.dataset(name, request.snapshot_id)  # NOT_FOUND for unknown versions
+            lance = {name: LanceView(database.lance[name].schema, request.snapshot_id)}
+            return Pinned(self._build({}, lance), pinned.lease)
+        location = self.catalog.metadata_locations().get(name, "")
+        views = {name: self._snapshot(name, location, request.snapshot_id)}
+        return Pinned(self._build(views), pinned.lease)
+
+    @staticmethod
+    def _scanned(request: ScanRequest, listing: Listing) -> set[str]:
+        if request.dataset not in listing.locations and request.dataset not in listing.lance:
+            raise NotFound(f"dataset {request.dataset!r} not found")
+        return {request.dataset.lower()}
 
     # -- statements ------------------------------------------------------------------------------
-    def scan_sql(self, request: ScanRequest, database: SnapshotDatabase) -> str:
+    def scan_sql(self, request: ScanRequest, pinned: Pinned) -> str:
         """The SELECT a scan ticket stands for, with its columns checked."""
+        database = pinned.database
         known = {f.name.lower() for f in database.schema_of(request.dataset)}
         for column in request.columns or []:
             if column.lower() not in known:
@@ -350,28 +620,29 @@ class QueryEngine:
             sql += f" LIMIT {request.limit}"
         return sql
 
-    def schema(self, sql: str, database: SnapshotDatabase | None = None) -> pa.Schema:
-        """The result schema of ``sql``, without running it."""
-        database = database or self.current_database()
-        cursor = database.cursor()
+    def _checked(self, sql: str, listing: Listing) -> set[str]:
+        """The datasets ``sql`` reads (lower-case), after the sandbox's check."""
+        cursor = self._parser.cursor()
         try:
-            self._prepare(cursor, database, check_select(cursor, sql, database.names))
-            return cursor.sql(sql).limit(0).to_arrow_table().schema
-        except BaseException as exc:
-            raise self._client_error(exc, None) from None
+            return check_select(cursor, sql, set(listing.by_lower()))
         finally:
             cursor.close()
 
-    def run(self, sql: str, call: CallHooks, database: SnapshotDatabase | None = None) -> QueryStream:
-        """Start ``sql``; the batches are produced as the client reads them."""
-        database = database or self.current_database()
-        cursor = database.cursor()
-        deadline = time.monotonic() + self.settings.query_timeout_seconds
-        query = RunningQuery(database, cursor, deadline, call.is_cancelled)
-        self._watchdog.watch(query)
+    def schema(self, sql: str, pinned: Pinned | None = None) -> pa.Schema:
+        """The result schema of ``sql``, without running it (planned within the time limit)."""
+        query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False))
         try:
-            self._prepare(cursor, database, check_select(cursor, sql, database.names))
-            reader = cursor.sql(sql).to_arrow_reader(BATCH_ROWS)
+            return self._plan(query, lambda: query.cursor.sql(sql).limit(0).to_arrow_table().schema)
+        except BaseException as exc:
+            raise self._client_error(exc, query) from None
+        finally:
+            self._finish(query)
+
+    def run(self, sql: str, call: CallHooks, pinned: Pinned | None = None) -> QueryStream:
+        """Start ``sql``; the batches are produced as the client reads them."""
+        query = self._start(sql, pinned, call)
+        try:
+            reader = self._plan(query, lambda: query.cursor.sql(sql).to_arrow_reader(BATCH_ROWS))
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None
@@ -380,6 +651,52 @@ class QueryEngine:
         # a stream dropped before its first batch never runs its ``finally``: finish when it is freed
         weakref.finalize(batches, self._finish, query)
         return QueryStream(reader.schema, batches)
+
+    def _start(self, sql: str, pinned: Pinned | None, call: CallHooks) -> RunningQuery:
+        """Pin the query's datasets, open its cursor and watch it (its deadline starts now)."""
+        deadline = time.monotonic() + self.settings.query_timeout_seconds
+        try:
+            pinned = pinned or self._pin(lambda listing: self._checked(sql, listing))
+        except BaseException as exc:
+            raise self._client_error(exc, None) from None
+        query = RunningQuery(pinned, pinned.database.cursor(), deadline, call.is_cancelled)
+        self._watchdog.watch(query)
+        try:
+            self._prepare(query.cursor, pinned.database, pinned.database.names)
+        except BaseException as exc:
+            self._finish(query)
+            raise self._client_error(exc, query) from None
+        return query
+
+    def _plan(self, query: RunningQuery, plan: Callable[[], T]) -> T:
+        """``plan()`` (DuckDB binding and optimising) within the query's time limit."""
+        with self._guard:
+            if self._abandoned_plans >= MAX_ABANDONED_PLANS:
+                raise Unavailable("the server is still planning stopped queries; retry later")
+        planner = Planner(plan, lambda result: self._abandoned_plan_done(query))
+        try:
+            result = planner.wait(lambda: query.stop_reason is not None)
+            if query.stop_reason is None and time.monotonic() > query.deadline:  # between watchdog rounds
+                query.stop("timeout")
+            if query.stop_reason is not None:  # planned, but past the limit all the same
+                raise Stopped("query stopped while being planned")
+            return result
+        except Stopped:
+            if not planner.abandoned:
+                raise
+            with self._guard:
+                self._abandoned_plans += 1
+            query.abandoned = True  # the planning thread closes the query once DuckDB returns
+            log.warning(
+                "a query was stopped (%s) while DuckDB planned it; planning goes on", query.stop_reason
+            )
+            raise
+
+    def _abandoned_plan_done(self, query: RunningQuery) -> None:
+        """DuckDB returned from the planning of a stopped query: close it and free its place."""
+        self._close(query)
+        with self._guard:
+            self._abandoned_plans -= 1
 
     def _prepare(
         self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
@@ -396,7 +713,7 @@ class QueryEngine:
             cursor.register(name, self.vectors.dataset(name, database.lance[name].version))
 
     def _batches(self, reader: pa.RecordBatchReader, query: RunningQuery) -> Iterator[pa.RecordBatch]:
-        prefetch = Prefetcher(reader)
+        prefetch = query.prefetch = Prefetcher(reader, self._budget, lambda: self._close(query))
         try:
             yield from prefetch.batches(query.is_cancelled)
         except GeneratorExit:
@@ -409,15 +726,22 @@ class QueryEngine:
             self._finish(query)
 
     def _finish(self, query: RunningQuery) -> None:
-        """Stop watching ``query`` and close its cursor (once; later calls do nothing)."""
+        """Stop watching ``query`` and close it, unless its abandoned planning closes it later."""
         self._watchdog.forget(query)
-        if query.finished:
-            return
-        query.finished = True
+        if not query.abandoned:
+            self._close(query)
+
+    def _close(self, query: RunningQuery) -> None:
+        """Close the query's cursor and give its leases back (once; later calls do nothing)."""
+        with self._closing:
+            if query.finished:
+                return
+            query.finished = True
         try:
             query.cursor.close()
         except duckdb.Error:
             log.debug("closing a cursor failed", exc_info=True)
+        query.pinned.lease.release()
 
     def _redact(self, text: str) -> str:
         """``text`` without the server's storage root."""
@@ -435,6 +759,10 @@ class QueryEngine:
         reason = query.stop_reason if query else None
         if reason == "timeout":
             return TimedOut(f"query exceeded the time limit of {self.settings.query_timeout_seconds:g} s")
+        if reason == "shutdown":
+            return Unavailable("the server is shutting down; retry on another server or later")
+        if isinstance(exc, ResultTooLarge):  # retrying cannot help: the query's values are too large
+            return InvalidArgument(str(exc))
         if reason == "cancelled" or isinstance(exc, duckdb.InterruptException):
             return Cancelled("query cancelled")
         if isinstance(exc, ClientError | flight.FlightError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -15,6 +16,26 @@ SUPPORTED_SCHEMES = ("", "file", "s3")
 
 class SettingsError(ValueError):
     """Settings that cannot start a server; the message is one line for the operator."""
+
+
+def default_query_memory_mb() -> int:
+    """A quarter of the machine's memory, between 256 and 2048 MB: room for the rest of the server (Arrow
+    buffers, vector graphs, gRPC) on a small machine, and DuckDB spills to disk beyond it."""
+    memory = machine_memory()
+    return 1024 if memory is None else max(256, min(2048, memory // 4 >> 20))
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory, or of the container's limit (cgroup v2) when that is smaller."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return physical
+    return min(physical, int(limit)) if limit.isdigit() else physical
 
 
 class Settings(BaseSettings):
@@ -36,11 +57,30 @@ class Settings(BaseSettings):
     create_bucket: bool = False
     state_dir: str = Field(default="./lakehouse-state", description="local state (the catalog) of an S3 root")
     insecure_no_auth: bool = False
-    query_timeout_seconds: float = Field(default=300.0, gt=0)
+    query_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="time limit of a query: planning, running, and a client that stops reading its result",
+    )
     query_threads: int = Field(
         default=0, ge=0, description="DuckDB threads per query database; 0 = all cores"
     )
-    query_memory_mb: int = Field(default=0, ge=0, description="DuckDB memory limit; 0 = DuckDB's default")
+    query_memory_mb: int = Field(
+        default_factory=default_query_memory_mb,
+        ge=0,
+        description=(
+            "DuckDB memory limit of a query database: by default a quarter of physical memory, "
+            "between 256 and 2048 MB (about 1 GB on a 4 GB machine); 0 = DuckDB's own (80% of memory)"
+        ),
+    )
+    result_buffer_mb: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "memory for result batches produced but not yet sent, across all queries (a stalled reader "
+            "holds its share until its time limit); a single larger row is refused"
+        ),
+    )
     target_file_mb: int = Field(default=128, ge=1, le=4096)
     row_group_rows: int = Field(default=1 << 20, ge=1024)
     max_batch_mb: int = Field(default=256, ge=1)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +25,8 @@ import duckdb
 import pyarrow.fs as pafs
 
 from flight_lakehouse.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
 
 #: Chunk of the copies between a local temporary file and an object.
 COPY_BYTES = 8 << 20
@@ -35,6 +40,8 @@ class Storage(abc.ABC):
     def __init__(self, root_uri: str, filesystem: pafs.FileSystem) -> None:
         self.root_uri = root_uri.rstrip("/")
         self.filesystem = filesystem
+        #: Tables running queries read, and the deletions of dropped tables waiting for them.
+        self.leases = ReadLeases()
 
     def uri(self, *parts: str) -> str:
         """The URI of ``parts`` joined under the root."""
@@ -88,6 +95,23 @@ class Storage(abc.ABC):
             with contextlib.suppress(FileNotFoundError):
                 self.filesystem.delete_file(self.fs_path(uri))
 
+    def listing(self, uri: str) -> list[pafs.FileInfo]:
+        """Every file and directory under ``uri``, recursively (none when it does not exist)."""
+        selector = pafs.FileSelector(self.fs_path(uri), recursive=True, allow_not_found=True)
+        return self.filesystem.get_file_info(selector)
+
+    def delete_listed(self, uri: str, found: list[pafs.FileInfo]) -> None:
+        """Delete the files of a :meth:`listing` of ``uri``, then its directories left empty: files
+        written there since (a table re-created under the same name) are kept."""
+        self.delete_files(info.path for info in found if info.type == pafs.FileType.File)
+        directories = [info.path for info in found if info.type == pafs.FileType.Directory]
+        for path in [*sorted(directories, key=len, reverse=True), self.fs_path(uri)]:
+            self.remove_empty_dir(path)
+
+    @abc.abstractmethod
+    def remove_empty_dir(self, path: str) -> None:
+        """Remove the directory ``path`` (a filesystem path) if it is empty."""
+
     def delete_tree(self, uri: str) -> None:
         """Delete everything under ``uri``, if anything."""
         with contextlib.suppress(FileNotFoundError):
@@ -137,6 +161,10 @@ class LocalStorage(Storage):
     def open_output(self, uri: str) -> pafs.NativeFile:
         self.filesystem.create_dir(posixpath.dirname(self.fs_path(uri)), recursive=True)
         return super().open_output(uri)
+
+    def remove_empty_dir(self, path: str) -> None:
+        with contextlib.suppress(OSError):  # not empty (or gone): kept
+            os.rmdir(path)
 
     def default_catalog_uri(self) -> str:
         return f"sqlite:///{self.root_uri}/catalog.db"
@@ -288,8 +316,24 @@ class S3Storage(Storage):
             for upload in page.get("Uploads", [])
         ]
 
+    def remove_empty_dir(self, path: str) -> None:
+        """Delete the folder's marker object (pyarrow leaves one for each folder it empties), if that is
+        all the folder holds."""
+        client = self.boto3_client()
+        marker = self._key(path).rstrip("/") + "/"
+        try:
+            listed = client.list_objects_v2(Bucket=self.bucket, Prefix=marker, MaxKeys=2).get("Contents", [])
+            if listed and all(item["Key"] == marker for item in listed):
+                client.delete_object(Bucket=self.bucket, Key=marker)
+        except Exception:  # an empty marker left behind costs nothing
+            log.debug("cannot remove the folder marker %s", marker, exc_info=True)
+
+    def _key(self, path: str) -> str:
+        """The object key of a filesystem path (``bucket/key``)."""
+        return path.removeprefix(f"{self.bucket}/")
+
     def abort_upload(self, uri: str, upload_id: str) -> None:
-        key = self.fs_path(uri).removeprefix(f"{self.bucket}/")
+        key = self._key(self.fs_path(uri))
         self.boto3_client().abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def _credentials(self) -> tuple[str | None, str | None, str | None]:
@@ -385,9 +429,103 @@ def error_status(exc: Any) -> int:
 
 def open_storage(settings: Settings, check: bool = True) -> Storage:
     """The storage backend for ``settings.root``; an S3 root is checked first (:meth:`S3Storage.check`)."""
-    if settings.is_s3:
-        storage = S3Storage(settings)
-        if check:
-            storage.check(settings.create_bucket)
-        return storage
-    return LocalStorage(Path(settings.root))
+    storage: Storage = S3Storage(settings) if settings.is_s3 else LocalStorage(Path(settings.root))
+    if isinstance(storage, S3Storage) and check:
+        storage.check(settings.create_bucket)
+    # a query ends by its time limit (stalled readers included): no reader of a dropped table is left then
+    storage.leases.max_wait_seconds = settings.query_timeout_seconds + 30
+    return storage
+
+
+class ReadLeases:
+    """Which tables running queries read, so that dropping one deletes its files only after them.
+
+    A query holds a lease on each table it reads (keyed by the table's location) from before it looks
+    the table up until it ends. A dropped table's files are deleted at once when no lease holds them,
+    else when the last one is released, and at the latest after ``max_wait_seconds`` (a query ends by
+    its time limit, so no reader is left then). A drop bumps :attr:`epoch`, so that a query that looked
+    its tables up before taking its leases can tell that it must look again.
+    """
+
+    def __init__(self, max_wait_seconds: float = 330.0) -> None:
+        self.max_wait_seconds = max_wait_seconds
+        self.epoch = 0
+        self._held: dict[str, int] = {}
+        self._pending: dict[str, list[Callable[[], None]]] = {}
+        self._guard = threading.Lock()
+
+    def hold(self, keys: Iterable[str]) -> Lease:
+        """Take a lease on each of ``keys`` (released by :meth:`Lease.release`, or when it is freed)."""
+        held = tuple(keys)
+        with self._guard:
+            for key in held:
+                self._held[key] = self._held.get(key, 0) + 1
+        return Lease(self, held)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Give leases back; deletions waiting only for them start (on a thread of their own)."""
+        ready: list[Callable[[], None]] = []
+        with self._guard:
+            for key in keys:
+                count = self._held.get(key, 0) - 1
+                if count > 0:
+                    self._held[key] = count
+                    continue
+                self._held.pop(key, None)
+                ready.extend(self._pending.pop(key, []))
+        if ready:
+            threading.Thread(target=run_all, args=(ready,), name="deferred-delete", daemon=True).start()
+
+    def delete_when_unread(self, key: str, delete: Callable[[], None]) -> bool:
+        """Run ``delete`` now if no lease holds ``key`` (returns True), else once none does."""
+        with self._guard:
+            self.epoch += 1
+            if not self._held.get(key):
+                now = True
+            else:
+                now = False
+                self._pending.setdefault(key, []).append(delete)
+        if now:
+            delete()
+            return True
+        timer = threading.Timer(self.max_wait_seconds, self._expire, args=(key, delete))
+        timer.daemon = True
+        timer.start()
+        return False
+
+    def _expire(self, key: str, delete: Callable[[], None]) -> None:
+        with self._guard:
+            waiting = self._pending.get(key, [])
+            if delete not in waiting:
+                return
+            waiting.remove(delete)
+        log.info("deleting the files of dropped table %s after %g s", key, self.max_wait_seconds)
+        run_all([delete])
+
+    def flush(self) -> None:
+        """Run every waiting deletion now (at shutdown, after the queries have been stopped)."""
+        with self._guard:
+            waiting = [delete for deletes in self._pending.values() for delete in deletes]
+            self._pending.clear()
+        run_all(waiting)
+
+
+class Lease:
+    """Leases on some tables, given back once (explicitly, or when the object is freed)."""
+
+    def __init__(self, leases: ReadLeases, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self._release = weakref.finalize(self, leases.release, keys)
+
+    def release(self) -> None:
+        """Give the leases back (later calls do nothing)."""
+        self._release()
+
+
+def run_all(deletes: list[Callable[[], None]]) -> None:
+    """Run deletions; one that fails is logged (``gc`` finds what it left)."""
+    for delete in deletes:
+        try:
+            delete()
+        except Exception:
+            log.warning("deleting the files of a dropped table failed; gc will find them", exc_info=True)

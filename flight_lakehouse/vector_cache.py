@@ -232,7 +232,8 @@ class VectorCache:
         try:
             self._refresh(name)
         except Exception as exc:
-            if entry is not None and entry.dropped.is_set():  # stopped, or its files went first
+            # stopped, or its files went before the drop told the cache (the name goes first)
+            if entry is not None and (entry.dropped.is_set() or not self.tables.exists(name)):
                 log.info("building %s in memory stopped: the table was dropped", name)
             elif isinstance(exc, NotFound):
                 self.forget(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import itertools
 import logging
 import threading
@@ -382,8 +383,14 @@ class VectorTables:
         log.info("dropped Lance table %s", name)
 
     def _delete_folder(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.storage.filesystem.delete_dir(self.storage.fs_path(self._uri(name)))
+        """Delete a dropped table's files: its manifests now (a table re-created under the name writes
+        manifests of the same names), the rest as they are now once no running query reads them."""
+        uri = self._uri(name)
+        found = self.storage.listing(uri)
+        manifests = [info for info in found if is_manifest(info.path)]
+        self.storage.delete_files(info.path for info in manifests)
+        rest = [info for info in found if not is_manifest(info.path)]
+        self.storage.leases.delete_when_unread(name, functools.partial(self.storage.delete_listed, uri, rest))
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
@@ -791,3 +798,8 @@ def problem_rows(matrix: np.ndarray, metric: str) -> tuple[int, str] | None:
         if zero.any():
             return int(np.flatnonzero(zero)[0]), "is a zero vector, which has no cosine direction"
     return None
+
+
+def is_manifest(path: str) -> bool:
+    """Whether ``path`` is a Lance version manifest (named by version: re-used by a re-created table)."""
+    return "/_versions/" in path or path.endswith("/_latest.manifest")
