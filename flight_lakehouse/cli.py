@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import os
 
-# Arrow picks its default allocator when pyarrow loads, so this comes first: the system allocator
-# (glibc: a large block is unmapped when freed) instead of mimalloc, whose per-thread heaps kept an
-# upload's buffers while the gRPC threads that allocated them sat idle (100k x 384 Lance upload: 429
-# vs 307 MB RSS after the DoPut).
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+from flight_lakehouse import process
 
-from flight_lakehouse.memory import keep_pandas_out, limit_malloc_arenas, release_memory_periodically
+# Arrow picks its allocator, and glibc counts its malloc arenas, when pyarrow loads: before the imports below
+process.before_pyarrow()
 
-# glibc fixes how many malloc arenas there are when threads first allocate, and importing pyarrow
-# starts threads: the cap must come before it (after, threads kept spreading over the arenas those
-# first threads had made).
-limit_malloc_arenas()
-
-import faulthandler
 import logging
 import signal
 import sys
@@ -93,15 +84,7 @@ def serve(**options: object) -> None:
     if settings.log_level != "DEBUG":  # "Loaded FileIO" on every table load
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried
-    keep_pandas_out()  # pyarrow.dataset would import it: 49 MB the server never uses
-    # OpenMP (faiss) threads sleep between parallel regions instead of spinning: on a small machine
-    # spinning threads take the cores the gRPC threads need (10-client searches: ~760 -> ~920 q/s)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    faulthandler.enable()  # a crash in native code (DuckDB, Arrow, gRPC) leaves its stacks in the log
-    # lancedb's Rust logger (read at import): warnings only from DEBUG down, errors otherwise
-    os.environ.setdefault("LANCEDB_LOG", "warn" if settings.log_level == "DEBUG" else "error")
-    # describe_dataset reads index statistics: without this, Lance adds every IVF centroid to them
-    os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
+    process.tune_process(settings.log_level)
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:
@@ -116,7 +99,6 @@ def serve(**options: object) -> None:
         signal.signal(signum, lambda *_: stop.set())
     where = f"grpc://{settings.host}:{server.port}"
     logging.getLogger("flight_lakehouse").info("ready at %s, root %s", where, settings.root)
-    release_memory_periodically()
     while not stop.wait(0.5):
         pass
     _shutdown(server, settings.shutdown_grace_seconds)

@@ -10,9 +10,10 @@ Every refusal the server sends is one of the classes below. Each maps to one gRP
 * :class:`Cancelled` -> CANCELLED
 
 pyarrow turns a Python exception raised by a Flight handler into a status whose detail is the
-formatted traceback. For our own client-facing errors we refuse that formatting (see
-:func:`install_traceback_filter`), so the client only sees the one-line message and the error's class
-name. Anything else is turned into a generic INTERNAL error by :func:`client_safe`, after logging it.
+formatted traceback. For our own client-facing errors that formatting is refused (see
+:func:`flight_lakehouse.process.hide_client_tracebacks`, which says why no other way works), so the
+client only sees the one-line message and the error's class name. Anything else is turned into a
+generic INTERNAL error by :func:`client_safe`, after logging it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import functools
 import logging
 import os
 import re
-import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -74,26 +74,6 @@ class Cancelled(flight.FlightCancelledError):
 
 
 _CLIENT_FACING = (ClientError, flight.FlightError)
-
-
-def install_traceback_filter() -> None:
-    """Keep tracebacks of client-facing errors out of what pyarrow sends to clients.
-
-    pyarrow formats the status detail with ``traceback.format_exception``; when that raises, it falls back
-    to the exception's class name. We make it raise for :class:`ClientError`, and only for it.
-    """
-    original = traceback.format_exception
-    if getattr(original, "_lakehouse_filter", False):
-        return
-
-    def format_exception(exc: Any, *args: Any, **kwargs: Any) -> list[str]:
-        value = args[0] if args and not isinstance(exc, BaseException) else exc
-        if isinstance(value, ClientError):
-            raise RuntimeError("client-facing error: no traceback")
-        return original(exc, *args, **kwargs)
-
-    format_exception._lakehouse_filter = True  # type: ignore[attr-defined]
-    traceback.format_exception = format_exception  # type: ignore[assignment]
 
 
 def to_client_error(exc: BaseException) -> BaseException:

@@ -39,10 +39,9 @@ from flight_lakehouse.errors import (
     Unimplemented,
     client_safe,
     client_safe_iter,
-    install_traceback_filter,
 )
 from flight_lakehouse.ingest import IngestSession, reading_upload, validated
-from flight_lakehouse.memory import release_unused_memory
+from flight_lakehouse.process import hide_client_tracebacks, large_work_finished
 from flight_lakehouse.query import CallHooks, QueryEngine, QueryStream
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import open_storage
@@ -101,7 +100,7 @@ class LakehouseServer(flight.FlightServerBase):
     """flight-lakehouse over Arrow Flight: ingest by DoPut, SQL and scans by DoGet, catalog by actions."""
 
     def __init__(self, settings: Settings, **server_options: Any) -> None:
-        install_traceback_filter()
+        hide_client_tracebacks()  # the error contract, also of a server embedded in another process
         self.settings = settings
         self.storage = open_storage(settings)
         self.catalog = DatasetCatalog(self.storage, settings.catalog_uri)
@@ -207,7 +206,7 @@ class LakehouseServer(flight.FlightServerBase):
         try:
             return self.vectors.optimize(body.dataset, body.older_than_seconds)
         finally:
-            release_unused_memory()
+            large_work_finished()
 
     @client_safe
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
@@ -240,7 +239,7 @@ class LakehouseServer(flight.FlightServerBase):
             else:
                 result = self._ingest_parquet(options, schema, batches)
         finally:
-            release_unused_memory()
+            large_work_finished()
         writer.write(pa.py_buffer(json_bytes(result)))
 
     def _is_lance(self, options: IngestOptions, schema: pa.Schema) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from flight_lakehouse.errors import NotFound, TimedOut, Unavailable
-from flight_lakehouse.memory import release_unused_memory
+from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vector_memory import (
     BuildStopped,
@@ -286,7 +286,7 @@ class VectorCache:
                 raise BuildStopped(name)
             self._save(fresh)
         fresh.catch_up(self.tables.dataset(name), entry.dropped)  # commits made while it was being built
-        release_unused_memory()  # the build's temporaries, before the copy is announced warm
+        large_work_finished()  # the build's temporaries, before the copy is announced warm
         entry.served, entry.state, entry.detail = fresh, "warm", None
         # a commit went to the copy being replaced, or a loaded graph caught up on many changes
         if fresh.version != self.tables.version(name) or self._needs_rebuild(fresh):

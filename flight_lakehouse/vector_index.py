@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from flight_lakehouse.commands import CreateIndex
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, Unavailable
-from flight_lakehouse.memory import release_unused_memory
+from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vectors import VectorTables, lance_error, table_metric, vector_columns
 
@@ -130,7 +130,7 @@ class IndexBuilder:
             logging.getLogger(__name__).warning("index build failed: %s", build.error)
             return
         finally:
-            release_unused_memory()
+            large_work_finished()
         with self._guard:
             if self._builds.get((build.dataset, build.column)) is build:
                 del self._builds[(build.dataset, build.column)]

@@ -168,7 +168,9 @@ class VectorFile:
 
         One ``pread`` call per piece through ctypes without releasing the GIL: ``os.pread`` releases
         and takes it back around every row, and under 10 concurrent searches each of those hand-offs
-        waits for the other threads (server CPU per search +0.5 ms for 40 rows)."""
+        waits for the other threads (server CPU per search +0.5 ms for 40 rows). ``numpy.memmap`` would
+        also read under the GIL, but the pages it touches count in the server's RSS (the vectors are kept
+        in the page cache, out of it) and the map would have to follow the file as it grows."""
         fd, base, read = self._file.fileno(), out.ctypes.data, pread_holding_gil()
         done = sum(
             read(fd, base + i * size, size, first * self.row_bytes) for i, first in enumerate(firsts.tolist())

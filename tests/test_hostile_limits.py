@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_lakehouse.memory import RELEASE_SECONDS
+from flight_lakehouse.process import RELEASE_SECONDS
 from flight_lakehouse.query import Planner, Stopped
 from flight_lakehouse.settings import load_settings
 from tests.conftest import (
