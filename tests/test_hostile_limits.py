@@ -167,7 +167,7 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
     read is DEADLINE_EXCEEDED."""
     server = start_server(
         "--query-timeout-seconds",
-        "3",
+        "6",
         env={"LAKEHOUSE_RESULT_BUFFER_MB": "64", "LAKEHOUSE_QUERY_THREADS": "1"},
     )
     server.put("stalled", rows(0, 300_000))
@@ -177,10 +177,10 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
     readers = stalled_streams(server, 6)
     reader, _ = open_stream(server, "SELECT id, repeat(tag, 20) AS s FROM stalled")
     try:
-        held = max(rss_samples(server, 2.0)) - before  # within the 3 s limit, even on a busy machine
         assert server.action("drop_dataset", {"dataset": "stalled"}) == {"dropped": True}
         assert files_under(server.root, "tables/stalled") == files, "files deleted under a running query"
-        assert wait_for(lambda: not files_under(server.root, "tables/stalled"), 8), (
+        held = max(rss_samples(server, 2.0)) - before  # well within the 6 s limit, even on a busy machine
+        assert wait_for(lambda: not files_under(server.root, "tables/stalled"), 15), (
             "a stalled query kept them"
         )
         time.sleep(RELEASE_SECONDS)
