@@ -1,9 +1,9 @@
 """faiss-cpu against usearch for the server's in-memory vector search (issue 5), in one process.
 
-* Input: the clustered vectors of ``bench_vectors.py`` (``--rows`` x ``--dim`` float32, 100 clusters, each
-  spread over a 16-dimensional subspace of its own plus noise) and ``--queries`` query vectors from the
-  same distribution. Cosine: every index gets unit-length vectors (usearch ``metric="cos"``, faiss inner
-  product), as the server's graph does.
+* Input: the clustered vectors of ``workloads.make_corpus`` (``--rows`` x ``--dim`` float32, 100
+  clusters, each spread over a 16-dimensional subspace of its own plus noise) and ``--queries`` query
+  vectors from the same distribution. Cosine: every index gets unit-length vectors (usearch
+  ``metric="cos"``, faiss inner product), as the server's graph does.
 * Configurations: faiss ``IndexHNSWFlat`` and ``IndexHNSWSQ`` 8-bit with exact re-ranking of ``4 * k``
   graph candidates against the float32 vectors (what ``vector_memory.ServedTable`` does), usearch ``f32``
   and ``i8`` (and ``i8`` re-ranked the same way, for a like-for-like comparison with the server). All
@@ -19,8 +19,8 @@ Latency and batch QPS are repeated ``--rounds`` times (configurations interleave
 
 Usage::
 
-    python scripts/bench_ann_libraries.py                                # 100k x 384, 1000 queries, 5 rounds
-    python scripts/bench_ann_libraries.py --rows 20000 --rounds 2        # quick trial
+    python -m scripts.bench_ann_libraries                                # 100k x 384, 1000 queries, 5 rounds
+    python -m scripts.bench_ann_libraries --rows 20000 --rounds 2        # quick trial
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -41,16 +39,14 @@ import usearch
 from usearch.index import BatchMatches
 from usearch.index import Index as UsearchIndex
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import median, spread
-from bench_vectors import exact_neighbours, log, make_corpus, recall, unit_rows
+from scripts import workloads
+from scripts.harness import MB, log, median, spread
 
 M = 32
 EF_CONSTRUCTION = 64
 EF_SEARCH = 64
 #: Graph candidates per result row re-ranked exactly (``vector_memory.REFINE``).
 REFINE = 4
-MB = 1e6
 
 
 # -- configurations --------------------------------------------------------------------------------
@@ -266,7 +262,7 @@ def measure(
             figures = results[engine.name]
             found = measure_round(engine, queries, k, figures)
             if r == 0:
-                figures.recall = recall(found.tolist(), truth)
+                figures.recall = workloads.recall(found.tolist(), truth)
             log(
                 f"round {r + 1} {engine.name:<24}: p50 {figures.p50_ms[-1]:.3f} ms, "
                 f"batch {figures.batch_qps[-1]:,.0f} q/s, recall {figures.recall:.3f}"
@@ -370,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: print the markdown report on stdout."""
     args = parse_args(argv)
     log(f"generating {args.rows:,} x {args.dim} vectors ...")
-    corpus = make_corpus(args.rows, args.dim, args.clusters, args.queries, args.seed)
-    truth = exact_neighbours(corpus.vectors, corpus.queries, args.k)
-    vectors, queries = unit_rows(corpus.vectors), unit_rows(corpus.queries)
+    corpus = workloads.make_corpus(args.rows, args.dim, args.clusters, args.queries, args.seed)
+    truth = workloads.exact_neighbours(corpus.vectors, corpus.queries, args.k)
+    vectors, queries = workloads.unit_rows(corpus.vectors), workloads.unit_rows(corpus.queries)
     del corpus
     chosen = engines(args.k, extra=not args.no_extra)
     results = measure(chosen, vectors, queries, truth, args.rounds)

@@ -12,11 +12,12 @@ One run, against a real S3 server (SeaweedFS ``weed mini`` on loopback, see ``te
    storage's ``pyarrow.fs.S3FileSystem`` (``con.register``).
 
 Every measurement is repeated, contenders interleaved after one warm-up each; medians are reported with
-min-max. Helpers (input, server process, DoPut/DoGet clients, medians) come from ``bench_core.py``.
+min-max. The input and the in-process DuckDB come from ``workloads``, the server process, the DoPut/DoGet
+clients and the medians from ``harness``.
 
 Usage::
 
-    python scripts/bench_s3.py [--rows 5000000] [--repeats 3] [--root DIR]
+    python -m scripts.bench_s3 [--rows 5000000] [--repeats 3] [--root DIR]
 """
 
 from __future__ import annotations
@@ -34,33 +35,22 @@ import duckdb
 import pyarrow.dataset as pads
 import pyarrow.flight as flight
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from bench_core import (
-    GROUP_SQL,
-    MB,
-    SCAN_SQL,
-    Server,
-    Source,
-    generate_source,
-    inprocess_query,
-    median,
-    server_ingest,
-    server_query,
-    spread,
-    timed,
-)
-
 from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
 from flight_lakehouse.query import SnapshotDatabase
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import S3Storage
+from scripts import harness, workloads
+from scripts.harness import MB, median, spread
 from tests.seaweedfs import SeaweedFS
 
 S3_ROOT = "s3://bench/lake"
 DATASET = "workers"
 FILTER_SQL = "select * from workers where state = 'TX' and years_experience > 38"
-QUERIES = {"full scan": SCAN_SQL, "GROUP BY (state, role)": GROUP_SQL, "selective filter": FILTER_SQL}
+QUERIES = {
+    "full scan": workloads.SCAN_SQL,
+    "GROUP BY (state, role)": workloads.GROUP_SQL,
+    "selective filter": FILTER_SQL,
+}
 LOCAL, REMOTE = "local root", "S3 root"
 HTTPFS, HTTPFS_NO_CACHE, ARROW = "(a) httpfs", "(a') httpfs, no file cache", "(b) Arrow dataset"
 
@@ -94,14 +84,17 @@ class Report:
         self.notes.append(f"load average {phase}: {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)")
 
 
-def measure_ingest(servers: dict[str, Server], source: Source, repeats: int, report: Report) -> None:
+def measure_ingest(
+    servers: dict[str, harness.Server], source: workloads.Source, repeats: int, report: Report
+) -> None:
     """Interleave overwrite DoPuts of the source into every server; MB/s of the source's Arrow size."""
     clients = {name: flight.connect(server.location) for name, server in servers.items()}
     try:
         for i in range(repeats):
             for name, client in clients.items():
-                seconds, put = timed(lambda client=client: server_ingest(client, source))
-                assert isinstance(put, dict) and put.get("rows_written") == source.rows, put
+                seconds, put = harness.checked_put(
+                    lambda client=client: workloads.server_ingest(client, source), source.rows
+                )
                 report.add("ingest", name, source.nbytes / MB / seconds)
                 print(
                     f"  ingest #{i + 1} {name}: {seconds:.2f} s ({put['files_written']} files, "
@@ -122,29 +115,28 @@ def measure_queries(contenders: dict[str, Runner], repeats: int, report: Report)
     for i in range(repeats):
         for label, sql in QUERIES.items():
             for name, runner in contenders.items():
-                seconds, rows = timed(lambda runner=runner, sql=sql: runner(sql))
+                seconds, rows = harness.timed(lambda runner=runner, sql=sql: runner(sql))
                 assert rows == report.rows[label], (label, name, rows)
                 report.add(label, name, seconds)
                 print(f"  #{i + 1} {label} {name}: {seconds:.3f} s ({rows} rows)", file=sys.stderr)
 
 
-def measure_servers(work: Path, source: Source, s3_env: dict[str, str], repeats: int, report: Report) -> None:
+def measure_servers(
+    work: Path, source: workloads.Source, s3_env: dict[str, str], repeats: int, report: Report
+) -> None:
     """Steps 1 and 2: a local-root and an S3-root server, ingest then DoGet; both stopped by pid."""
-    local = Server(work / "lakehouse", {})
-    remote = Server(S3_ROOT, s3_env, args=("--create-bucket",))
-    try:
-        local.start()
-        remote.start()
+    local = harness.Server(work / "lakehouse", work / "server-local.log", name=LOCAL)
+    remote = harness.Server(S3_ROOT, work / "server-s3.log", s3_env, args=("--create-bucket",), name=REMOTE)
+    with local, remote:
         servers = {LOCAL: local, REMOTE: remote}
         for name, server in servers.items():
-            assert server.process is not None
-            print(f"{name} server at {server.location} (pid {server.process.pid})", file=sys.stderr)
+            print(f"{name} server at {server.location} (pid {server.pid})", file=sys.stderr)
         measure_ingest(servers, source, repeats, report)
         report.load("after the ingests")
         clients = {name: flight.connect(server.location) for name, server in servers.items()}
         try:
             runners: dict[str, Runner] = {
-                name: (lambda sql, client=client: server_query(client, sql))
+                name: (lambda sql, client=client: harness.server_query(client, sql))
                 for name, client in clients.items()
             }
             measure_queries(runners, repeats, report)
@@ -152,11 +144,6 @@ def measure_servers(work: Path, source: Source, s3_env: dict[str, str], repeats:
             for client in clients.values():
                 client.close()
         report.load("after the DoGet queries")
-    finally:
-        try:
-            remote.stop()
-        finally:
-            local.stop()
 
 
 class UncachedS3Storage(S3Storage):
@@ -177,7 +164,7 @@ def snapshot_query(database: SnapshotDatabase, sql: str) -> int:
     """Run ``sql`` on a cursor of its own, as the server does for each query; returns the row count."""
     cursor = database.cursor()
     try:
-        return inprocess_query(cursor, sql)
+        return workloads.inprocess_query(cursor, sql)
     finally:
         cursor.close()
 
@@ -195,6 +182,8 @@ def measure_query_paths(settings: Settings, work: Path, repeats: int, report: Re
         HTTPFS: SnapshotDatabase(views, storage, settings, temp),
         HTTPFS_NO_CACHE: SnapshotDatabase(views, UncachedS3Storage(settings), settings, temp),
     }
+    for database in databases.values():
+        database.prepare({DATASET})  # the view of the dataset, as the server makes it for a query naming it
     arrow = duckdb.connect(":memory:")
     arrow.register(DATASET, pads.dataset(paths, format="parquet", filesystem=storage.filesystem))
     try:
@@ -202,12 +191,10 @@ def measure_query_paths(settings: Settings, work: Path, repeats: int, report: Re
             name: (lambda sql, database=database: snapshot_query(database, sql))
             for name, database in databases.items()
         }
-        runners[ARROW] = lambda sql: inprocess_query(arrow, sql)
+        runners[ARROW] = lambda sql: workloads.inprocess_query(arrow, sql)
         measure_queries(runners, repeats, report)
     finally:
         arrow.close()
-        for database in databases.values():
-            database.close()
     report.load("after the in-process query paths")
 
 
@@ -252,7 +239,7 @@ def render_paths(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(report: Report, source: Source, repeats: int) -> str:
+def render(report: Report, source: workloads.Source, repeats: int) -> str:
     """Both tables and the notes, in markdown."""
     header = (
         f"{source.rows:,} rows, {source.nbytes / MB:.0f} MB in Arrow memory; medians of {repeats} runs "
@@ -288,7 +275,7 @@ def run(work: Path, rows: int, repeats: int) -> str:
     report = Report()
     report.load("at the start")
     print(f"generating {rows:,} rows ...", file=sys.stderr)
-    source = generate_source(work / "workers-source.parquet", rows)
+    source = workloads.generate_source(work / "workers-source.parquet", rows)
     s3 = SeaweedFS(work / "seaweedfs")
     try:
         s3.start()
@@ -309,12 +296,7 @@ def run(work: Path, rows: int, repeats: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: print the markdown report on stdout."""
     args = parse_args(argv)
-    if args.root is not None:
-        print(run(args.root, args.rows, args.repeats))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="bench-s3-") as work:
-        print(run(Path(work), args.rows, args.repeats))
-    return 0
+    return harness.print_report(args, "bench-s3-", lambda work, _env: run(work, args.rows, args.repeats))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """In-memory vector search through the server (issue 5), against lancedb, faiss and a bare Flight server.
 
-* Input: the clustered vectors of ``bench_vectors.py`` (``--rows`` x ``--dim`` float32 with ``id`` and
+* Input: the clustered vectors of ``workloads.make_corpus`` (``--rows`` x ``--dim`` float32 with ``id`` and
   ``category``, 100 clusters each spread over a 16-dimensional subspace of its own plus noise, fixed
   seed) and query vectors from the same distribution, not in the table. Ground truth: numpy brute force
   (cosine) over the first ``--queries`` query vectors.
@@ -16,13 +16,14 @@
   - ``faiss in-process``: the same faiss index in this process;
   - ``lancedb in-process``: a copy of the server's Lance table with a ``--lance-index`` index built in
     this process (lancedb defaults, as the server's ``create_index``), searched with the cheapest
-    parameters reaching ``--lance-recall`` (the sweep of ``bench_vectors.py``), selecting ``id``.
+    parameters reaching ``--lance-recall`` (``workloads.CANDIDATES``, the sweep of ``bench_vectors``),
+    selecting ``id``.
 * Searches: ``--rounds`` rounds of ``--queries`` queries at 1 and ``--concurrency`` client threads (one
   Flight client per thread), contenders interleaved and their order rotating; per-call latency, QPS =
   queries / wall time. CPU per query: user + system time of the server process and of this process.
 * Batch search: ``--exchange-queries`` query vectors streamed through DoExchange in batches of
   ``--exchange-batch`` (lakehouse, bare server), against faiss batch calls in this process (and lancedb
-  multi-vector searches with ``--lance-batches``; ``bench_vectors.py`` measures those).
+  multi-vector searches with ``--lance-batches``; ``bench_vectors`` measures those).
 * Memory: the lakehouse server's RSS after warm (``RssSampler.sample``) and its peaks (the kernel's
   high-water mark ``VmHWM``, reset before each phase: no sampling thread competes with the clients for
   the GIL of this process) during ingest and build and while searching; then the server is restarted
@@ -33,10 +34,10 @@ Reported: medians over rounds, min-max beside them, and PASS/FAIL against the is
 
 Usage::
 
-    python scripts/bench_vector_cache.py                     # 100k x 384, 5 rounds of 500 queries
-    python scripts/bench_vector_cache.py --rows 20000        # smaller table, same rounds: about 1 min
-    python scripts/bench_vector_cache.py --rows 20000 --rounds 2 --queries 200   # quick trial, about 35 s
-    python scripts/bench_vector_cache.py --root /tmp/bench-cache --env LAKEHOUSE_VECTOR_GRAPH_EF_SEARCH=32
+    python -m scripts.bench_vector_cache                     # 100k x 384, 5 rounds of 500 queries
+    python -m scripts.bench_vector_cache --rows 20000        # smaller table, same rounds: about 1 min
+    python -m scripts.bench_vector_cache --rows 20000 --rounds 2 --queries 200   # quick trial, about 35 s
+    python -m scripts.bench_vector_cache --root /tmp/bench-cache --env LAKEHOUSE_VECTOR_GRAPH_EF_SEARCH=32
 """
 
 from __future__ import annotations
@@ -60,37 +61,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.flight as flight
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import RssSampler, add_work_arguments, median, print_report, spread
-from bench_vectors import (
-    CANDIDATES,
-    DATASET,
-    METRIC,
-    VECTOR,
-    Corpus,
-    FlightSearcher,
-    QueryFn,
-    Searcher,
-    Series,
-    Server,
-    action,
-    cpu_seconds,
-    exact_neighbours,
-    exchange_ids,
-    flight_exchange,
-    local_batches,
-    local_search,
-    log,
-    make_corpus,
-    put_table,
-    recall,
-    result_ids,
-    run_round,
-    search_tickets,
-    serving,
-    unit_rows,
-    wait_served,
-)
+from scripts import harness, workloads
+from scripts.harness import MB, cell, log, median, spread, verdict
 
 COLUMNS = ["id"]
 DISTANCE = "_distance"
@@ -105,10 +77,9 @@ SWEEP_QUERIES = 200
 POLL_SECONDS = 0.1
 SETTLE_SECONDS = 2.0
 WARM_TIMEOUT = 900.0
-MB = 1e6
 LAKEHOUSE, BARE, FAISS, LANCE = "lakehouse", "bare flight+faiss", "faiss in-process", "lancedb in-process"
-BUILD_LINE = re.compile(rf"{DATASET} in memory: (\d+) rows in ([\d.]+) s")
-SAVED_LINE = re.compile(rf"{DATASET} in memory from its saved graph of version (\d+)")
+BUILD_LINE = re.compile(rf"{workloads.DATASET} in memory: (\d+) rows in ([\d.]+) s")
+SAVED_LINE = re.compile(rf"{workloads.DATASET} in memory from its saved graph of version (\d+)")
 #: RSS phases with the table served from memory (the RSS target applies to each).
 RSS_AFTER_WARM = "lakehouse: after warm (ingesting server)"
 RSS_SEARCHING = "lakehouse: peak while searching"
@@ -136,7 +107,7 @@ def faiss_hnsw(vectors: np.ndarray) -> Any:
     """A faiss ``IndexHNSWFlat`` (inner product on unit vectors = cosine), M 32, efSearch 64."""
     index = faiss.IndexHNSWFlat(vectors.shape[1], M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EF_CONSTRUCTION
-    index.add(unit_rows(vectors))
+    index.add(workloads.unit_rows(vectors))
     index.hnsw.efSearch = EF_SEARCH
     return index
 
@@ -165,7 +136,7 @@ class BareFaissServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         """One ``{"search": {"vector", "k"}}`` ticket."""
         body = json.loads(ticket.ticket)["search"]
-        query = unit_rows(np.asarray(body["vector"], dtype=np.float32).reshape(1, -1))
+        query = workloads.unit_rows(np.asarray(body["vector"], dtype=np.float32).reshape(1, -1))
         similarities, ids = self.index.search(query, int(body["k"]))
         return flight.RecordBatchStream(result_table(ids, similarities))
 
@@ -185,7 +156,7 @@ class BareFaissServer(flight.FlightServerBase):
                 continue
             column = chunk.data.column(0)
             matrix = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
-            similarities, ids = self.index.search(unit_rows(matrix), k)
+            similarities, ids = self.index.search(workloads.unit_rows(matrix), k)
             writer.write_table(result_table(ids, similarities, first))
             first += len(column)
 
@@ -201,12 +172,12 @@ def serve_bare(index_path: Path) -> int:
 
 
 @dataclass
-class BareServer(Server):
+class BareServer(harness.Server):
     """This script with ``--serve-bare`` as a server process; ``root`` is the faiss index file."""
 
     def command(self) -> list[str]:
         """The bare server's command line."""
-        return [sys.executable, str(Path(__file__).resolve()), "--serve-bare", str(self.root)]
+        return [sys.executable, "-m", __spec__.name, "--serve-bare", str(self.root)]
 
 
 # -- in-process contenders -------------------------------------------------------------------------
@@ -216,11 +187,11 @@ class FaissSearcher:
     def __init__(self, index: Any, queries: np.ndarray, k: int) -> None:
         self.index, self.queries, self.k = index, queries, k
 
-    def worker(self, slot: int) -> QueryFn:
+    def worker(self, slot: int) -> harness.QueryFn:
         """The search function (the same for every thread)."""
 
         def search(i: int) -> pa.Table:
-            similarities, ids = self.index.search(unit_rows(self.queries[i : i + 1]), self.k)
+            similarities, ids = self.index.search(workloads.unit_rows(self.queries[i : i + 1]), self.k)
             return result_table(ids, similarities)
 
         return search
@@ -229,7 +200,9 @@ class FaissSearcher:
         """One faiss call per batch of ``batch_rows`` queries (the counterpart of DoExchange)."""
         parts = []
         for start in range(0, len(queries), batch_rows):
-            similarities, ids = self.index.search(unit_rows(queries[start : start + batch_rows]), self.k)
+            similarities, ids = self.index.search(
+                workloads.unit_rows(queries[start : start + batch_rows]), self.k
+            )
             parts.append(result_table(ids, similarities, start))
         return pa.concat_tables(parts)
 
@@ -240,36 +213,27 @@ class LanceSearcher:
     def __init__(self, table: Any, queries: np.ndarray, params: dict[str, int], k: int) -> None:
         self.table, self.queries, self.params, self.k = table, queries, params, k
 
-    def worker(self, slot: int) -> QueryFn:
+    def worker(self, slot: int) -> harness.QueryFn:
         """The search function (the same for every thread)."""
-        return lambda i: local_search(self.table, self.queries[i], self.params, self.k, COLUMNS)
+        return lambda i: workloads.local_search(self.table, self.queries[i], self.params, self.k, COLUMNS)
 
     def batches(self, queries: np.ndarray, batch_rows: int) -> pa.Table:
         """One lancedb multi-vector search per batch (``query_index`` renamed ``_query_index``)."""
-        table = local_batches(self.table, queries, self.params, self.k, batch_rows, COLUMNS)
+        table = workloads.local_batches(self.table, queries, self.params, self.k, batch_rows, COLUMNS)
         names = [QUERY_INDEX if name == "query_index" else name for name in table.column_names]
         return table.rename_columns(names)
 
 
 # -- plan and results ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Plan:
+class Plan(workloads.VectorPlan):
     """The run's parameters."""
 
-    rows: int
-    dim: int
-    clusters: int
-    rounds: int
-    queries: int
-    exchange_queries: int
     exchange_batch: int
-    concurrency: int
-    k: int
     ingest_rounds: int
     lance_index: str
     lance_recall: float
     lance_batches: bool
-    seed: int
 
 
 @dataclass
@@ -288,7 +252,9 @@ class Results:
     lance_sweep: list[tuple[dict[str, int], float]] = field(default_factory=list)
     rss_mb: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     file_mb: dict[str, float] = field(default_factory=dict)  # file-backed part (libraries) of a phase's RSS
-    search: dict[tuple[str, int], Series] = field(default_factory=lambda: collections.defaultdict(Series))
+    search: dict[tuple[str, int], harness.Series] = field(
+        default_factory=lambda: collections.defaultdict(harness.Series)
+    )
     recall: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     exchange_qps: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     exchange_recall: dict[str, float] = field(default_factory=dict)
@@ -299,7 +265,7 @@ class Results:
 class Contender:
     """A search contender: its per-thread search functions, its batch call, the process serving it."""
 
-    searcher: Searcher
+    searcher: harness.Searcher
     exchange: Callable[[np.ndarray], pa.Table] | None  # batch search (``_query_index``, ``id``), if any
     pid: int | None  # the server process (None: this process)
 
@@ -308,59 +274,46 @@ class Contender:
 def wait_warm(client: flight.FlightClient, timeout: float = WARM_TIMEOUT) -> float:
     """Seconds until ``describe_dataset`` shows the table served from memory."""
     started = time.perf_counter()
-    if not wait_served(client, timeout, POLL_SECONDS):
-        raise RuntimeError(f"the table is not served from memory: {serving(client)}")
+    if not harness.wait_served(client, workloads.DATASET, timeout, POLL_SECONDS):
+        raise RuntimeError(
+            f"the table is not served from memory: {harness.serving(client, workloads.DATASET)}"
+        )
     return time.perf_counter() - started
 
 
 def measure_ingest(
-    server: Server, client: flight.FlightClient, corpus: Corpus, plan: Plan, out: Results
+    server: harness.Server, client: flight.FlightClient, corpus: workloads.Corpus, plan: Plan, out: Results
 ) -> None:
     """Create the table ``plan.ingest_rounds`` times (dropped between), each time waiting until warm."""
-    for i in range(plan.ingest_rounds):
-        if i:
-            action(client, "drop_dataset", {"dataset": DATASET})
-        with PeakRss(server.pid) as rss:
-            started = time.perf_counter()
-            put = put_table(client, corpus.table)
-            out.put_seconds.append(time.perf_counter() - started)
-            out.warm_seconds.append(wait_warm(client))
-        assert put.get("rows_written") == plan.rows, put
-        out.rss_mb["lakehouse: ingest + in-memory build, peak"].append(rss.peak / MB)
+    rounds = workloads.create_rounds(
+        client,
+        server.pid,
+        corpus,
+        plan.ingest_rounds,
+        meter=harness.PeakRss,
+        then=lambda: out.warm_seconds.append(wait_warm(client)),
+    )
+    for ingest in rounds:
+        out.put_seconds.append(ingest.seconds)
+        out.rss_mb["lakehouse: ingest + in-memory build, peak"].append(ingest.peak_rss / MB)
         log(
-            f"ingest #{i + 1}: DoPut {out.put_seconds[-1]:.2f} s, warm {out.warm_seconds[-1]:.2f} s later, "
-            f"peak RSS {rss.peak / MB:.0f} MB"
+            f"ingest #{ingest.number + 1}: DoPut {ingest.seconds:.2f} s, "
+            f"warm {out.warm_seconds[-1]:.2f} s later, peak RSS {ingest.peak_rss / MB:.0f} MB"
         )
-    out.build_log_seconds = [float(m.group(2)) for m in BUILD_LINE.finditer(server.log.read_text())]
+    out.build_log_seconds = [float(m.group(2)) for m in BUILD_LINE.finditer(server.log_text())]
     time.sleep(SETTLE_SECONDS)
     record_steady(server, RSS_AFTER_WARM, out)
 
 
-class PeakRss:
-    """The kernel's peak RSS (``VmHWM``) of a process over a ``with`` block: reset on entry (Linux)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-
-    def __enter__(self) -> PeakRss:
-        Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # 5: reset the high-water mark to the RSS now
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        status = Path(f"/proc/{self.pid}/status").read_text()
-        self.peak = int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-
-
-def record_steady(server: Server, phase: str, out: Results) -> None:
+def record_steady(server: harness.Server, phase: str, out: Results) -> None:
     """The server's RSS now, and its file-backed part (mapped libraries) on its own."""
-    out.rss_mb[phase].append(RssSampler(server.pid).sample() / MB)
+    out.rss_mb[phase].append(harness.RssSampler(server.pid).sample() / MB)
     out.file_mb[phase] = psutil.Process(server.pid).memory_info().shared / MB
 
 
 def check_memory(client: flight.FlightClient, out: Results, when: str) -> None:
     """Record a symptom when the table is not served from memory."""
-    facts = serving(client)
+    facts = harness.serving(client, workloads.DATASET)
     if facts.get("from") != "memory":
         out.symptoms.append(f"{when}: describe_dataset serving = {facts}")
         log(f"NOT served from memory {when}: {facts}")
@@ -368,27 +321,34 @@ def check_memory(client: flight.FlightClient, out: Results, when: str) -> None:
 
 # -- anchors ---------------------------------------------------------------------------------------
 def lance_anchor(
-    server_root: Path, work: Path, corpus: Corpus, truth: np.ndarray, plan: Plan, out: Results
+    server_root: Path, work: Path, corpus: workloads.Corpus, truth: np.ndarray, plan: Plan, out: Results
 ) -> Any:
     """A copy of the server's Lance table with a ``plan.lance_index`` index built here; the open table."""
     import lancedb  # here, not at the top: the bare server process runs this script without it
     from lancedb.index import HnswSq, IvfPq
 
-    shutil.copytree(server_root / "lance" / f"{DATASET}.lance", work / "anchor" / f"{DATASET}.lance")
-    table = lancedb.connect(str(work / "anchor")).open_table(DATASET)
+    shutil.copytree(
+        server_root / "lance" / f"{workloads.DATASET}.lance", work / "anchor" / f"{workloads.DATASET}.lance"
+    )
+    table = lancedb.connect(str(work / "anchor")).open_table(workloads.DATASET)
     config = (
-        HnswSq(distance_type=METRIC) if plan.lance_index == "ivf_hnsw_sq" else IvfPq(distance_type=METRIC)
+        HnswSq(distance_type=workloads.METRIC)
+        if plan.lance_index == "ivf_hnsw_sq"
+        else IvfPq(distance_type=workloads.METRIC)
     )
     started = time.perf_counter()
-    table.create_index(VECTOR, config=config)
+    table.create_index(workloads.VECTOR, config=config)
     out.lance_build_seconds = time.perf_counter() - started
     log(f"lancedb {plan.lance_index} built in {out.lance_build_seconds:.1f} s")
     sweep_truth = truth[:SWEEP_QUERIES]
-    for params in CANDIDATES[plan.lance_index]:
-        found = result_ids(
-            [local_search(table, q, params, plan.k, COLUMNS) for q in corpus.queries[: len(sweep_truth)]]
+    for params in workloads.CANDIDATES[plan.lance_index]:
+        found = harness.result_ids(
+            [
+                workloads.local_search(table, q, params, plan.k, COLUMNS)
+                for q in corpus.queries[: len(sweep_truth)]
+            ]
         )
-        out.lance_sweep.append((params, recall(found, sweep_truth)))
+        out.lance_sweep.append((params, workloads.recall(found, sweep_truth)))
         log(f"lancedb {params}: recall@{plan.k} {out.lance_sweep[-1][1]:.3f}")
         if out.lance_sweep[-1][1] >= plan.lance_recall:
             break
@@ -396,7 +356,7 @@ def lance_anchor(
     return table
 
 
-def faiss_anchor(corpus: Corpus, path: Path, out: Results) -> Any:
+def faiss_anchor(corpus: workloads.Corpus, path: Path, out: Results) -> Any:
     """The faiss HNSW index of the table, built here and saved to ``path`` for the bare server."""
     started = time.perf_counter()
     index = faiss_hnsw(corpus.vectors)
@@ -411,8 +371,8 @@ def warm_up(contenders: dict[str, Contender], plan: Plan) -> None:
     """Untimed queries and one batch per contender."""
     warmup = [i % plan.queries for i in range(WARMUP_QUERIES)]
     for contender in contenders.values():
-        run_round(contender.searcher, warmup, plan.concurrency)
-        run_round(contender.searcher, warmup, 1)
+        harness.run_round(contender.searcher, warmup, plan.concurrency)
+        harness.run_round(contender.searcher, warmup, 1)
 
 
 def measure_searches(contenders: dict[str, Contender], truth: np.ndarray, plan: Plan, out: Results) -> None:
@@ -424,13 +384,16 @@ def measure_searches(contenders: dict[str, Contender], truth: np.ndarray, plan: 
         for concurrency in (1, plan.concurrency):
             for name in order:
                 contender = contenders[name]
-                server_cpu, local_cpu = cpu_seconds(contender.pid) if contender.pid else 0.0, cpu_seconds()
-                result = run_round(contender.searcher, queries, concurrency)
+                server_cpu, local_cpu = (
+                    harness.cpu_seconds(contender.pid) if contender.pid else 0.0,
+                    harness.cpu_seconds(),
+                )
+                result = harness.run_round(contender.searcher, queries, concurrency)
                 if contender.pid:
-                    server_cpu = cpu_seconds(contender.pid) - server_cpu
-                out.search[(name, concurrency)].add(result, server_cpu, cpu_seconds() - local_cpu)
+                    server_cpu = harness.cpu_seconds(contender.pid) - server_cpu
+                out.search[(name, concurrency)].add(result, server_cpu, harness.cpu_seconds() - local_cpu)
                 if concurrency == 1:
-                    out.recall[name].append(recall(result_ids(result.results), truth))
+                    out.recall[name].append(workloads.recall(harness.result_ids(result.results), truth))
                 log(
                     f"round {r + 1} {name:<19} c={concurrency:<2}: {result.qps:7.1f} q/s, "
                     f"p50 {result.percentile_ms(50):6.2f} ms, p99 {result.percentile_ms(99):6.2f} ms"
@@ -453,8 +416,8 @@ def measure_exchange(
                 out.symptoms.append(f"{name} batch search: {result.num_rows} rows for {len(queries)} queries")
             out.exchange_qps[name].append(len(queries) / seconds)
             if r == 0:
-                found = exchange_ids(result, len(queries))[: len(truth)]
-                out.exchange_recall[name] = recall(found, truth)
+                found = harness.exchange_ids(result, len(queries))[: len(truth)]
+                out.exchange_recall[name] = workloads.recall(found, truth)
             log(f"exchange round {r + 1} {name:<19}: {len(queries) / seconds:8.1f} q/s")
 
 
@@ -462,34 +425,27 @@ def measure_restart(
     work: Path, env: dict[str, str], tickets: list[flight.Ticket], plan: Plan, out: Results
 ) -> None:
     """Restart the lakehouse on the same root: time until warm (saved graph), RSS, one search round."""
-    server = Server(work / "lakehouse", work / "server-restart.log", env)
-    try:
-        started = time.perf_counter()
-        server.start()
+    server = harness.Server(work / "lakehouse", work / "server-restart.log", env, name="restarted server")
+    started = time.perf_counter()
+    with server, flight.connect(server.location) as client:
         out.restart_ready_seconds = time.perf_counter() - started
-        with flight.connect(server.location) as client:
-            out.restart_warm_seconds = wait_warm(client)
-            out.restart_loaded_saved = SAVED_LINE.search(server.log.read_text()) is not None
-            log(
-                f"restarted: ready in {out.restart_ready_seconds:.1f} s, "
-                f"warm {out.restart_warm_seconds:.1f} s later (saved graph: {out.restart_loaded_saved})"
-            )
-            time.sleep(SETTLE_SECONDS)
-            record_steady(server, RSS_RESTART_WARM, out)
-            searcher = FlightSearcher(server.location, tickets, plan.concurrency)
-            try:
-                with PeakRss(server.pid) as rss:
-                    result = run_round(searcher, list(range(plan.queries)), plan.concurrency)
-                    out.search[("lakehouse restarted", plan.concurrency)].add(result, 0.0, 0.0)
-                out.rss_mb[RSS_RESTART_SEARCHING].append(rss.peak / MB)
-                check_memory(client, out, "after the searches of the restarted server")
-            finally:
-                searcher.close()
-    except BaseException:
-        log("restarted server log tail:\n" + server.log_tail())
-        raise
-    finally:
-        server.stop()
+        out.restart_warm_seconds = wait_warm(client)
+        out.restart_loaded_saved = SAVED_LINE.search(server.log_text()) is not None
+        log(
+            f"restarted: ready in {out.restart_ready_seconds:.1f} s, "
+            f"warm {out.restart_warm_seconds:.1f} s later (saved graph: {out.restart_loaded_saved})"
+        )
+        time.sleep(SETTLE_SECONDS)
+        record_steady(server, RSS_RESTART_WARM, out)
+        searcher = harness.FlightSearcher(server.location, tickets, plan.concurrency)
+        try:
+            with harness.PeakRss(server.pid) as rss:
+                result = harness.run_round(searcher, list(range(plan.queries)), plan.concurrency)
+                out.search[("lakehouse restarted", plan.concurrency)].add(result, 0.0, 0.0)
+            out.rss_mb[RSS_RESTART_SEARCHING].append(rss.peak / MB)
+            check_memory(client, out, "after the searches of the restarted server")
+        finally:
+            searcher.close()
 
 
 @dataclass(frozen=True)
@@ -503,25 +459,27 @@ class Anchors:
 
 def contenders_of(
     stack: ExitStack,
-    servers: tuple[Server, Server],
+    servers: tuple[harness.Server, harness.Server],
     anchors: Anchors,
-    corpus: Corpus,
+    corpus: workloads.Corpus,
     tickets: list[flight.Ticket],
     plan: Plan,
 ) -> dict[str, Contender]:
     """The four contenders (lakehouse, bare server, faiss, lancedb); ``stack`` closes their clients."""
     lakehouse, bare = servers
-    body = {"dataset": DATASET, "k": plan.k, "columns": COLUMNS}
+    body = {"dataset": workloads.DATASET, "k": plan.k, "columns": COLUMNS}
     faiss_searcher = FaissSearcher(anchors.index, corpus.queries, plan.k)
     lance_searcher = LanceSearcher(anchors.lance_table, corpus.queries, anchors.lance_params, plan.k)
     contenders: dict[str, Contender] = {}
     for name, server in ((LAKEHOUSE, lakehouse), (BARE, bare)):
-        searcher = FlightSearcher(server.location, tickets, plan.concurrency)
+        searcher = harness.FlightSearcher(server.location, tickets, plan.concurrency)
         stack.callback(searcher.close)
         client = searcher.clients[0]
         contenders[name] = Contender(
             searcher,
-            lambda q, client=client: flight_exchange(client, q, body, plan.exchange_batch),
+            lambda q, client=client: harness.flight_exchange(
+                client, q, body, workloads.VECTOR, plan.exchange_batch
+            ),
             server.pid,
         )
     contenders[FAISS] = Contender(
@@ -536,16 +494,6 @@ def contenders_of(
 
 
 # -- report ----------------------------------------------------------------------------------------
-def verdict(ok: bool) -> str:
-    """PASS or FAIL."""
-    return "PASS" if ok else "FAIL"
-
-
-def cell(values: list[float], digits: int) -> str:
-    """The median, formatted."""
-    return f"{median(values):.{digits}f}"
-
-
 def render_searches(out: Results, plan: Plan) -> str:
     """QPS, latencies, recall and CPU per contender and concurrency."""
     lines = []
@@ -652,13 +600,14 @@ def render_targets(out: Results, plan: Plan) -> str:
     return "| target | measured | pass/fail |\n|---|---|---|\n" + "\n".join(lines) + "\n"
 
 
-def render(out: Results, plan: Plan, corpus: Corpus) -> str:
+def render(out: Results, plan: Plan, corpus: workloads.Corpus) -> str:
     """The whole markdown report."""
     symptoms = "".join(f"\n- server symptom: {text}" for text in out.symptoms) or "\n- server symptoms: none"
     return (
         f"{plan.rows:,} rows x {plan.dim} float32 ({corpus.table.nbytes / MB:.0f} MB of Arrow data), "
-        f"{plan.clusters} clusters, seed {plan.seed}; k={plan.k}, columns {COLUMNS}, metric {METRIC}; "
-        f"medians of {plan.rounds} rounds of {plan.queries} queries per contender and concurrency\n\n"
+        f"{plan.clusters} clusters, seed {plan.seed}; k={plan.k}, columns {COLUMNS}, "
+        f"metric {workloads.METRIC}; medians of {plan.rounds} rounds of {plan.queries} queries per contender "
+        "and concurrency\n\n"
         + render_searches(out, plan)
         + "\n"
         + render_exchange(out, plan)
@@ -678,57 +627,44 @@ def run(work: Path, plan: Plan, env: dict[str, str]) -> str:
     """Generate the input, run every phase against fresh servers, render the report."""
     work.mkdir(parents=True, exist_ok=True)
     log(f"generating {plan.rows:,} x {plan.dim} vectors ...")
-    corpus = make_corpus(
+    corpus = workloads.make_corpus(
         plan.rows, plan.dim, plan.clusters, max(plan.queries, plan.exchange_queries), plan.seed
     )
-    truth = exact_neighbours(corpus.vectors, corpus.queries[: plan.queries], plan.k)
-    tickets = search_tickets(
-        corpus.queries[: plan.queries], {"dataset": DATASET, "k": plan.k, "columns": COLUMNS}
+    truth = workloads.exact_neighbours(corpus.vectors, corpus.queries[: plan.queries], plan.k)
+    tickets = harness.search_tickets(
+        corpus.queries[: plan.queries], {"dataset": workloads.DATASET, "k": plan.k, "columns": COLUMNS}
     )
     out = Results()
-    lakehouse = Server(work / "lakehouse", work / "server.log", env)
-    bare = BareServer(work / "faiss.index", work / "bare.log", {})
-    try:
-        with ExitStack() as stack:
-            lakehouse.start()
-            log(f"lakehouse at {lakehouse.location} (pid {lakehouse.pid}), log {lakehouse.log}")
-            out.rss_mb["lakehouse: idle at start"].append(RssSampler(lakehouse.pid).sample() / MB)
-            client = stack.enter_context(flight.connect(lakehouse.location))
-            measure_ingest(lakehouse, client, corpus, plan, out)
-            index = faiss_anchor(corpus, bare.root, out)
-            bare.start()
-            log(f"bare server at {bare.location} (pid {bare.pid})")
-            lance_table = lance_anchor(lakehouse.root, work, corpus, truth, plan, out)
-            anchors = Anchors(index, lance_table, out.lance_params)
-            contenders = contenders_of(stack, (lakehouse, bare), anchors, corpus, tickets, plan)
-            check_memory(client, out, "before the searches")
-            record_steady(lakehouse, "lakehouse: before the searches (after the anchors' Lance index)", out)
-            warm_up(contenders, plan)
-            with PeakRss(lakehouse.pid) as rss, PeakRss(bare.pid) as bare_rss:
-                measure_searches(contenders, truth, plan, out)
-                measure_exchange(contenders, corpus.queries[: plan.exchange_queries], truth, plan, out)
-            out.rss_mb[RSS_SEARCHING].append(rss.peak / MB)
-            out.rss_mb["bare flight+faiss: peak while searching"].append(bare_rss.peak / MB)
-            check_memory(client, out, "after the searches")
-    except BaseException:
-        log("lakehouse log tail:\n" + lakehouse.log_tail() + "\nbare server log tail:\n" + bare.log_tail())
-        raise
-    finally:
-        bare.stop()
-        lakehouse.stop()
+    lakehouse = harness.Server(work / "lakehouse", work / "server.log", env, name="lakehouse")
+    bare = BareServer(work / "faiss.index", work / "bare.log", name="bare server")
+    with ExitStack() as servers, ExitStack() as stack:
+        servers.enter_context(lakehouse)
+        log(f"lakehouse at {lakehouse.location} (pid {lakehouse.pid}), log {lakehouse.log}")
+        out.rss_mb["lakehouse: idle at start"].append(harness.RssSampler(lakehouse.pid).sample() / MB)
+        client = stack.enter_context(flight.connect(lakehouse.location))
+        measure_ingest(lakehouse, client, corpus, plan, out)
+        index = faiss_anchor(corpus, bare.root, out)
+        servers.enter_context(bare)
+        log(f"bare server at {bare.location} (pid {bare.pid})")
+        lance_table = lance_anchor(lakehouse.root, work, corpus, truth, plan, out)
+        anchors = Anchors(index, lance_table, out.lance_params)
+        contenders = contenders_of(stack, (lakehouse, bare), anchors, corpus, tickets, plan)
+        check_memory(client, out, "before the searches")
+        record_steady(lakehouse, "lakehouse: before the searches (after the anchors' Lance index)", out)
+        warm_up(contenders, plan)
+        with harness.PeakRss(lakehouse.pid) as rss, harness.PeakRss(bare.pid) as bare_rss:
+            measure_searches(contenders, truth, plan, out)
+            measure_exchange(contenders, corpus.queries[: plan.exchange_queries], truth, plan, out)
+        out.rss_mb[RSS_SEARCHING].append(rss.peak / MB)
+        out.rss_mb["bare flight+faiss: peak while searching"].append(bare_rss.peak / MB)
+        check_memory(client, out, "after the searches")
     measure_restart(work, env, tickets, plan, out)
     return render(out, plan, corpus)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--rows", type=int, default=100_000, help="vectors in the table (default %(default)s)"
-    )
-    parser.add_argument("--dim", type=int, default=384, help="vector dimension (default %(default)s)")
-    parser.add_argument("--clusters", type=int, default=100, help="Gaussian clusters (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per measurement (default %(default)s)")
+    parser = workloads.vector_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--queries", type=int, default=500, help="queries per round and contender (default %(default)s)"
     )
@@ -755,36 +691,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--lance-batches", action="store_true", help="also time lancedb multi-vector batch searches"
     )
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default %(default)s)")
-    add_work_arguments(parser)
     parser.add_argument("--serve-bare", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    counts = (args.rows, args.dim, args.clusters, args.rounds, args.queries, args.exchange_queries)
-    if min(*counts, args.exchange_batch, args.concurrency, args.k, args.ingest_rounds) <= 0:
-        parser.error("counts must be > 0")
-    if args.clusters > args.rows or args.k > args.rows:
-        parser.error("--clusters and --k must not exceed --rows")
-    return args
-
-
-def plan_of(args: argparse.Namespace) -> Plan:
-    """The run's parameters from the arguments."""
-    return Plan(
-        rows=args.rows,
-        dim=args.dim,
-        clusters=args.clusters,
-        rounds=args.rounds,
-        queries=args.queries,
-        exchange_queries=args.exchange_queries,
-        exchange_batch=args.exchange_batch,
-        concurrency=args.concurrency,
-        k=args.k,
-        ingest_rounds=args.ingest_rounds,
-        lance_index=args.lance_index,
-        lance_recall=args.lance_recall,
-        lance_batches=args.lance_batches,
-        seed=args.seed,
-    )
+    counts = ("queries", "exchange_queries", "exchange_batch", "concurrency", "ingest_rounds")
+    return workloads.parse_vector_arguments(parser, argv, counts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -792,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_bare is not None:
         return serve_bare(args.serve_bare)
-    return print_report(args, "bench-vector-cache-", lambda work, env: run(work, plan_of(args), env))
+    return harness.print_report(
+        args, "bench-vector-cache-", lambda work, env: run(work, Plan.from_args(args), env)
+    )
 
 
 if __name__ == "__main__":

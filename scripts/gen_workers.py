@@ -28,18 +28,23 @@ DEFAULT_BATCH_ROWS = 100_000
 FORMATS = ("parquet", "csv")
 EMAIL_DOMAIN = "@staffing.example"
 
-FIRST_NAMES: tuple[str, ...] = (
-    "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda", "William", "Elizabeth",
-    "David", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah", "Carlos", "Karen",
-    "Daniel", "Nancy", "Matthew", "Lisa", "Anthony", "Betty", "Mark", "Sandra", "Wei", "Ashley",
-    "Steven", "Emily", "Andrew", "Maria", "Kenji", "Aisha", "Omar", "Priya", "Luis", "Fatima",
-)  # fmt: skip
-LAST_NAMES: tuple[str, ...] = (
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez",
-    "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore", "Jackson", "Martin",
-    "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez", "Lewis", "Robinson",
-    "Walker", "Young", "Allen", "King", "Wright", "Nguyen", "Patel", "Kim", "Chen", "Okafor",
-)  # fmt: skip
+
+def _words(text: str) -> tuple[str, ...]:
+    """The whitespace-separated words of ``text``."""
+    return tuple(text.split())
+
+
+FIRST_NAMES: tuple[str, ...] = _words(
+    "James Mary John Patricia Robert Jennifer Michael Linda William Elizabeth David Barbara Richard "
+    "Susan Joseph Jessica Thomas Sarah Carlos Karen Daniel Nancy Matthew Lisa Anthony Betty Mark "
+    "Sandra Wei Ashley Steven Emily Andrew Maria Kenji Aisha Omar Priya Luis Fatima"
+)
+LAST_NAMES: tuple[str, ...] = _words(
+    "Smith Johnson Williams Brown Jones Garcia Miller Davis Rodriguez Martinez Hernandez Lopez "
+    "Gonzalez Wilson Anderson Thomas Taylor Moore Jackson Martin Lee Perez Thompson White Harris "
+    "Sanchez Clark Ramirez Lewis Robinson Walker Young Allen King Wright Nguyen Patel Kim Chen "
+    "Okafor"
+)
 
 # (role, base hourly rate in USD)
 ROLES: tuple[tuple[str, float], ...] = (

@@ -15,7 +15,7 @@ REGENERATE = "run `python scripts/gen_schemas.py` and commit schemas/"
 
 
 def load_generator() -> ModuleType:
-    """``scripts/gen_schemas.py`` as a module (``scripts`` is not a package)."""
+    """``scripts/gen_schemas.py`` as a module, loaded from its file (it runs as a plain script)."""
     spec = importlib.util.spec_from_file_location("gen_schemas", ROOT / "scripts" / "gen_schemas.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
