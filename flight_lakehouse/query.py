@@ -32,7 +32,7 @@ import pyarrow.flight as flight
 from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
-from flight_lakehouse.sandbox import check_predicate, check_select, first_line
+from flight_lakehouse.sandbox import check_predicate, check_select, database_config, first_line
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Lease, Storage, quote_literal
 from flight_lakehouse.vectors import VectorTables
@@ -91,15 +91,7 @@ class SnapshotDatabase:
     ):
         self.views = views
         self.lance = lance or {}
-        config: dict[str, str | int | bool] = {
-            "temp_directory": temp_dir,
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-        }
-        if settings.query_threads:
-            config["threads"] = settings.query_threads
-        if settings.query_memory_mb:
-            config["memory_limit"] = f"{settings.query_memory_mb}MB"
+        config = database_config(settings, temp_directory=temp_dir)
         self._connection = duckdb.connect(":memory:", config=config)
         storage.configure_duckdb(self._connection)
         self._paths = {

@@ -22,6 +22,7 @@ import orjson
 
 from flight_lakehouse.commands import NAME_PATTERN
 from flight_lakehouse.errors import InvalidArgument, NotFound
+from flight_lakehouse.settings import Settings
 
 SAFE_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "generate_subscripts"})
 BLOCKED_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "iceberg_", "delta_", "sniff_")
@@ -342,6 +343,21 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
         if name not in duckdb_names().functions:
             raise InvalidArgument(f"function {name!r} is not allowed in queries and filters")
     return None
+
+
+def database_config(settings: Settings, **extra: str | int | bool) -> dict[str, str | int | bool]:
+    """The configuration every DuckDB database running client SQL starts with (the second wall): no
+    extension installed or loaded on demand, the query threads and memory limit; plus ``extra``."""
+    config: dict[str, str | int | bool] = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        **extra,
+    }
+    if settings.query_threads:
+        config["threads"] = settings.query_threads
+    if settings.query_memory_mb:
+        config["memory_limit"] = f"{settings.query_memory_mb}MB"
+    return config
 
 
 def first_line(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from flight_lakehouse.errors import NotFound, TimedOut, Unavailable
 from flight_lakehouse.process import large_work_finished
+from flight_lakehouse.sandbox import database_config
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.vector_memory import (
     BuildStopped,
@@ -64,16 +65,7 @@ class CacheEntry:
 def filter_database(settings: Settings) -> duckdb.DuckDBPyConnection:
     """The DuckDB database evaluating search filters on in-memory rows, locked down as query databases
     are: no external access, no extension loading, the query memory limit, configuration locked."""
-    config: dict[str, str | int | bool] = {
-        "enable_external_access": False,
-        "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-    }
-    if settings.query_threads:
-        config["threads"] = settings.query_threads
-    if settings.query_memory_mb:
-        config["memory_limit"] = f"{settings.query_memory_mb}MB"
-    connection = duckdb.connect(":memory:", config=config)
+    connection = duckdb.connect(":memory:", config=database_config(settings, enable_external_access=False))
     connection.execute("SET lock_configuration = true")
     return connection
 
