@@ -356,6 +356,7 @@ def reconcile(table: pa.Schema, upload: pa.Schema, schema_mode: str, dataset: st
     """The file schema for ``upload`` into a table of schema ``table``, or a SchemaConflict naming fields."""
     table_types = {field.name: canonical_type(field.type) for field in table}
     upload_types = {field.name: canonical_type(field.type) for field in upload}
+    refuse_case_twins(table.names, upload.names, dataset)
     changed = [
         name for name in upload_types if name in table_types and upload_types[name] != table_types[name]
     ]
@@ -378,6 +379,22 @@ def reconcile(table: pa.Schema, upload: pa.Schema, schema_mode: str, dataset: st
         )
     ordered = [upload.field(name) for name in table_types if name in upload_types]
     return pa.schema(ordered + [upload.field(name) for name in added])
+
+
+def refuse_case_twins(table: list[str], upload: list[str], dataset: str) -> None:
+    """Refuse upload columns that differ from a dataset column only in case: SQL names are case-insensitive,
+    so both could not be stored (evolve would add a twin that breaks every later upload and describe)."""
+    by_lower = {name.lower(): name for name in table}
+    twins = [
+        f"{name!r} (dataset has {by_lower[name.lower()]!r})"
+        for name in upload
+        if by_lower.get(name.lower(), name) != name
+    ]
+    if twins:
+        raise SchemaConflict(
+            f"schema of upload differs from dataset {dataset!r}: column names differ only in case: "
+            f"{', '.join(twins)}; column names are case-insensitive, send them as the dataset has them"
+        )
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -203,6 +203,23 @@ def test_strict_schema_refusals_name_the_fields(server: ServerProcess) -> None:
     assert len(history(server, "staff")) == 1
 
 
+@pytest.mark.parametrize("schema_mode", ["strict", "evolve"])
+def test_a_column_differing_only_in_case_is_refused(server: ServerProcess, schema_mode: str) -> None:
+    """``ID`` for ``id``: refused naming both (evolve once added it beside ``id``, and every later upload
+    and describe of the dataset then failed); the dataset is unchanged and takes uploads as before."""
+    server.put("cased", people(range(2)))
+    twin = people(range(2, 4)).rename_columns(["ID", "name"])
+    with pytest.raises(pa.ArrowInvalid) as exc:
+        server.put("cased", twin, schema_mode=schema_mode)
+    assert_refusal(exc, server, "differ only in case", "'ID' (dataset has 'id')")
+    server.put("cased", people(range(2, 4)))
+    assert server.sql("select count(*) as n from cased").to_pylist() == [{"n": 4}]
+    assert [c["name"] for c in server.action("describe_dataset", {"dataset": "cased"})["columns"]] == [  # type: ignore[index]
+        "id",
+        "name",
+    ]
+
+
 def test_evolve_adds_nullable_column_and_refuses_retype(server: ServerProcess) -> None:
     """Evolve adds a new column (old rows read NULL); a conflicting type is still refused."""
     server.put("crew", people(range(2)))
