@@ -1,0 +1,145 @@
+"""The DoAction handlers: one method per action, each declaring the role it needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from flight_lakehouse import __version__
+from flight_lakehouse.commands import (
+    CreateIndex,
+    DatasetRef,
+    DeleteRows,
+    DropDataset,
+    EmptyBody,
+    Optimize,
+    SearchRequest,
+)
+from flight_lakehouse.process import large_work_finished
+from flight_lakehouse.protocol import ActionRouter, ActionSpec, CallContext
+from flight_lakehouse.services import Services
+
+
+class Actions:
+    """The catalog, search and maintenance actions over the :class:`Services`."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def router(self) -> ActionRouter:
+        """Every action by name, with its body, description and role."""
+        return ActionRouter(
+            {
+                "health": ActionSpec(
+                    EmptyBody,
+                    "Liveness and version: {status, version, storage, datasets}.",
+                    "reader",
+                    self.health,
+                ),
+                "list_datasets": ActionSpec(
+                    EmptyBody,
+                    "Every dataset with format, rows, bytes, updated_at.",
+                    "reader",
+                    self.list_datasets,
+                ),
+                "describe_dataset": ActionSpec(
+                    DatasetRef,
+                    "Schema (Arrow IPC, base64) and facts of one dataset.",
+                    "reader",
+                    self.describe_dataset,
+                ),
+                "dataset_history": ActionSpec(
+                    DatasetRef, "Snapshots of one dataset, newest first.", "reader", self.dataset_history
+                ),
+                "drop_dataset": ActionSpec(
+                    DropDataset, "Drop a dataset and delete its files.", "writer", self.drop_dataset
+                ),
+                "vector_search": ActionSpec(
+                    SearchRequest,
+                    "k nearest rows (vector), best matches (text) or both fused; Arrow IPC stream bytes.",
+                    "reader",
+                    self.vector_search,
+                ),
+                "create_index": ActionSpec(
+                    CreateIndex,
+                    "Build an ivf_pq, ivf_hnsw_sq, fts, btree or bitmap index on a Lance table.",
+                    "writer",
+                    self.create_index,
+                ),
+                "delete_rows": ActionSpec(
+                    DeleteRows,
+                    "Delete the rows of a Lance table matching an SQL predicate.",
+                    "writer",
+                    self.delete_rows,
+                ),
+                "optimize": ActionSpec(
+                    Optimize,
+                    "Compact a Lance table, update its indexes, remove old versions.",
+                    "writer",
+                    self.optimize,
+                ),
+            }
+        )
+
+    def health(self, ctx: CallContext, _: EmptyBody) -> dict[str, Any]:
+        """The ``health`` action."""
+        return {
+            "status": "ok",
+            "version": __version__,
+            "storage": self.s.storage.public_facts(),
+            "datasets": len(self.s.catalog.metadata_locations()) + len(self.s.vectors.names()),
+        }
+
+    def list_datasets(self, ctx: CallContext, _: EmptyBody) -> list[dict[str, Any]]:
+        """The ``list_datasets`` action."""
+        lance = [self.s.vectors.summarise(name) for name in self.s.vectors.names()]
+        return sorted(self.s.catalog.list_datasets() + lance, key=lambda entry: entry["name"])
+
+    def describe_dataset(self, ctx: CallContext, body: DatasetRef) -> dict[str, Any]:
+        """The ``describe_dataset`` action."""
+        if self.s.vectors.exists(body.dataset):
+            facts = self.s.vectors.describe(body.dataset, self.s.indexes.pending(body.dataset))
+            return {**facts, "serving": self.s.cache.facts(body.dataset)}
+        return self.s.catalog.describe(body.dataset)
+
+    def dataset_history(self, ctx: CallContext, body: DatasetRef) -> list[dict[str, Any]]:
+        """The ``dataset_history`` action."""
+        if self.s.vectors.exists(body.dataset):
+            return self.s.vectors.history(body.dataset)
+        return self.s.catalog.history(body.dataset)
+
+    def drop_dataset(self, ctx: CallContext, body: DropDataset) -> dict[str, Any]:
+        """The ``drop_dataset`` action."""
+        if self.s.vectors.exists(body.dataset):
+            self.s.vectors.drop(body.dataset)
+            self.s.indexes.forget(body.dataset)
+            return {"dropped": True}
+        return {"dropped": self.s.catalog.drop(body.dataset, body.if_exists)}
+
+    def vector_search(self, ctx: CallContext, body: SearchRequest) -> bytes:
+        """The ``vector_search`` action: the result as Arrow IPC stream bytes."""
+        result = self.s.searcher.search(self.s.searcher.plan(body))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, result.schema) as writer:
+            writer.write_table(result)
+        return sink.getvalue().to_pybytes()
+
+    def create_index(self, ctx: CallContext, body: CreateIndex) -> dict[str, Any]:
+        """The ``create_index`` action."""
+        self.s.vectors.require(body.dataset, "create_index")
+        return self.s.indexes.create(body)
+
+    def delete_rows(self, ctx: CallContext, body: DeleteRows) -> dict[str, Any]:
+        """The ``delete_rows`` action."""
+        self.s.vectors.require(body.dataset, "delete_rows")
+        self.s.searcher.check_filter(body.where)
+        return self.s.vectors.delete_rows(body.dataset, body.where)
+
+    def optimize(self, ctx: CallContext, body: Optimize) -> dict[str, Any]:
+        """The ``optimize`` action."""
+        self.s.vectors.require(body.dataset, "optimize")
+        try:
+            return self.s.vectors.optimize(body.dataset, body.older_than_seconds)
+        finally:
+            large_work_finished()

@@ -1,0 +1,170 @@
+"""The data handlers (DoPut, DoGet, DoExchange, GetFlightInfo): one method per request type, and the
+routers that send each typed request to its method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from flight_lakehouse.catalog import summarise
+from flight_lakehouse.commands import IngestCommand, IngestOptions, ScanRequest, SearchCommand, SqlQuery
+from flight_lakehouse.errors import InvalidArgument
+from flight_lakehouse.ingest import IngestSession
+from flight_lakehouse.process import large_work_finished
+from flight_lakehouse.protocol import CallContext, DatasetPath, JsonCodec, Router
+from flight_lakehouse.query import CallHooks, QueryStream
+from flight_lakehouse.services import Services
+from flight_lakehouse.uploads import Upload
+from flight_lakehouse.vectors import holds_vectors
+
+
+@dataclass(frozen=True)
+class FlightFacts:
+    """What GetFlightInfo answers, less the descriptor: schema, ticket, rows and bytes (-1: unknown)."""
+
+    schema: pa.Schema
+    ticket: bytes
+    rows: int = -1
+    size: int = -1
+
+
+PutHandler = Callable[[CallContext, Any, Upload], dict[str, Any]]
+GetHandler = Callable[[CallContext, Any], "QueryStream | pa.Table"]
+ExchangeHandler = Callable[[CallContext, Any, Upload], QueryStream]
+InfoHandler = Callable[[CallContext, Any], FlightFacts]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The router of each data RPC."""
+
+    put: Router[PutHandler]
+    get: Router[GetHandler]
+    exchange: Router[ExchangeHandler]
+    info: Router[InfoHandler]
+
+
+class Handlers:
+    """Ingest, queries, searches and flight infos over the :class:`Services`."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    def routes(self) -> Routes:
+        """Each request type to its handler, per RPC; what a client sends to the wrong RPC is refused."""
+        put_only = "DoPut takes a path descriptor or an {'ingest': {...}} command"
+        return Routes(
+            put=Router[PutHandler]("DoPut")
+            .route(DatasetPath, self.put_path)
+            .route(IngestCommand, self.put_ingest)
+            .refuse(put_only, SqlQuery, ScanRequest, SearchCommand),
+            get=Router[GetHandler]("DoGet")
+            .route(SqlQuery, self.get_sql)
+            .route(ScanRequest, self.get_scan)
+            .route(SearchCommand, self.get_search)
+            .refuse("an ingest command is not a ticket; send it with DoPut", IngestCommand),
+            exchange=Router[ExchangeHandler]("DoExchange")
+            .route(SearchCommand, self.exchange_search)
+            .refuse("DoExchange takes a {'search': {...}} command", SqlQuery, ScanRequest, IngestCommand),
+            info=Router[InfoHandler]("GetFlightInfo")
+            .route(DatasetPath, self.info_path)
+            .route(SqlQuery, self.info_sql)
+            .route(ScanRequest, self.info_scan)
+            .route(SearchCommand, self.info_search)
+            .refuse("an ingest command has no FlightInfo; send it with DoPut", IngestCommand),
+        )
+
+    # -- DoPut -----------------------------------------------------------------------------------
+    def put_path(self, ctx: CallContext, request: DatasetPath, upload: Upload) -> dict[str, Any]:
+        """An upload to the dataset a path descriptor names, with the default options."""
+        return self.ingest(ctx, IngestOptions(dataset=request.dataset), upload)
+
+    def put_ingest(self, ctx: CallContext, request: IngestCommand, upload: Upload) -> dict[str, Any]:
+        """An upload with an ``{"ingest": {...}}`` command."""
+        return self.ingest(ctx, request.ingest, upload)
+
+    def ingest(self, ctx: CallContext, options: IngestOptions, upload: Upload) -> dict[str, Any]:
+        """Write one upload as one commit, to a Lance table or an Iceberg table."""
+        schema = upload.schema()
+        try:
+            if self._is_lance(options, schema):
+                return self.s.vectors.write(options, schema, upload.batches())
+            return self._ingest_parquet(options, schema, upload.batches())
+        finally:
+            large_work_finished()
+
+    def _is_lance(self, options: IngestOptions, schema: pa.Schema) -> bool:
+        """Whether an upload goes to a Lance table: the existing dataset's format, else the upload's."""
+        lance, parquet = self.s.vectors.exists(options.dataset), self.s.catalog.exists(options.dataset)
+        if not (lance or parquet):
+            return holds_vectors(schema, options)
+        wanted = options.format
+        if wanted is not None and wanted != ("lance" if lance else "parquet"):
+            current = "a Lance table" if lance else "Parquet"
+            raise InvalidArgument(
+                f"dataset {options.dataset!r} is {current}; format {wanted!r} does not apply"
+            )
+        return lance
+
+    def _ingest_parquet(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> dict[str, Any]:
+        session = IngestSession(self.s.catalog, self.s.settings, options, schema)
+        try:
+            for batch in batches:
+                session.write(batch)
+        except BaseException:
+            session.abort()
+            raise
+        return session.commit().to_json()
+
+    # -- DoGet -----------------------------------------------------------------------------------
+    def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:
+        """A SQL query, streamed."""
+        return self.s.engine.run(request.sql, CallHooks(ctx.is_cancelled))
+
+    def get_scan(self, ctx: CallContext, request: ScanRequest) -> QueryStream:
+        """A scan of one dataset, streamed."""
+        database = self.s.engine.scan_database(request)
+        return self.s.engine.run(
+            self.s.engine.scan_sql(request, database), CallHooks(ctx.is_cancelled), database
+        )
+
+    def get_search(self, ctx: CallContext, request: SearchCommand) -> pa.Table:
+        """A search: its result is small and complete."""
+        return self.s.searcher.search(self.s.searcher.plan(request.search))
+
+    # -- DoExchange ------------------------------------------------------------------------------
+    def exchange_search(self, ctx: CallContext, request: SearchCommand, upload: Upload) -> QueryStream:
+        """Batch search: the k nearest rows of every query vector the client streams."""
+        plan = self.s.searcher.plan(request.search, exchange=True)
+        return QueryStream(plan.exchange_schema, self.s.searcher.exchange(plan, upload.batches()))
+
+    # -- GetFlightInfo ---------------------------------------------------------------------------
+    def info_path(self, ctx: CallContext, request: DatasetPath) -> FlightFacts:
+        """A dataset: the schema a scan streams, its rows and bytes."""
+        name = request.dataset
+        if self.s.vectors.exists(name):
+            facts = self.s.vectors.summarise(name)
+        else:
+            facts = summarise(name, self.s.catalog.load(name))
+        info = self.info_scan(ctx, ScanRequest(dataset=name))  # exactly as DoGet streams
+        return FlightFacts(info.schema, info.ticket, facts["rows"], facts["bytes"])
+
+    def info_sql(self, ctx: CallContext, request: SqlQuery) -> FlightFacts:
+        """A SQL query's result schema, without running it."""
+        return FlightFacts(self.s.engine.schema(request.sql), JsonCodec.ticket(request))
+
+    def info_scan(self, ctx: CallContext, request: ScanRequest) -> FlightFacts:
+        """A scan's result schema, without running it."""
+        database = self.s.engine.scan_database(request)
+        schema = self.s.engine.schema(self.s.engine.scan_sql(request, database), database)
+        return FlightFacts(schema, JsonCodec.ticket(request))
+
+    def info_search(self, ctx: CallContext, request: SearchCommand) -> FlightFacts:
+        """A search's schema: it runs once, since Lance alone can tell a bad filter."""
+        schema = self.get_search(ctx, request).schema
+        return FlightFacts(schema, JsonCodec.ticket(request))
