@@ -218,8 +218,8 @@ class VectorCache:
                 self._handle(name)
 
     def _handle(self, name: str) -> None:
-        """Refresh ``name``'s copy; a method of its own so that no local of this loop outlives the work
-        (the idle worker once kept a dropped table's copy, ~70 MB at 100k x 384, until the next commit)."""
+        """Refresh ``name``'s copy; a method of its own so that no local of the worker loop outlives the work
+        (one would keep a dropped table's copy, ~70 MB at 100k x 384, until the next commit)."""
         entry = self._entries.get(name)
         try:
             self._refresh(name)
