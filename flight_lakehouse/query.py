@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -187,30 +187,59 @@ class RunningQuery:
         interrupt(self.cursor)
 
 
+class Watched(Protocol):
+    """What the :class:`Watchdog` watches: a deadline, a cancellation check while ``starting``, a stop."""
+
+    key: int
+    deadline: float
+    starting: bool
+    stop_reason: str | None
+    is_cancelled: Callable[[], bool]
+
+    def stop(self, reason: str) -> None: ...
+
+
+@dataclass
+class WatchedCursor:
+    """A cursor running client SQL outside a query stream (a search filter): stopped at its deadline."""
+
+    cursor: duckdb.DuckDBPyConnection
+    deadline: float
+    key: int = 0
+    starting: bool = False
+    stop_reason: str | None = None
+    is_cancelled: Callable[[], bool] = lambda: False
+
+    def stop(self, reason: str) -> None:
+        """Interrupt the cursor."""
+        self.stop_reason = self.stop_reason or reason
+        interrupt(self.cursor)
+
+
 class Watchdog:
-    """Interrupts queries whose client went away or whose time is up."""
+    """Interrupts queries whose client went away or whose time is up (one thread for all of them)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self._interval = interval
-        self._queries: dict[int, RunningQuery] = {}
+        self._queries: dict[int, Watched] = {}
         self._guard = threading.Lock()
         self._next_key = 0
         self._thread = threading.Thread(target=self._run, name="query-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, query: RunningQuery) -> None:
+    def watch(self, query: Watched) -> None:
         """Start watching a query."""
         with self._guard:
             self._next_key += 1
             query.key = self._next_key
             self._queries[query.key] = query
 
-    def forget(self, query: RunningQuery) -> None:
+    def forget(self, query: Watched) -> None:
         """Stop watching a query."""
         with self._guard:
             self._queries.pop(query.key, None)
 
-    def streaming(self, query: RunningQuery) -> None:
+    def streaming(self, query: Watched) -> None:
         """The query's call is about to hand its stream over: from now on only its deadline is watched
         here (the stream checks for cancellation itself, on the call's own thread)."""
         with self._guard:
@@ -235,7 +264,7 @@ class Watchdog:
                         self._check(query, now)
 
     @classmethod
-    def _check(cls, query: RunningQuery, now: float) -> None:
+    def _check(cls, query: Watched, now: float) -> None:
         try:
             if query.starting and query.is_cancelled():
                 cls._stop(query, "cancelled")
@@ -245,7 +274,7 @@ class Watchdog:
             log.debug("checking a query failed", exc_info=True)
 
     @staticmethod
-    def _stop(query: RunningQuery, reason: str) -> None:
+    def _stop(query: Watched, reason: str) -> None:
         try:
             query.stop(reason)
         except Exception:  # a cursor closed under our feet has nothing left to interrupt
