@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -160,6 +160,16 @@ def root_listing(root: str) -> set[str]:
     return {
         path.relative_to(root).as_posix() + ("/" if path.is_dir() else "") for path in Path(root).rglob("*")
     }
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 15.0, interval: float = 0.1) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return bool(condition())
 
 
 # -- server processes ------------------------------------------------------------------------------------

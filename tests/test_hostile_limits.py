@@ -28,6 +28,7 @@ from tests.conftest import (
     s3_root,
     stored_files,
     vector_array,
+    wait_until,
 )
 from tests.test_s3 import GC_LINE, cli, relative, storage_env
 
@@ -180,7 +181,7 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
         assert server.action("drop_dataset", {"dataset": "stalled"}) == {"dropped": True}
         assert files_under(server.root, "tables/stalled") == files, "files deleted under a running query"
         held = max(rss_samples(server, 2.0)) - before  # well within the 6 s limit, even on a busy machine
-        assert wait_for(lambda: not files_under(server.root, "tables/stalled"), 15), (
+        assert wait_until(lambda: not files_under(server.root, "tables/stalled"), 15), (
             "a stalled query kept them"
         )
         time.sleep(RELEASE_SECONDS)
@@ -302,15 +303,6 @@ def read_rest(reader: flight.FlightStreamReader, first: pa.RecordBatch) -> pa.Ta
     return pa.Table.from_batches([first, *reader.read_all().to_batches()])
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
-
-
 def files_under(root: str, folder: str) -> set[str]:
     return {address for address in stored_files(root) if f"/{folder}/" in address}
 
@@ -336,7 +328,7 @@ def test_a_parquet_query_finishes_on_its_snapshot_across_a_drop(many_files_serve
     result = read_rest(reader, first)
     assert result.num_rows == 1_600_000
     assert sorted(result.column("id").to_pylist()) == list(range(1_600_000))
-    assert wait_for(lambda: not (files_under(server.root, "tables/moving") & old_files)), "old files kept"
+    assert wait_until(lambda: not (files_under(server.root, "tables/moving") & old_files)), "old files kept"
     assert files_under(server.root, "tables/moving") == new_files
     assert server.sql("SELECT min(id) AS lo, count(*) AS n FROM moving").to_pylist() == [
         {"lo": 10**9, "n": 5}
@@ -357,7 +349,7 @@ def test_a_lance_query_finishes_on_its_version_across_a_drop(many_files_server: 
     result = read_rest(reader, first)
     assert result.num_rows == 800_000
     assert sorted(result.column("id").to_pylist()) == list(range(800_000))
-    assert wait_for(lambda: not (files_under(server.root, "lance/vecs.lance") & old_data)), "old files kept"
+    assert wait_until(lambda: not (files_under(server.root, "lance/vecs.lance") & old_data)), "old files kept"
     assert server.sql("SELECT min(id) AS lo, count(*) AS n FROM vecs").to_pylist() == [{"lo": 10**9, "n": 5}]
     server.restart()
     assert server.sql("SELECT min(id) AS lo, count(*) AS n FROM vecs").to_pylist() == [{"lo": 10**9, "n": 5}]

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import ServerProcess, data_files, is_s3, s3_root, written_files
+from tests.conftest import ServerProcess, data_files, is_s3, s3_root, wait_until, written_files
 
 CHUNK = 10_000
 
@@ -58,16 +57,6 @@ def start_endless_upload(server: ServerProcess, dataset: str) -> subprocess.Pope
 def history_ids(server: ServerProcess, dataset: str) -> list[int]:
     """Snapshot ids of a dataset, newest first."""
     return [entry["snapshot_id"] for entry in server.action("dataset_history", {"dataset": dataset})]
-
-
-def wait_until(condition, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
-    """Poll ``condition`` until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 SMALL_FILES = {"LAKEHOUSE_TARGET_FILE_MB": "1", "LAKEHOUSE_ROW_GROUP_ROWS": "4096"}

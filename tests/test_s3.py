@@ -36,6 +36,7 @@ from tests.conftest import (
     s3_root,
     storage_env,
     stored_files,
+    wait_until,
 )
 from tests.seaweedfs import SeaweedFS, free_port
 
@@ -106,16 +107,6 @@ def serve_refused(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0], elapsed
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 15.0, interval: float = 0.1) -> bool:
-    """Poll ``condition`` until it is true or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return bool(condition())
 
 
 def history_ids(server: ServerProcess, dataset: str) -> list[int]:
