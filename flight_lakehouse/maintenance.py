@@ -91,15 +91,12 @@ def lance_tables(catalog: DatasetCatalog) -> dict[str, list[StoredFile]]:
     return tables
 
 
-def lance_referenced(catalog: DatasetCatalog, uri: str) -> set[str] | None:
+def lance_referenced(catalog: DatasetCatalog, uri: str) -> set[str]:
     """Paths (relative to the table) of the data, deletion and index files some version of the Lance table
-    at ``uri`` uses; None when no version can be opened (the folder of a dropped or never-made table)."""
+    at ``uri`` uses. A table that cannot be read raises: gc must never take a live table for garbage."""
     import lance
 
-    try:
-        dataset = lance.dataset(uri, storage_options=catalog.storage.lance_storage_options())
-    except Exception:  # no manifest left
-        return None
+    dataset = lance.dataset(uri, storage_options=catalog.storage.lance_storage_options())
     used: set[str] = set()
     for entry in dataset.versions():
         version = dataset.checkout_version(entry["version"])
@@ -121,11 +118,16 @@ def lance_garbage(catalog: DatasetCatalog) -> list[StoredFile]:
     a Lance folder without a version (a dropped table's leftovers)."""
     garbage: list[StoredFile] = []
     for uri, files in lance_tables(catalog).items():
+        relative = {found.uri: found.uri.removeprefix(uri + "/") for found in files}
+        if not any(path.startswith("_versions/") for path in relative.values()):
+            garbage.extend(files)  # no manifest: nothing can read these files
+            continue
         used = lance_referenced(catalog, uri)
-        for found in files:
-            relative = found.uri.removeprefix(uri + "/")
-            if used is None or (relative.startswith(LANCE_VERSIONED) and not is_used(relative, used)):
-                garbage.append(found)
+        garbage.extend(
+            found
+            for found in files
+            if relative[found.uri].startswith(LANCE_VERSIONED) and not is_used(relative[found.uri], used)
+        )
     return garbage
 
 
