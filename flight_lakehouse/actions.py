@@ -88,34 +88,24 @@ class Actions:
             "status": "ok",
             "version": __version__,
             "storage": self.s.storage.public_facts(),
-            "datasets": len(self.s.catalog.metadata_locations()) + len(self.s.vectors.names()),
+            "datasets": len(self.s.datasets.names()),
         }
 
     def list_datasets(self, ctx: CallContext, _: EmptyBody) -> list[dict[str, Any]]:
         """The ``list_datasets`` action."""
-        lance = [self.s.vectors.summarise(name) for name in self.s.vectors.names()]
-        return sorted(self.s.catalog.list_datasets() + lance, key=lambda entry: entry["name"])
+        return self.s.datasets.list_datasets()
 
     def describe_dataset(self, ctx: CallContext, body: DatasetRef) -> dict[str, Any]:
         """The ``describe_dataset`` action."""
-        if self.s.vectors.exists(body.dataset):
-            facts = self.s.vectors.describe(body.dataset, self.s.indexes.pending(body.dataset))
-            return {**facts, "serving": self.s.cache.facts(body.dataset)}
-        return self.s.catalog.describe(body.dataset)
+        return self.s.datasets.describe(body.dataset)
 
     def dataset_history(self, ctx: CallContext, body: DatasetRef) -> list[dict[str, Any]]:
         """The ``dataset_history`` action."""
-        if self.s.vectors.exists(body.dataset):
-            return self.s.vectors.history(body.dataset)
-        return self.s.catalog.history(body.dataset)
+        return self.s.datasets.history(body.dataset)
 
     def drop_dataset(self, ctx: CallContext, body: DropDataset) -> dict[str, Any]:
         """The ``drop_dataset`` action."""
-        if self.s.vectors.exists(body.dataset):
-            self.s.vectors.drop(body.dataset)
-            self.s.indexes.forget(body.dataset)
-            return {"dropped": True}
-        return {"dropped": self.s.catalog.drop(body.dataset, body.if_exists)}
+        return {"dropped": self.s.datasets.drop(body.dataset, body.if_exists)}
 
     def vector_search(self, ctx: CallContext, body: SearchRequest) -> bytes:
         """The ``vector_search`` action: the result as Arrow IPC stream bytes."""
@@ -127,19 +117,19 @@ class Actions:
 
     def create_index(self, ctx: CallContext, body: CreateIndex) -> dict[str, Any]:
         """The ``create_index`` action."""
-        self.s.vectors.require(body.dataset, "create_index")
+        self.s.datasets.vector_table(body.dataset, "create_index")
         return self.s.indexes.create(body)
 
     def delete_rows(self, ctx: CallContext, body: DeleteRows) -> dict[str, Any]:
         """The ``delete_rows`` action."""
-        self.s.vectors.require(body.dataset, "delete_rows")
-        self.s.searcher.check_filter(body.where)
-        return self.s.vectors.delete_rows(body.dataset, body.where)
+        tables = self.s.datasets.vector_table(body.dataset, "delete_rows")
+        self.s.searcher.check_filter(body.where, tables.schema(body.dataset), body.dataset)
+        return tables.delete_rows(body.dataset, body.where)
 
     def optimize(self, ctx: CallContext, body: Optimize) -> dict[str, Any]:
         """The ``optimize`` action."""
-        self.s.vectors.require(body.dataset, "optimize")
+        tables = self.s.datasets.vector_table(body.dataset, "optimize")
         try:
-            return self.s.vectors.optimize(body.dataset, body.older_than_seconds)
+            return tables.optimize(body.dataset, body.older_than_seconds)
         finally:
             large_work_finished()

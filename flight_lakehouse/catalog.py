@@ -6,22 +6,26 @@ import base64
 import contextlib
 import functools
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
-from pyiceberg.io.pyarrow import schema_to_pyarrow
-from pyiceberg.table import StaticTable, Table
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NamespaceAlreadyExistsError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
+from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
+from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from flight_lakehouse.errors import AlreadyExists, NotFound
+from flight_lakehouse.errors import NotFound, Unavailable
 from flight_lakehouse.schema_types import storage_schema
 from flight_lakehouse.storage import Storage
 
@@ -53,13 +57,9 @@ class DatasetCatalog:
         )
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
-        #: Names of the datasets kept elsewhere (the Lance tables): one namespace for both.
-        self.other_names: Callable[[], list[str]] = list
 
-    # -- names and locks -------------------------------------------------------------------------
+    # -- names ---------------------------------------------------------------------------------
     @staticmethod
     def identifier(name: str) -> tuple[str, str]:
         """The Iceberg identifier of a dataset."""
@@ -68,14 +68,6 @@ class DatasetCatalog:
     def table_location(self, name: str) -> str:
         """Where a dataset's data and metadata files are kept."""
         return self.storage.uri("tables", name)
-
-    @contextmanager
-    def write_lock(self, name: str) -> Iterator[None]:
-        """Serialise commits to one dataset (names differing only in case share a lock)."""
-        with self._locks_guard:
-            lock = self._locks.setdefault(name.lower(), threading.Lock())
-        with lock:
-            yield
 
     # -- reads -----------------------------------------------------------------------------------
     def metadata_locations(self) -> dict[str, str]:
@@ -89,11 +81,6 @@ class DatasetCatalog:
     def names(self) -> list[str]:
         """All dataset names, sorted."""
         return sorted(self.metadata_locations())
-
-    def find(self, name: str) -> str | None:
-        """The stored name that equals ``name`` ignoring case (SQL names are case-insensitive)."""
-        wanted = name.lower()
-        return next((stored for stored in self.metadata_locations() if stored.lower() == wanted), None)
 
     def exists(self, name: str) -> bool:
         """Whether the dataset exists (exact name)."""
@@ -162,32 +149,85 @@ class DatasetCatalog:
             )
         return rows
 
-    def drop(self, name: str, if_exists: bool) -> bool:
+    def drop(self, name: str) -> None:
         """Drop a dataset: its name goes at once (and may be re-created); its files, as they are now, are
         deleted once no running query reads them (:class:`~flight_lakehouse.storage.ReadLeases`)."""
         location = self.table_location(name)
-        with self.write_lock(name):
-            if not self.exists(name):
-                if if_exists:
-                    return False
-                raise NotFound(f"dataset {name!r} not found")
-            found = self.storage.listing(location)
+        found = self.storage.listing(location)
+        try:
             self.iceberg.drop_table(self.identifier(name))
+        except NoSuchTableError:
+            raise NotFound(f"dataset {name!r} not found") from None
         delete = functools.partial(self.storage.delete_listed, location, found)
         now = self.storage.leases.delete_when_unread(name, delete)
         log.info("dropped dataset %s (files %s)", name, "deleted" if now else "kept for running queries")
-        return True
 
-    def refuse_case_twin(self, name: str) -> None:
-        """Refuse to create ``name`` when a dataset of that name ignoring case exists, in either format."""
-        twin = self.find(name)
-        if twin is not None and twin != name:
-            raise AlreadyExists(
-                f"dataset {twin!r} exists; names are case-insensitive in SQL, so {name!r} is refused"
+    # -- commits ---------------------------------------------------------------------------------
+    def create_with_files(self, name: str, schema: pa.Schema, files: list[str]) -> int | None:
+        """Create dataset ``name`` holding ``files`` (written with ``schema``) in one commit."""
+        try:
+            tx = self.iceberg.create_table_transaction(
+                self.identifier(name),
+                schema=schema,
+                location=self.table_location(name),
+                properties={"write.parquet.compression-codec": "zstd"},
             )
-        other = next((stored for stored in self.other_names() if stored.lower() == name.lower()), None)
-        if other is not None:
-            raise AlreadyExists(f"dataset {other!r} exists as a Lance table; {name!r} is refused")
+        except TableAlreadyExistsError:
+            raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
+        return self._commit_files(name, tx, schema, files, replace=False, evolve=False)
+
+    def add_files(
+        self, table: Table, schema: pa.Schema, files: list[str], replace: bool, evolve: bool
+    ) -> int | None:
+        """Commit ``files`` (written with ``schema``) to ``table`` as one snapshot: appended, or replacing
+        every current file; ``evolve`` adds the new columns and, with ``replace``, removes absent ones."""
+        return self._commit_files(table.name()[-1], table.transaction(), schema, files, replace, evolve)
+
+    def _commit_files(
+        self, name: str, tx: Transaction, schema: pa.Schema, files: list[str], replace: bool, evolve: bool
+    ) -> int | None:
+        if tx.table_metadata.name_mapping() is None:
+            mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
+            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        if evolve:
+            evolve_schema(tx, schema, drop_absent=replace)
+        new_files = data_files(tx, files) if files else []
+        if replace:
+            replaced = [task.file for task in tx._table.scan().plan_files()]
+            with tx.update_snapshot().overwrite() as overwrite:  # one snapshot: old files out, new in
+                for data_file in replaced:
+                    overwrite.delete_data_file(data_file)
+                for data_file in new_files:
+                    overwrite.append_data_file(data_file)
+        elif new_files:
+            with tx.update_snapshot().fast_append() as append:
+                for data_file in new_files:
+                    append.append_data_file(data_file)
+        try:
+            table = tx.commit_transaction()
+        except CommitFailedException:
+            raise Unavailable(f"dataset {name!r} changed during the commit; retry") from None
+        snapshot = table.current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+
+
+def evolve_schema(tx: Transaction, schema: pa.Schema, drop_absent: bool) -> None:
+    """Add the columns of ``schema`` the table lacks; with ``drop_absent`` remove those it does not have."""
+    current = [field.name for field in tx.table_metadata.schema().fields]
+    with tx.update_schema() as update:
+        update.union_by_name(schema)
+        if drop_absent:
+            for name in current:
+                if name not in schema.names:
+                    update.delete_column(name)
+
+
+def data_files(tx: Transaction, files: Iterable[str]) -> list:
+    """Iceberg DataFile entries (with column statistics) of freshly written Parquet files."""
+    metadata = tx.table_metadata
+    io = tx._table.io
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda path: parquet_file_to_data_file(io, metadata, path), files))
 
 
 def arrow_schema(table: Table) -> pa.Schema:

@@ -81,6 +81,8 @@ class SearchRequest(Command):
     """Body of ``vector_search`` and of ``{"search": ...}`` tickets and DoExchange commands."""
 
     dataset: DatasetName
+    #: The vector column to search, when the table has several.
+    column: ColumnName | None = None
     vector: list[float] | None = Field(default=None, min_length=1, max_length=MAX_QUERY_DIMENSION)
     k: Annotated[int, Field(ge=1, le=MAX_SEARCH_K)] = 10
     metric: Metric | None = None
@@ -90,8 +92,6 @@ class SearchRequest(Command):
     nprobes: Positive | None = None
     refine_factor: Annotated[int, Field(ge=1, le=1000)] | None = None
     ef: Positive | None = None
-    #: The vector column to search, when the table has several.
-    column: ColumnName | None = None
 
 
 class SearchCommand(Command):

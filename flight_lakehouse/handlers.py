@@ -3,22 +3,18 @@ routers that send each typed request to its method."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from flight_lakehouse.catalog import summarise
 from flight_lakehouse.commands import IngestCommand, IngestOptions, ScanRequest, SearchCommand, SqlQuery
-from flight_lakehouse.errors import InvalidArgument
-from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.protocol import CallContext, DatasetPath, JsonCodec, Router
 from flight_lakehouse.query import CallHooks, QueryStream
 from flight_lakehouse.services import Services
 from flight_lakehouse.uploads import Upload
-from flight_lakehouse.vectors import holds_vectors
 
 
 @dataclass(frozen=True)
@@ -87,39 +83,11 @@ class Handlers:
         return self.ingest(ctx, request.ingest, upload)
 
     def ingest(self, ctx: CallContext, options: IngestOptions, upload: Upload) -> dict[str, Any]:
-        """Write one upload as one commit, to a Lance table or an Iceberg table."""
-        schema = upload.schema()
+        """Write one upload as one commit, in the format the registry decides."""
         try:
-            if self._is_lance(options, schema):
-                return self.s.vectors.write(options, schema, upload.batches())
-            return self._ingest_parquet(options, schema, upload.batches())
+            return self.s.datasets.write(options, upload.schema(), upload.batches())
         finally:
             large_work_finished()
-
-    def _is_lance(self, options: IngestOptions, schema: pa.Schema) -> bool:
-        """Whether an upload goes to a Lance table: the existing dataset's format, else the upload's."""
-        lance, parquet = self.s.vectors.exists(options.dataset), self.s.catalog.exists(options.dataset)
-        if not (lance or parquet):
-            return holds_vectors(schema, options)
-        wanted = options.format
-        if wanted is not None and wanted != ("lance" if lance else "parquet"):
-            current = "a Lance table" if lance else "Parquet"
-            raise InvalidArgument(
-                f"dataset {options.dataset!r} is {current}; format {wanted!r} does not apply"
-            )
-        return lance
-
-    def _ingest_parquet(
-        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
-    ) -> dict[str, Any]:
-        session = IngestSession(self.s.catalog, self.s.settings, options, schema)
-        try:
-            for batch in batches:
-                session.write(batch)
-        except BaseException:
-            session.abort()
-            raise
-        return session.commit().to_json()
 
     # -- DoGet -----------------------------------------------------------------------------------
     def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:
@@ -147,10 +115,7 @@ class Handlers:
     def info_path(self, ctx: CallContext, request: DatasetPath) -> FlightFacts:
         """A dataset: the schema a scan streams, its rows and bytes."""
         name = request.dataset
-        if self.s.vectors.exists(name):
-            facts = self.s.vectors.summarise(name)
-        else:
-            facts = summarise(name, self.s.catalog.load(name))
+        facts = self.s.datasets.summarise(name)
         info = self.info_scan(ctx, ScanRequest(dataset=name))  # exactly as DoGet streams
         return FlightFacts(info.schema, info.ticket, facts["rows"], facts["bytes"])
 
@@ -165,6 +130,6 @@ class Handlers:
         return FlightFacts(schema, JsonCodec.ticket(request))
 
     def info_search(self, ctx: CallContext, request: SearchCommand) -> FlightFacts:
-        """A search's schema: it runs once, since Lance alone can tell a bad filter."""
-        schema = self.get_search(ctx, request).schema
-        return FlightFacts(schema, JsonCodec.ticket(request))
+        """A search's result schema, from its checked plan, without running it."""
+        plan = self.s.searcher.plan(request.search)
+        return FlightFacts(plan.result_schema, JsonCodec.ticket(request))

@@ -11,16 +11,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
-from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
-from pyiceberg.io.pyarrow import parquet_file_to_data_file
-from pyiceberg.table import TableProperties, Transaction
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema
 from flight_lakehouse.commands import IngestOptions
@@ -31,11 +28,13 @@ from flight_lakehouse.errors import (
     InvalidArgument,
     NotFound,
     SchemaConflict,
-    Unavailable,
 )
 from flight_lakehouse.sandbox import first_line
 from flight_lakehouse.schema_types import canonical_type, storage_schema
 from flight_lakehouse.settings import Settings
+
+if TYPE_CHECKING:
+    from flight_lakehouse.datasets.base import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +197,15 @@ class IngestSession:
     """One DoPut: plans the target schema, writes the batches, commits once at the end."""
 
     def __init__(
-        self, catalog: DatasetCatalog, settings: Settings, options: IngestOptions, schema: pa.Schema
-    ):
+        self,
+        catalog: DatasetCatalog,
+        namespace: Namespace,
+        settings: Settings,
+        options: IngestOptions,
+        schema: pa.Schema,
+    ) -> None:
         self.catalog = catalog
+        self.namespace = namespace
         self.settings = settings
         self.options = options
         self.started = time.monotonic()
@@ -229,7 +234,7 @@ class IngestSession:
         if options.mode == "create" and exists:
             raise AlreadyExists(f"dataset {options.dataset!r} already exists (mode 'create')")
         if not exists:
-            self.catalog.refuse_case_twin(options.dataset)
+            self.namespace.refuse_taken(options.dataset)
 
     def _plan_file_schema(self) -> pa.Schema:
         """The schema files are written with: the upload's, checked against and ordered like the table's."""
@@ -279,77 +284,20 @@ class IngestSession:
 
     def _commit(self, files: list[str]) -> tuple[int | None, bool]:
         name = self.options.dataset
-        with self.catalog.write_lock(name):
+        with self.namespace.write_lock(name):
             current = self.catalog.metadata_locations().get(name)
             if current is None:
                 if self.base_metadata_location is not None:
                     raise NotFound(f"dataset {name!r} was dropped during the upload; nothing was written")
-                self.catalog.refuse_case_twin(name)
-                return self._create_table(files), True
+                self.namespace.refuse_taken(name)
+                return self.catalog.create_with_files(name, self.file_schema, files), True
             if self.options.mode == "create":
                 raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
             table = self.catalog.load(name)
             if current != self.base_metadata_location:  # it changed during the upload: check again
                 reconcile(arrow_schema(table), self.file_schema, self._schema_mode, name)
-            return self._add_files(table.transaction(), files), False
-
-    def _create_table(self, files: list[str]) -> int | None:
-        name = self.options.dataset
-        try:
-            tx = self.catalog.iceberg.create_table_transaction(
-                self.catalog.identifier(name),
-                schema=self.file_schema,
-                location=self.catalog.table_location(name),
-                properties={"write.parquet.compression-codec": "zstd"},
-            )
-        except TableAlreadyExistsError:
-            raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
-        return self._add_files(tx, files, new_table=True)
-
-    def _evolve_schema(self, tx: Transaction) -> None:
-        """Add the upload's new columns; an overwrite also removes the columns it does not have."""
-        current = [field.name for field in tx.table_metadata.schema().fields]
-        with tx.update_schema() as update:
-            update.union_by_name(self.file_schema)
-            if self.options.mode == "overwrite":
-                for name in current:
-                    if name not in self.file_schema.names:
-                        update.delete_column(name)
-
-    def _add_files(self, tx: Transaction, files: list[str], new_table: bool = False) -> int | None:
-        """Stage schema changes and the new files in ``tx`` and commit it (an overwrite of a table this
-        transaction creates has nothing to replace: it appends)."""
-        if tx.table_metadata.name_mapping() is None:
-            mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
-            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
-        if self._schema_mode == "evolve":
-            self._evolve_schema(tx)
-        new_files = data_files(tx, files) if files else []
-        if self.options.mode == "overwrite" and not new_table:
-            replaced = [task.file for task in tx._table.scan().plan_files()]
-            with tx.update_snapshot().overwrite() as overwrite:  # one snapshot: old files out, new in
-                for data_file in replaced:
-                    overwrite.delete_data_file(data_file)
-                for data_file in new_files:
-                    overwrite.append_data_file(data_file)
-        elif new_files:
-            with tx.update_snapshot().fast_append() as append:
-                for data_file in new_files:
-                    append.append_data_file(data_file)
-        try:
-            table = tx.commit_transaction()
-        except CommitFailedException:
-            raise Unavailable(f"dataset {self.options.dataset!r} changed during the commit; retry") from None
-        snapshot = table.current_snapshot()
-        return snapshot.snapshot_id if snapshot else None
-
-
-def data_files(tx: Transaction, files: Iterable[str]) -> list:
-    """Iceberg DataFile entries (with column statistics) of freshly written Parquet files."""
-    metadata = tx.table_metadata
-    io = tx._table.io
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda path: parquet_file_to_data_file(io, metadata, path), files))
+            replace, evolve = self.options.mode == "overwrite", self._schema_mode == "evolve"
+            return self.catalog.add_files(table, self.file_schema, files, replace, evolve), False
 
 
 def reconcile(table: pa.Schema, upload: pa.Schema, schema_mode: str, dataset: str) -> pa.Schema:

@@ -29,13 +29,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_lakehouse.catalog import DatasetCatalog, SnapshotFiles
+from flight_lakehouse.catalog import SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
+from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.sandbox import check_predicate, check_select, database_config, first_line
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Lease, Storage, quote_literal
-from flight_lakehouse.vectors import VectorTables
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ class Listing:
     """The datasets when a query starts, as the catalog lists them (no metadata file is read)."""
 
     locations: dict[str, str]  # Iceberg dataset -> its current metadata file
-    lance: frozenset[str]
+    lance: dict[str, pa.Schema]  # Lance table -> its schema (a query pins its version when it starts)
 
     def by_lower(self) -> dict[str, str]:
         """Lower-case name -> stored name, of every dataset."""
@@ -509,20 +509,25 @@ class Listing:
 
 
 class QueryEngine:
-    """Runs SQL and scans on DuckDB over the catalog's current snapshots."""
+    """Runs SQL and scans on DuckDB over the datasets' current snapshots.
 
-    def __init__(self, catalog: DatasetCatalog, settings: Settings, vectors: VectorTables) -> None:
-        self.catalog = catalog
+    The two formats reach DuckDB differently: an Iceberg dataset is a view over its snapshot's Parquet
+    files, a Lance table is registered on each query's cursor at the version the query pins.
+    """
+
+    def __init__(self, datasets: Datasets, settings: Settings) -> None:
+        self.catalog = datasets.iceberg.catalog
+        self.vectors = datasets.lance
+        self.datasets = datasets
         self.settings = settings
-        self.vectors = vectors
         self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-", ignore_cleanup_errors=True)
         self._databases: dict[frozenset[tuple[Any, ...]], SnapshotDatabase] = {}
         self._guard = threading.Lock()
         self._closing = threading.Lock()
         self._watchdog = Watchdog()
         self._budget = ResultBudget(settings.result_buffer_mb << 20)
-        self._storage_root = catalog.storage.root_uri
-        self._leases = catalog.storage.leases
+        self._storage_root = self.catalog.storage.root_uri
+        self._leases = self.catalog.storage.leases
         #: An empty locked-down database: the sandbox parses queries on it before any dataset is loaded.
         self._parser = self._build({})
         self._abandoned_plans = 0
@@ -537,7 +542,7 @@ class QueryEngine:
 
     # -- databases -------------------------------------------------------------------------------
     def _listing(self) -> Listing:
-        return Listing(self.catalog.metadata_locations(), frozenset(self.vectors.names()))
+        return Listing(self.datasets.iceberg.pins(), self.datasets.lance.pins())
 
     def _pin(self, named: Callable[[Listing], set[str]]) -> Pinned:
         """The database of the datasets a query reads (``named``: lower-case names from a listing), at
@@ -561,7 +566,7 @@ class QueryEngine:
 
     def _database(self, listing: Listing, names: list[str]) -> SnapshotDatabase:
         """The database of ``names`` at their listed snapshots (reused while they are current)."""
-        lance = {name: LanceView(self.vectors.schema(name)) for name in names if name in listing.lance}
+        lance = {name: LanceView(listing.lance[name]) for name in names if name in listing.lance}
         key = frozenset(
             [(name, listing.locations[name]) for name in names if name in listing.locations]
             + [(name, view.schema) for name, view in lance.items()]

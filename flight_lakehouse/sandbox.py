@@ -149,6 +149,13 @@ def check_predicate(
     filter is evaluated row by row outside the query engine and may read nothing. Returns the datasets the
     predicate names.
     """
+    return checked_predicate(connection, predicate, datasets)[1]
+
+
+def checked_predicate(
+    connection: duckdb.DuckDBPyConnection, predicate: str, datasets: set[str] | None = None
+) -> tuple[dict[str, Any], set[str]]:
+    """:func:`check_predicate`, also giving the predicate's parse tree."""
     tree = serialize(connection, f"SELECT * FROM __scan WHERE ({predicate}\n)")
     statements = tree.get("statements", [])
     node = statements[0].get("node", {}) if len(statements) == 1 else {}
@@ -165,7 +172,23 @@ def check_predicate(
     where = node.get("where_clause")
     if datasets is None and any("cte_map" in part for part in walk(where)):
         raise InvalidArgument("a filter may not contain a subquery")
-    return check_tree(where, datasets or set()) & (datasets or set())
+    return where, check_tree(where, datasets or set()) & (datasets or set())
+
+
+def column_references(tree: Any) -> list[list[str]]:
+    """The column references of a parse tree (each its dotted name parts), lambda parameters left out."""
+    parameters = {
+        tuple(part["column_names"])
+        for lambda_node in walk(tree)
+        if lambda_node.get("class") == "LAMBDA"
+        for part in walk(lambda_node.get("lhs"))
+        if part.get("class") == "COLUMN_REF"
+    }
+    return [
+        node["column_names"]
+        for node in walk(tree)
+        if node.get("class") == "COLUMN_REF" and tuple(node["column_names"]) not in parameters
+    ]
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class LakehouseServer(flight.FlightServerBase):
     @client_safe
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
         ctx = CallContext.of(context)
-        names = sorted(self.services.catalog.names() + self.services.vectors.names())
+        names = self.services.datasets.names()
         return [self._flight_info(ctx, flight.FlightDescriptor.for_path(name)) for name in names]
 
     def _flight_info(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:

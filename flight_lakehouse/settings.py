@@ -58,9 +58,7 @@ class Settings(BaseSettings):
     state_dir: str = Field(default="./lakehouse-state", description="local state (the catalog) of an S3 root")
     insecure_no_auth: bool = False
     query_timeout_seconds: float = Field(
-        default=300.0,
-        gt=0,
-        description="time limit of a query: planning, running, and a client that stops reading its result",
+        default=300.0, gt=0, description="time limit of a query: planning, running and a reader that stalls"
     )
     query_threads: int = Field(
         default=0, ge=0, description="DuckDB threads per query database; 0 = all cores"

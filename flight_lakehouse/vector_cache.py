@@ -22,6 +22,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.errors import NotFound, TimedOut, Unavailable
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.query import Watchdog, WatchedCursor
@@ -36,7 +37,7 @@ from flight_lakehouse.vector_memory import (
     read_saved,
     training_sample,
 )
-from flight_lakehouse.vectors import VectorTables, table_metric, vector_columns
+from flight_lakehouse.vectors import table_metric, vector_columns
 
 if TYPE_CHECKING:
     import lance
@@ -74,7 +75,7 @@ def filter_database(settings: Settings) -> duckdb.DuckDBPyConnection:
 class VectorCache:
     """Keeps Lance tables in memory for search, within the memory budget."""
 
-    def __init__(self, tables: VectorTables, settings: Settings) -> None:
+    def __init__(self, tables: LanceTables, settings: Settings) -> None:
         self.tables = tables
         self.budget = settings.vector_cache_mb << 20
         self.refresh_seconds = settings.lance_refresh_seconds
@@ -92,6 +93,7 @@ class VectorCache:
         self._watchdog = Watchdog()
         tables.on_commit.append(self.committed)
         tables.on_drop.append(self.forget)
+        tables.on_describe.append(self.describe)
         threading.Thread(target=self._work, name="vector-cache", daemon=True).start()
         for name in tables.names():
             self.track(name)
@@ -128,6 +130,10 @@ class VectorCache:
         mask = np.zeros(size, dtype=bool)
         mask[np.asarray(found, dtype=np.int64)] = True
         return mask
+
+    def describe(self, name: str, facts: dict[str, Any]) -> None:
+        """Add how the table is served to its ``describe_dataset`` facts."""
+        facts["serving"] = self.facts(name)
 
     def facts(self, name: str) -> dict[str, Any]:
         """How ``describe_dataset`` shows the serving of ``name``."""

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from flight_lakehouse.commands import CreateIndex
+from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, Unavailable
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.vectors import VectorTables, lance_error, table_metric, vector_columns
+from flight_lakehouse.vectors import lance_error, table_metric, vector_columns
 
 if TYPE_CHECKING:
     import lance
@@ -79,12 +80,14 @@ class IndexBuild:
 class IndexBuilder:
     """Builds indexes one at a time on a background thread; remembers failures for ``describe``."""
 
-    def __init__(self, tables: VectorTables, settings: Settings) -> None:
+    def __init__(self, tables: LanceTables, settings: Settings) -> None:
         self.tables = tables
         self.settings = settings
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
         self._builds: dict[tuple[str, str], IndexBuild] = {}
         self._guard = threading.Lock()
+        tables.on_drop.append(self.forget)
+        tables.on_describe.append(self.describe)
 
     def create(self, request: CreateIndex) -> dict[str, Any]:
         """Check and start a build; wait up to ``index_wait_seconds`` for it."""
@@ -134,6 +137,10 @@ class IndexBuilder:
         with self._guard:
             if self._builds.get((build.dataset, build.column)) is build:
                 del self._builds[(build.dataset, build.column)]
+
+    def describe(self, dataset: str, facts: dict[str, Any]) -> None:
+        """Add the builds not finished (and failed ones) to a table's ``describe_dataset`` indexes."""
+        facts["indexes"] = facts["indexes"] + self.pending(dataset)
 
     def pending(self, dataset: str) -> list[dict[str, Any]]:
         """Builds of ``dataset`` not finished, and failed ones."""

@@ -22,11 +22,13 @@ import pyarrow.compute as pc
 
 from flight_lakehouse.batching import Coalescer
 from flight_lakehouse.commands import SearchRequest
+from flight_lakehouse.datasets.lance import LanceTables
+from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import InvalidArgument
-from flight_lakehouse.sandbox import check_predicate
+from flight_lakehouse.sandbox import checked_predicate, column_references
 from flight_lakehouse.vector_cache import VectorCache
 from flight_lakehouse.vector_memory import ServedTable
-from flight_lakehouse.vectors import VectorTables, lance_error, problem_rows, table_metric, vector_columns
+from flight_lakehouse.vectors import lance_error, problem_rows, table_metric, vector_columns
 
 if TYPE_CHECKING:
     from lancedb.query import LanceQueryBuilder
@@ -53,7 +55,7 @@ class SearchPlan:
     """A checked search request against one open table."""
 
     request: SearchRequest
-    tables: VectorTables
+    tables: LanceTables
     vector_column: str
     dimension: int
     metric: str
@@ -99,8 +101,9 @@ class SearchPlan:
 class VectorSearch:
     """Runs search requests on the Lance tables."""
 
-    def __init__(self, tables: VectorTables, cache: VectorCache) -> None:
-        self.tables = tables
+    def __init__(self, datasets: Datasets, cache: VectorCache) -> None:
+        self.datasets = datasets
+        self.tables = datasets.lance
         self.cache = cache
         self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
         self._parser_guard = threading.Lock()
@@ -114,13 +117,13 @@ class VectorSearch:
         if not exchange and request.vector is None and request.text is None:
             raise InvalidArgument("a search needs 'vector', 'text' or both")
         name = request.dataset
-        self.tables.require(name, "search")
+        self.datasets.vector_table(name, "search")
         schema = self.tables.schema(name)
         vector_column, dimension = self._vector_column(request, schema)
         metric = request.metric or table_metric(schema)
         columns = self._columns(request, schema)
         if request.filter is not None:
-            self.check_filter(request.filter)
+            self.check_filter(request.filter, schema, name)
         plan = SearchPlan(request, self.tables, vector_column, dimension, metric, columns, schema)
         if request.vector is not None:
             plan.query_vectors(request.vector)
@@ -150,16 +153,19 @@ class VectorSearch:
                 raise InvalidArgument(f"unknown column {column!r} in dataset {request.dataset!r}")
         return list(dict.fromkeys(request.columns))
 
-    def check_filter(self, predicate: str) -> None:
-        """Refuse a filter that is not exactly one SQL predicate passing the sandbox (no subqueries)."""
+    def check_filter(self, predicate: str, schema: pa.Schema | None = None, dataset: str = "") -> None:
+        """Refuse a filter that is not exactly one SQL predicate passing the sandbox (no subqueries) or,
+        given the table's ``schema``, one naming a column the table does not have."""
         with self._parser_guard:
             cursor = self._parser.cursor()
         try:
-            check_predicate(cursor, predicate)
+            where, _ = checked_predicate(cursor, predicate)
         except duckdb.Error as exc:
             raise InvalidArgument(f"filter does not parse: {str(exc).splitlines()[0]}") from None
         finally:
             cursor.close()
+        if schema is not None:
+            check_filter_columns(where, schema, dataset)
 
     # -- running ---------------------------------------------------------------------------------
     def search(self, plan: SearchPlan) -> pa.Table:
@@ -365,6 +371,15 @@ def result_tables(
             tables[index] = table if table.schema.equals(schema) else table.cast(schema)
             start += count
     return tables
+
+
+def check_filter_columns(where: Any, schema: pa.Schema, dataset: str) -> None:
+    """Refuse a filter naming a column ``schema`` lacks (names compared ignoring case, as SQL does; a
+    dotted name is a struct field of its first part, or a column qualified by a table name)."""
+    known = {name.lower() for name in schema.names}
+    for parts in column_references(where):
+        if not any(part.lower() in known for part in parts[:2]):
+            raise InvalidArgument(f"filter names unknown column {'.'.join(parts)!r} of dataset {dataset!r}")
 
 
 def query_matrix(batch: pa.RecordBatch, dimension: int) -> np.ndarray:

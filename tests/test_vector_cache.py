@@ -654,7 +654,7 @@ def test_ingesting_and_serving_never_load_lancedb(tmp_path: Path) -> None:
 
 def test_dropping_a_served_table_frees_its_copy(tmp_path: Path) -> None:
     """Once dropped, a table's in-memory copy is gone: nothing, not even the idle build worker, holds it
-    (it once did until the next commit, so a re-ingest ran with both in memory)."""
+    (a copy kept until the next commit would make a re-ingest run with both in memory)."""
     import weakref
 
     from flight_lakehouse.server import LakehouseServer

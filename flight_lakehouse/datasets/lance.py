@@ -1,0 +1,486 @@
+"""Lance tables: the datasets that hold vectors, beside the Iceberg datasets under the same root.
+
+A dataset whose schema holds a vector column (``fixed_size_list<float32|float16>``) is a Lance table at
+``<root>/lance/<name>.lance``. :class:`LanceTables` opens, lists, describes, writes and maintains them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from flight_lakehouse.commands import IngestOptions
+from flight_lakehouse.datasets.base import Batches, Facts, Namespace, TableFormat
+from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
+from flight_lakehouse.settings import Settings
+from flight_lakehouse.storage import Storage
+from flight_lakehouse.vectors import (
+    WRITE_BUFFER_BYTES,
+    UploadPlan,
+    lance_error,
+    table_metric,
+    vector_columns,
+)
+
+if TYPE_CHECKING:
+    import lance
+    from lancedb.db import DBConnection
+    from lancedb.table import LanceTable
+
+log = logging.getLogger(__name__)
+
+
+def summary(name: str, dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``list_datasets`` entry of a Lance table from its dataset and versions."""
+    return {
+        "name": name,
+        "format": "lance",
+        "rows": dataset.count_rows(),
+        "bytes": total_bytes(dataset, versions),
+        "updated_at": iso(versions[-1]["timestamp"]),
+    }
+
+
+def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
+    """Bytes of the table's current data files and indexes (deleted versions' files not counted)."""
+    current = next((v for v in versions if v["version"] == dataset.version), versions[-1])
+    data = int(current.get("metadata", {}).get("total_files_size", 0) or 0)
+    return data + sum(index.total_size_bytes or 0 for index in dataset.describe_indices())
+
+
+#: Lance's index types as ``create_index`` names them.
+INDEX_KINDS = {
+    "IVF_PQ": "ivf_pq",
+    "IVF_HNSW_SQ": "ivf_hnsw_sq",
+    "BTree": "btree",
+    "Bitmap": "bitmap",
+    "Inverted": "fts",
+}
+
+
+def indexes(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
+    """The built indexes of ``dataset``."""
+    found = []
+    for index in dataset.describe_indices():
+        stats = dataset.index_statistics(index.name)
+        details = stats.get("indices") or [{}]
+        kind = str(stats.get("index_type", ""))
+        found.append(
+            {
+                "name": index.name,
+                "column": index.field_names[0] if index.field_names else None,
+                "kind": INDEX_KINDS.get(kind, kind.lower()),
+                "state": "ready",
+                "metric": details[0].get("metric_type"),
+                "indexed_rows": stats.get("num_indexed_rows"),
+                "unindexed_rows": stats.get("num_unindexed_rows"),
+            }
+        )
+    return found
+
+
+def iso(value: datetime) -> str:
+    """ISO-8601 UTC time, to the millisecond."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class LanceTables(TableFormat):
+    """The Lance tables under the root: one pylance dataset per table, lancedb handles opened on demand.
+
+    Lance itself (pylance) opens, lists, describes, writes, indexes, reads and k-NN searches the tables.
+    lancedb runs full-text and hybrid searches (its query builders), and loads on the first of them: each
+    of the two libraries carries its own copy of Lance, and lancedb costs a server about 90 MB of RSS (its
+    imports, its code pages) that a server ingesting, indexing and searching vectors never needs.
+    """
+
+    kind = "lance"
+
+    def __init__(self, storage: Storage, settings: Settings) -> None:
+        self.storage = storage
+        self.settings = settings
+        self._db: DBConnection | None = None
+        #: The newest version of each table this server knows, and when the store was last asked.
+        self._datasets: dict[str, lance.LanceDataset] = {}
+        self._checked: dict[str, float] = {}
+        self._queryable: dict[str, LanceTable] = {}
+        self._schemas: dict[str, pa.Schema] = {}
+        self._guard = threading.Lock()
+        #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
+        self.generation = 0
+        #: Called with a table's name after each commit to it by this server, and after it is dropped.
+        self.on_commit: list[Callable[[str], None]] = []
+        self.on_drop: list[Callable[[str], None]] = []
+        #: Called with a table's name and its ``describe_dataset`` facts, to add their own.
+        self.on_describe: list[Callable[[str, dict[str, Any]], None]] = []
+        for name, dataset in self._stored_tables().items():
+            self._adopt(name, dataset, new=True)
+
+    def _uri(self, name: str) -> str:
+        return f"{self.storage.lance_uri}/{name}.lance"
+
+    def _open(self, name: str) -> lance.LanceDataset:
+        """The newest version of ``name``, read from the store."""
+        import lance
+
+        return lance.dataset(self._uri(name), storage_options=self.storage.lance_storage_options())
+
+    @property
+    def _connection(self) -> DBConnection:
+        """The lancedb connection, opened on first use."""
+        if self._db is None:
+            import lancedb
+
+            self._db = lancedb.connect(
+                self.storage.lance_uri,
+                storage_options=self.storage.lance_storage_options(),
+                read_consistency_interval=timedelta(seconds=self.settings.lance_refresh_seconds),
+            )
+        return self._db
+
+    def _stored_tables(self) -> dict[str, lance.LanceDataset]:
+        """Tables with at least one version (an object store may keep the folder of a dropped one).
+        Lance (a second of imports) loads only when there is one."""
+        selector = pafs.FileSelector(self.storage.fs_path(self.storage.lance_uri), allow_not_found=True)
+        tables = {}
+        for info in self.storage.filesystem.get_file_info(selector):
+            if info.type != pafs.FileType.Directory or not info.base_name.endswith(".lance"):
+                continue
+            name = info.base_name.removesuffix(".lance")
+            try:
+                tables[name] = self._open(name)
+            except Exception:  # no manifest: an empty folder left behind
+                log.debug("skipping %s: not a Lance table", name, exc_info=True)
+        return tables
+
+    def _adopt(self, name: str, dataset: lance.LanceDataset, new: bool = False) -> None:
+        """Make ``dataset`` the known newest version of ``name`` (never going back to an older one).
+        Only a ``new`` table is added: a late commit or refresh does not bring back a dropped one."""
+        with self._guard:
+            known = self._datasets.get(name)
+            if known is None and not new:
+                return
+            if known is None or dataset.version >= known.version:
+                self._datasets[name] = dataset
+            self._checked[name] = time.monotonic()
+            if known is None:
+                self.generation += 1
+
+    # -- names -----------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Every Lance table, sorted."""
+        with self._guard:
+            return sorted(self._datasets)
+
+    def exists(self, name: str) -> bool:
+        """Whether the Lance table ``name`` exists."""
+        with self._guard:
+            return name in self._datasets
+
+    def _known(self, name: str) -> lance.LanceDataset:
+        with self._guard:
+            dataset = self._datasets.get(name)
+        if dataset is None:
+            raise NotFound(f"dataset {name!r} not found")
+        return dataset
+
+    def table(self, name: str) -> LanceTable:
+        """lancedb's handle of ``name``, for full-text and hybrid search (loads lancedb on first use)."""
+        self._known(name)
+        with self._guard:
+            table = self._queryable.get(name)
+        if table is None:
+            table = self._connection.open_table(name)
+            with self._guard:
+                table = self._queryable.setdefault(name, table)
+        return table
+
+    def dataset(self, name: str, version: int | None = None) -> lance.LanceDataset:
+        """The Lance dataset of ``name`` at ``version`` (the newest when None), pinned for one query.
+
+        The newest is what this server committed last, or what the store holds when the last look is
+        older than ``lance_refresh_seconds`` (commits by other processes)."""
+        if version is None:
+            if time.monotonic() - self._checked.get(name, 0.0) >= self.settings.lance_refresh_seconds:
+                self.refresh_version(name)
+            return self._known(name)
+        try:
+            return self._known(name).checkout_version(version)
+        except NotFound:
+            raise
+        except Exception:
+            raise NotFound(f"version {version} of dataset {name!r} not found") from None
+
+    def version(self, name: str) -> int:
+        """The table's current version as this server knows it (updated by its own commits)."""
+        return self._known(name).version
+
+    def refresh_version(self, name: str) -> int:
+        """The table's current version, asking the store (commits by other processes included)."""
+        known = self._known(name)
+        try:
+            latest = known.latest_version
+        except Exception:  # dropped by another process: its last version stays readable until noticed
+            log.debug("cannot read the versions of %s", name, exc_info=True)
+            return known.version
+        self._adopt(name, known if latest == known.version else known.checkout_version(latest))
+        return self._known(name).version
+
+    def committed(self, name: str, dataset: lance.LanceDataset | None = None) -> None:
+        """Record a commit by this server (``dataset``: the version it made, else read from the store)
+        and tell the listeners, before the commit's call returns."""
+        if dataset is None:
+            self.refresh_version(name)
+        else:
+            self._adopt(name, dataset)
+        with self._guard:
+            queryable = self._queryable.get(name)
+        if queryable is not None:
+            queryable.checkout_latest()
+        for listener in self.on_commit:
+            listener(name)
+
+    def schema(self, name: str) -> pa.Schema:
+        """The table's Arrow schema (with its metric in the metadata), read once: columns are fixed at
+        creation (``check_compatible``), and asking Lance costs ~0.4 ms, a third of an in-memory search."""
+        schema = self._schemas.get(name)
+        if schema is None:
+            schema = self._schemas[name] = self._known(name).schema
+        return schema
+
+    # -- catalog actions -------------------------------------------------------------------------
+    def summarise(self, name: str) -> dict[str, Any]:
+        """The ``list_datasets`` entry of one Lance table."""
+        dataset = self.dataset(name)
+        return summary(name, dataset, dataset.versions())
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Schema, vector columns, versions and indexes (and what the ``on_describe`` listeners add)."""
+        dataset = self.dataset(name)
+        schema = self.schema(name)
+        vectors = vector_columns(schema)
+        versions = dataset.versions()
+        facts = summary(name, dataset, versions)
+        facts.update(
+            {
+                "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
+                "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+                "files": len(dataset.get_fragments()),
+                "version": dataset.version,
+                "versions": len(versions),
+                "vector_columns": vectors,
+                "dimension": next(iter(vectors.values()), None),
+                "metric": table_metric(schema),
+                "indexes": indexes(dataset),
+            }
+        )
+        for listener in self.on_describe:
+            listener(name, facts)
+        return facts
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The table's versions, newest first."""
+        versions = self.dataset(name).versions()
+        current = versions[-1]["version"] if versions else None
+        return [
+            {
+                "version": entry["version"],
+                "timestamp": iso(entry["timestamp"]),
+                "rows": int(entry.get("metadata", {}).get("total_rows", 0) or 0),
+                "current": entry["version"] == current,
+            }
+            for entry in reversed(versions)
+        ]
+
+    def drop(self, name: str) -> None:
+        """Drop a Lance table and delete its files."""
+        with self._guard:
+            if self._datasets.pop(name, None) is None:
+                raise NotFound(f"dataset {name!r} not found")
+            self._queryable.pop(name, None)
+            self._schemas.pop(name, None)
+            self._checked.pop(name, None)
+            self.generation += 1
+        self._delete_folder(name)
+        for listener in self.on_drop:
+            listener(name)
+        log.info("dropped Lance table %s", name)
+
+    def _delete_folder(self, name: str) -> None:
+        """Delete a dropped table's files: its manifests now (a table re-created under the name writes
+        manifests of the same names), the rest as they are now once no running query reads them."""
+        uri = self._uri(name)
+        found = self.storage.listing(uri)
+        manifests = [info for info in found if is_manifest(info.path)]
+        self.storage.delete_files(info.path for info in manifests)
+        rest = [info for info in found if not is_manifest(info.path)]
+        self.storage.leases.delete_when_unread(name, functools.partial(self.storage.delete_listed, uri, rest))
+
+    def delete_rows(self, name: str, where: str) -> dict[str, Any]:
+        """Delete the rows matching ``where``."""
+        dataset = self.writable(name)
+        try:
+            result = dataset.delete(where)
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
+        self.committed(name, dataset)
+        return {"dataset": name, "rows_deleted": result["num_deleted_rows"], "version": dataset.version}
+
+    def writable(self, name: str) -> lance.LanceDataset:
+        """A handle of its own for a commit: Lance moves the handle it commits with to the new version,
+        and the shared one may be in use by a query."""
+        known = self._known(name)
+        return known.checkout_version(known.version)
+
+    def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
+        """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
+        before = self.dataset(name)
+        versions = before.versions()
+        versions_before, bytes_before = len(versions), total_bytes(before, versions)
+        started = time.monotonic()
+        try:
+            dataset = self.writable(name)
+            dataset.optimize.compact_files()
+            dataset.optimize.optimize_indices()  # rows added since an index was built join it
+            dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
+        self.committed(name)
+        after = self.dataset(name)
+        versions = after.versions()
+        bytes_after = total_bytes(after, versions)
+        return {
+            "dataset": name,
+            "version": after.version,
+            "fragments_before": len(before.get_fragments()),
+            "fragments_after": len(after.get_fragments()),
+            "versions_before": versions_before,
+            "versions_after": len(versions),
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "bytes_removed": max(0, bytes_before - bytes_after),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+    # -- writes ----------------------------------------------------------------------------------
+    def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
+        """An upload creates a Lance table when asked to (format, vector column, upsert) or when it holds a
+        vector column."""
+        if options.format is not None:
+            return options.format == "lance"
+        return options.vector_column is not None or options.mode == "upsert" or bool(vector_columns(schema))
+
+    def pins(self) -> dict[str, pa.Schema]:  # type: ignore[override]
+        """Each table with its schema (a query pins the version it reads when it starts)."""
+        return {name: self.schema(name) for name in self.names()}
+
+    def write(self, options: IngestOptions, schema: pa.Schema, batches: Batches, names: Namespace) -> Facts:
+        """Write one upload as one new version (a new table when missing); refused uploads write nothing."""
+        name = options.dataset
+        if options.schema_mode == "evolve":
+            raise InvalidArgument(f"dataset {name!r}: schema_mode 'evolve' is not supported for Lance tables")
+        if options.mode == "upsert" and options.key is None:
+            raise InvalidArgument("mode 'upsert' needs 'key': the column that identifies a row")
+        if options.mode != "upsert" and options.key is not None:
+            raise InvalidArgument("field 'key' is only used with mode 'upsert'")
+        started = time.monotonic()
+        if self.exists(name):
+            result, dataset = self._write_existing(options, schema, batches)
+        else:
+            with names.write_lock(name):
+                if self.exists(name):  # created meanwhile: write into it
+                    result, dataset = self._write_existing(options, schema, batches)
+                else:
+                    names.refuse_taken(name)
+                    result, dataset = self._create(options, schema, batches)
+        self.committed(name, dataset)
+        result.update(dataset=name, format="lance", seconds=round(time.monotonic() - started, 3))
+        return result
+
+    def _create(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> tuple[dict, lance.LanceDataset]:
+        import lance
+
+        name = options.dataset
+        batches = iter(batches)
+        first = next(batches, None) if options.vector_column is not None else None
+        plan = UploadPlan.for_new_table(schema, options, first)
+        if first is not None:
+            batches = itertools.chain([first], batches)
+        stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        try:
+            dataset = lance.write_dataset(
+                stream.reader(),
+                self._uri(name),
+                schema=plan.table_schema,
+                mode="create",
+                data_cache_bytes=WRITE_BUFFER_BYTES,
+                storage_options=self.storage.lance_storage_options(),
+            )
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                self._delete_folder(name)
+            raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
+        self._adopt(name, dataset, new=True)
+        log.info("created Lance table %s (%d rows)", name, stream.rows)
+        return {"rows_written": stream.rows, "version": dataset.version, "created": True}, dataset
+
+    def _write_existing(
+        self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ) -> tuple[dict, lance.LanceDataset]:
+        import lance
+
+        name = options.dataset
+        if options.mode == "create":
+            raise AlreadyExists(f"dataset {name!r} already exists (mode 'create')")
+        metric = table_metric(self.schema(name))
+        if options.metric is not None and options.metric != metric:
+            raise InvalidArgument(
+                f"dataset {name!r} has metric {metric!r}; it is set when the table is created"
+            )
+        plan = UploadPlan.for_table(self.schema(name), schema, options)
+        stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        dataset = self.writable(name)
+        result: dict[str, Any] = {"created": False}
+        try:
+            if options.mode == "upsert":
+                merged = (
+                    dataset.merge_insert(options.key)
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute(stream.reader())
+                )
+                result.update(
+                    rows_inserted=merged["num_inserted_rows"], rows_updated=merged["num_updated_rows"]
+                )
+            else:
+                dataset = lance.write_dataset(
+                    stream.reader(),
+                    dataset,
+                    schema=plan.table_schema,
+                    mode="overwrite" if options.mode == "overwrite" else "append",
+                    data_cache_bytes=WRITE_BUFFER_BYTES,
+                    storage_options=self.storage.lance_storage_options(),
+                )
+        except BaseException as exc:
+            raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None
+        result.update(rows_written=stream.rows, version=dataset.version)
+        return result, dataset
+
+
+def is_manifest(path: str) -> bool:
+    """Whether ``path`` is a Lance version manifest (named by version: re-used by a re-created table)."""
+    return "/_versions/" in path or path.endswith("/_latest.manifest")
