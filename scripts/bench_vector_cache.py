@@ -88,6 +88,10 @@ RSS_RESTART_SEARCHING = "lakehouse restarted: peak while searching"
 SERVED_PHASES = (RSS_AFTER_WARM, RSS_SEARCHING, RSS_RESTART_WARM, RSS_RESTART_SEARCHING)
 
 
+Reader = flight.MetadataRecordBatchReader
+Writer = flight.MetadataRecordBatchWriter
+
+
 @dataclass(frozen=True)
 class Targets:
     """The issue's targets."""
@@ -141,14 +145,10 @@ class BareFaissServer(flight.FlightServerBase):
         return flight.RecordBatchStream(result_table(ids, similarities))
 
     def do_exchange(
-        self,
-        context: flight.ServerCallContext,
-        descriptor: flight.FlightDescriptor,
-        reader: flight.MetadataRecordBatchReader,
-        writer: flight.MetadataRecordBatchWriter,
+        self, _: object, command: flight.FlightDescriptor, reader: Reader, writer: Writer
     ) -> None:
         """Batches of query vectors in, their k nearest rows out, tagged with the query's stream row."""
-        k = int(json.loads(descriptor.command)["search"]["k"])
+        k = int(json.loads(command.command)["search"]["k"])
         writer.begin(result_table(np.empty((0, k), np.int64), np.empty((0, k), np.float32), 0).schema)
         first = 0
         for chunk in reader:
