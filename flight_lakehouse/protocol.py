@@ -8,13 +8,15 @@ one handler per request type, UNIMPLEMENTED for a request type nothing serves.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import pyarrow.flight as flight
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 
+from flight_lakehouse import flight_sql_pb2
 from flight_lakehouse.commands import (
     Command,
     IngestCommand,
@@ -29,8 +31,12 @@ from flight_lakehouse.commands import (
 from flight_lakehouse.errors import InvalidArgument, NotFound, Unimplemented
 
 #: Type URL prefix of Flight SQL commands (protobuf ``Any``).
-FLIGHT_SQL_TYPE_PREFIX = b"type.googleapis.com/arrow.flight.protocol.sql."
-TYPE_URL = re.compile(rb"type\.googleapis\.com/[A-Za-z0-9_.]+")
+FLIGHT_SQL_TYPE_PREFIX = "type.googleapis.com/arrow.flight.protocol.sql."
+#: Every Flight SQL message by its type URL.
+FLIGHT_SQL_MESSAGES: dict[str, type[Message]] = {
+    FLIGHT_SQL_TYPE_PREFIX + name: getattr(flight_sql_pb2, name)
+    for name in flight_sql_pb2.DESCRIPTOR.message_types_by_name
+}
 
 Role = Literal["reader", "writer", "admin"]
 H = TypeVar("H", bound=Callable[..., Any])
@@ -60,24 +66,51 @@ class DatasetPath:
 
 @dataclass(frozen=True)
 class FlightSqlCommand:
-    """A Flight SQL command (protobuf ``Any``); no handler serves it yet."""
+    """A protobuf ``Any`` of a type the Flight SQL specification does not have (nothing serves it)."""
 
     type_url: str
-    unserved: ClassVar[str] = "Flight SQL commands are not served yet; use JSON commands"
+
+    @property
+    def unserved(self) -> str:
+        """The UNIMPLEMENTED message naming it."""
+        return f"Flight SQL command {self.type_url!r} is not served"
 
 
-Request = SqlQuery | ScanRequest | IngestCommand | SearchCommand | DatasetPath | FlightSqlCommand
+Request = SqlQuery | ScanRequest | IngestCommand | SearchCommand | DatasetPath | Message | FlightSqlCommand
 
 
 def is_flight_sql(raw: bytes) -> bool:
-    """Whether ``raw`` is a serialised protobuf ``Any`` holding a Flight SQL command."""
-    return raw.startswith(b"\n") and FLIGHT_SQL_TYPE_PREFIX in raw[:200]
+    """Whether ``raw`` looks like a serialised protobuf ``Any`` (field 1, the type URL, comes first);
+    a JSON command starts with ``{`` or white space."""
+    return raw[:1] == b"\n"
 
 
-def decode_flight_sql(raw: bytes) -> FlightSqlCommand:
-    """The Flight SQL codec, for now only naming the command's type."""
-    found = TYPE_URL.search(raw[:200])
-    return FlightSqlCommand(found.group().decode() if found else "")
+def decode_flight_sql(raw: bytes, expected: type[Message] | None = None) -> Message | FlightSqlCommand:
+    """The Flight SQL codec: the message a protobuf ``Any`` holds, decoded once (``expected``: the one type
+    allowed, as in an action body)."""
+    packed = any_pb2.Any()
+    try:
+        packed.ParseFromString(raw)
+    except DecodeError:
+        raise InvalidArgument("malformed Flight SQL command: not a protobuf Any") from None
+    kind = FLIGHT_SQL_MESSAGES.get(packed.type_url)
+    if kind is None:
+        return FlightSqlCommand(packed.type_url[:200])
+    if expected is not None and kind is not expected:
+        raise InvalidArgument(f"expected a Flight SQL {expected.__name__}, got {kind.__name__}")
+    message = kind()
+    try:
+        message.ParseFromString(packed.value)
+    except DecodeError:
+        raise InvalidArgument(f"malformed Flight SQL {kind.__name__}") from None
+    return message
+
+
+def pack(message: Message) -> bytes:
+    """``message`` as a serialised protobuf ``Any`` (Flight SQL commands, tickets and action results)."""
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed.SerializeToString()
 
 
 class JsonCodec:
@@ -118,9 +151,12 @@ class JsonCodec:
         return request.model_dump_json(exclude_none=True).encode()
 
     @staticmethod
-    def action_body(spec: ActionSpec, action: flight.Action) -> Command:
-        """The typed body of an action."""
-        return parse_body(spec.body, action.body.to_pybytes() if action.body else b"", f"{action.type} body")
+    def action_body(spec: ActionSpec, action: flight.Action) -> Command | Message:
+        """The typed body of an action: JSON, or a Flight SQL message packed in a protobuf ``Any``."""
+        raw = action.body.to_pybytes() if action.body else b""
+        if issubclass(spec.body, Message):
+            return decode_flight_sql(raw, spec.body)
+        return parse_body(spec.body, raw, f"{action.type} body")
 
     @staticmethod
     def result(value: Any) -> bytes:
@@ -156,14 +192,18 @@ class Router(Generic[H]):
             return handler
         if kind in self._refusals:
             raise InvalidArgument(self._refusals[kind])
-        raise Unimplemented(getattr(kind, "unserved", f"{self.rpc} does not serve {kind.__name__}"))
+        if isinstance(request, FlightSqlCommand):
+            raise Unimplemented(request.unserved)
+        what = f"Flight SQL command {kind.__name__}" if isinstance(request, Message) else kind.__name__
+        raise Unimplemented(f"{self.rpc} does not serve {what}")
 
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """One action: its body model, what it does, the role it needs (checked once auth lands), its handler."""
+    """One action: its body (a JSON model or a Flight SQL message), what it does, the role it needs (checked
+    once auth lands), its handler."""
 
-    body: type[Command]
+    body: type[Command] | type[Message]
     description: str
     role: Role
     handler: Callable[[CallContext, Any], Any]

@@ -33,7 +33,15 @@ from flight_lakehouse.catalog import SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
-from flight_lakehouse.sandbox import check_predicate, check_select, database_config, first_line
+from flight_lakehouse.sandbox import (
+    check_predicate,
+    check_select,
+    database_config,
+    first_line,
+    parameter_count,
+    serialize,
+    without_catalog,
+)
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Lease, Storage, quote_literal
 
@@ -51,6 +59,8 @@ PLAN_GRACE_SECONDS = 0.2
 MAX_ABANDONED_PLANS = 2
 
 T = TypeVar("T")
+#: Values bound to a query's ``?`` / ``$n`` placeholders, in order.
+Params = list[Any] | None
 
 
 def interrupt(cursor: duckdb.DuckDBPyConnection) -> None:
@@ -654,21 +664,48 @@ class QueryEngine:
         finally:
             cursor.close()
 
-    def schema(self, sql: str, pinned: Pinned | None = None) -> pa.Schema:
+    def _unqualified(self, sql: str) -> str:
+        """``sql`` reading ``lakehouse.main.t`` as the dataset ``t`` (see ``sandbox.without_catalog``)."""
+        cursor = self._parser.cursor()
+        try:
+            return without_catalog(cursor, sql)
+        except BaseException as exc:
+            raise self._client_error(exc, None) from None
+        finally:
+            cursor.close()
+
+    def parameter_count(self, sql: str) -> int:
+        """How many distinct placeholders (``?``, ``$n``) ``sql`` has (it is checked when it is planned)."""
+        cursor = self._parser.cursor()
+        try:
+            return parameter_count(serialize(cursor, sql))
+        finally:
+            cursor.close()
+
+    def schema(self, sql: str, pinned: Pinned | None = None, params: Params = None) -> pa.Schema:
         """The result schema of ``sql``, without running it (planned within the time limit)."""
+        sql = self._unqualified(sql)
         query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False))
         try:
-            return self._plan(query, lambda: query.cursor.sql(sql).limit(0).to_arrow_table().schema)
+            return self._plan(
+                query, lambda: query.cursor.sql(sql, params=params).limit(0).to_arrow_table().schema
+            )
         except BaseException as exc:
             raise self._client_error(exc, query) from None
         finally:
             self._finish(query)
 
-    def run(self, sql: str, call: CallHooks, pinned: Pinned | None = None) -> QueryStream:
-        """Start ``sql``; the batches are produced as the client reads them."""
+    def run(
+        self, sql: str, call: CallHooks, pinned: Pinned | None = None, params: Params = None
+    ) -> QueryStream:
+        """Start ``sql`` (with ``params`` bound to its placeholders); the batches are produced as the client
+        reads them."""
+        sql = self._unqualified(sql)
         query = self._start(sql, pinned, call)
         try:
-            reader = self._plan(query, lambda: query.cursor.sql(sql).to_arrow_reader(BATCH_ROWS))
+            reader = self._plan(
+                query, lambda: query.cursor.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+            )
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None

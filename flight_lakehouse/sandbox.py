@@ -41,8 +41,15 @@ BLOCKED_FUNCTIONS = frozenset(
         "parse_duckdb_log_message",
     }
 )
+READ_ONLY = (
+    "SQL is read-only: only SELECT queries are allowed; writes go through ingest (DoPut, adbc_ingest) "
+    "and actions"
+)
 LOCAL_SCHEMAS = frozenset({"", "main"})
-LOCAL_CATALOGS = frozenset({"", "memory"})
+#: The catalog and schema every dataset is a table of, as Flight SQL clients name them.
+SQL_CATALOG = "lakehouse"
+SQL_SCHEMA = "main"
+LOCAL_CATALOGS = frozenset({"", "memory", SQL_CATALOG})
 #: Nested SELECTs (derived tables, CTE bodies, subqueries) a query may hold, the outermost counted: nesting
 #: multiplies DuckDB's planning work (24 nested aggregating derived tables took 5 s, 16 took 0.03 s).
 MAX_QUERY_DEPTH = 16
@@ -134,9 +141,7 @@ def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[
         raise InvalidArgument(NOT_MATERIALIZED_REFUSED)
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
-        raise InvalidArgument(
-            f"only SELECT queries are allowed; writes go through DoPut and actions (got {kind.name})"
-        )
+        raise InvalidArgument(f"{READ_ONLY} (got {kind.name})")
     return check_tree(serialize(connection, sql), datasets) & datasets
 
 
@@ -173,6 +178,11 @@ def checked_predicate(
     if datasets is None and any("cte_map" in part for part in walk(where)):
         raise InvalidArgument("a filter may not contain a subquery")
     return where, check_tree(where, datasets or set()) & (datasets or set())
+
+
+def parameter_count(tree: Any) -> int:
+    """How many distinct placeholders (``?``, ``$n``) a parsed statement has."""
+    return len({node.get("identifier") for node in walk(tree) if node.get("class") == "PARAMETER"})
 
 
 def column_references(tree: Any) -> list[list[str]]:
@@ -306,6 +316,27 @@ def parse_statements(connection: duckdb.DuckDBPyConnection, sql: str) -> list[An
         raise InvalidArgument(f"SQL syntax error: {message}") from None
 
 
+def without_catalog(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
+    """``sql`` with the datasets' catalog removed from table names (``lakehouse.main.t``, as Flight SQL
+    clients write them after listing the tables, reads the dataset ``t``); other SQL is returned as is."""
+    if SQL_CATALOG not in sql.lower():
+        return sql
+    tree = serialize(connection, sql)
+    qualified = [node for node in walk(tree) if node.get("type") == "BASE_TABLE" and names_catalog(node)]
+    if not qualified:
+        return sql
+    for node in qualified:
+        node["catalog_name"] = node["schema_name"] = ""
+    rows = connection.execute("SELECT json_deserialize_sql(?)", [orjson.dumps(tree).decode()]).fetchall()
+    return str(rows[0][0])
+
+
+def names_catalog(table: dict[str, Any]) -> bool:
+    """Whether a table reference is ``lakehouse.main.name`` or ``lakehouse.name``."""
+    catalog, schema = table.get("catalog_name", "").lower(), table.get("schema_name", "").lower()
+    return (catalog == SQL_CATALOG and schema in LOCAL_SCHEMAS) or (not catalog and schema == SQL_CATALOG)
+
+
 def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
     """DuckDB's parse tree of a SELECT as JSON."""
     rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
@@ -317,9 +348,7 @@ def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]
         message = str(tree.get("error_message", "cannot parse the query"))
         if message.startswith("Only SELECT statements"):
             keyword = sql.split(maxsplit=1)[0].upper() if sql.split() else ""
-            raise InvalidArgument(
-                f"only SELECT queries are allowed; writes go through DoPut and actions (got {keyword})"
-            )
+            raise InvalidArgument(f"{READ_ONLY} (got {keyword})")
         raise InvalidArgument(f"SQL error: {message}")
     return tree
 
@@ -345,7 +374,7 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
     if kind == "BASE_TABLE" and "class" not in node:
         name = str(node.get("table_name", ""))
         schema, catalog = str(node.get("schema_name", "")), str(node.get("catalog_name", ""))
-        local = schema.lower() in LOCAL_SCHEMAS and catalog.lower() in LOCAL_CATALOGS
+        local = (schema.lower() in LOCAL_SCHEMAS and catalog.lower() in LOCAL_CATALOGS) or names_catalog(node)
         if local and name.lower() in readable:
             return name.lower()
         if local and name.lower() in duckdb_names().catalog_views:

@@ -9,6 +9,7 @@ import pyarrow.flight as flight
 
 from flight_lakehouse.actions import Actions
 from flight_lakehouse.errors import client_safe, client_safe_iter
+from flight_lakehouse.flight_sql import FlightSqlHandlers
 from flight_lakehouse.handlers import FlightFacts, Handlers
 from flight_lakehouse.process import hide_client_tracebacks
 from flight_lakehouse.protocol import CallContext, JsonCodec
@@ -31,6 +32,8 @@ class LakehouseServer(flight.FlightServerBase):
         self.handlers = Handlers(self.services)
         self.routes = self.handlers.routes()
         self.actions = Actions(self.services).router()
+        self.flight_sql = FlightSqlHandlers(self.services)
+        self.flight_sql.register(self.routes, self.actions)
         super().__init__(settings.location, **server_options)
 
     @property

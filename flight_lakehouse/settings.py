@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     index_wait_seconds: float = Field(
         default=2.0, ge=0, description="how long create_index waits for its build before answering 'building'"
     )
+    prepared_statements_max: int = Field(
+        default=1024, ge=1, le=1_000_000, description="Flight SQL prepared statements open at once"
+    )
+    prepared_statement_idle_seconds: float = Field(
+        default=900.0, gt=0, description="a prepared statement unused this long is closed"
+    )
     log_level: str = "INFO"
 
     @field_validator("vector_graph_code_bits")

@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from flight_lakehouse import flight_sql_pb2
+from flight_lakehouse.protocol import pack
 from tests.conftest import STORAGE_KINDS, ServerProcess, make_root, root_forms, root_listing, running_server
 
 HEAVY_SQL = "select count(*) from range(10000000000) a, range(1000) b"
@@ -20,9 +22,10 @@ HEAVY_SQL = "select count(*) from range(10000000000) a, range(1000) b"
 SLOW_SECOND_BATCH_SQL = "select i from range(100000000000) t(i) where i < 200000 or md5(i::varchar) = 'x'"
 SMALL = pa.table({"x": [1, 2, 3]})
 BAD_NAMES = ["", "..", "a/b", "../x", 'a"b', "a'b", "a b", "a\x00b", "a" * 129, "1abc", "café", "abc\n"]
-FLIGHT_SQL_COMMAND = (
-    b"\n" + b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery" + b"\x12\n\n\x08select 1"
-)
+#: A Flight SQL command that is a descriptor, not a ticket (DoGet takes TicketStatementQuery).
+FLIGHT_SQL_COMMAND = pack(flight_sql_pb2.CommandStatementQuery(query="select 1"))
+#: An ``Any`` whose type URL length runs past the end.
+MALFORMED_FLIGHT_SQL = b"\n" + b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
 
 
 def assert_clean(exc: BaseException, root: str, *named: str) -> str:
@@ -151,7 +154,8 @@ BAD_TICKETS: list[tuple[str, bytes, type[Exception], tuple[str, ...]]] = [
         ("'nosuch'",),
     ),
     ("search_k_zero", b'{"search": {"dataset": "t", "vector": [1.0], "k": 0}}', pa.ArrowInvalid, ("k", "0")),
-    ("flight_sql_command", FLIGHT_SQL_COMMAND, pa.ArrowNotImplementedError, ("Flight SQL",)),
+    ("flight_sql_command", FLIGHT_SQL_COMMAND, pa.ArrowNotImplementedError, ("Flight SQL", "DoGet")),
+    ("malformed_flight_sql", MALFORMED_FLIGHT_SQL, pa.ArrowInvalid, ("Flight SQL",)),
     ("unknown_dataset_scan", b'{"dataset": "nosuch"}', pa.ArrowKeyError, ("'nosuch'",)),
     ("unknown_snapshot", b'{"dataset": "t", "snapshot_id": 123}', pa.ArrowKeyError, ("123",)),
 ]
