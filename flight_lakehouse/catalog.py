@@ -42,6 +42,9 @@ class SnapshotFiles:
     schema: pa.Schema
     files: tuple[str, ...]
     snapshot_id: int | None
+    #: Every file holds the same columns (by Iceberg field id, from the manifests): any subset of the
+    #: files reads with the schema of all of them (``read_parquet(..., union_by_name = true)``).
+    uniform: bool = False
 
 
 class DatasetCatalog:
@@ -243,14 +246,13 @@ def files_of(table: Table, snapshot_id: int | None) -> SnapshotFiles:
     schema = table.schema()
     if snapshot is not None and snapshot.schema_id is not None:
         schema = table.schemas().get(snapshot.schema_id, schema)
-    files: tuple[str, ...] = ()
-    if snapshot is not None:
-        tasks = table.scan(snapshot_id=snapshot.snapshot_id).plan_files()
-        files = tuple(sorted(task.file.file_path for task in tasks))
+    tasks = list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files()) if snapshot is not None else []
+    columns = {frozenset(task.file.column_sizes or ()) for task in tasks}
     return SnapshotFiles(
         schema=schema_to_pyarrow(schema, include_field_ids=False),
-        files=files,
+        files=tuple(sorted(task.file.file_path for task in tasks)),
         snapshot_id=snapshot.snapshot_id if snapshot else None,
+        uniform=len(columns) == 1 and frozenset() not in columns,
     )
 
 

@@ -3,34 +3,53 @@ the JSON commands (query engine, sandbox, datasets registry, ingest).
 
 The codec (``protocol.decode_flight_sql``) turns each protobuf ``Any`` into its message once; the routers
 send each message type to its method here. Statement tickets carry the SQL itself (stateless: any server
-of the root can answer them) with a query id that ``CancelFlightInfo`` names; prepared statements live in
-:class:`PreparedStatements`, bounded in number and closed when idle.
+of the root can answer them) with a query id that ``CancelFlightInfo`` names; a query reading one dataset's
+files row by row is answered as several endpoints, one per part (see ``partitions.py``); prepared
+statements live in :class:`PreparedStatements`, bounded in number and closed when idle.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import secrets
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import duckdb
 import pyarrow as pa
-from google.protobuf.message import Message
+import pyarrow.flight as flight
+from google.protobuf.message import DecodeError, Message
+from pydantic import StringConstraints
 
 from flight_lakehouse import __version__
 from flight_lakehouse import flight_sql_metadata as metadata
 from flight_lakehouse import flight_sql_pb2 as sql
-from flight_lakehouse.commands import IngestOptions, validate_dataset_name
-from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from flight_lakehouse.commands import (
+    Command,
+    IngestOptions,
+    SqlText,
+    parse_body,
+    parse_model,
+    validate_dataset_name,
+)
+from flight_lakehouse.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.handlers import FlightFacts, Routes
+from flight_lakehouse.partitions import Part
 from flight_lakehouse.process import large_work_finished
-from flight_lakehouse.protocol import ActionRouter, ActionSpec, CallContext, pack
+from flight_lakehouse.protocol import (
+    ActionRouter,
+    ActionSpec,
+    CallContext,
+    decode_flight_sql,
+    is_flight_sql,
+    pack,
+)
 from flight_lakehouse.query import CallHooks, Params, QueryStream
 from flight_lakehouse.sandbox import READ_ONLY, SQL_CATALOG, SQL_SCHEMA
 from flight_lakehouse.services import Services
@@ -43,12 +62,34 @@ log = logging.getLogger(__name__)
 CATALOG = SQL_CATALOG
 DB_SCHEMA = SQL_SCHEMA
 TABLE_TYPE = "TABLE"
-#: Bytes of a query id at the start of a statement handle.
+#: Random bytes of a query id (written in hex in a statement handle).
 QUERY_ID_BYTES = 16
+QueryId = Annotated[str, StringConstraints(pattern=f"^[0-9a-f]{{{2 * QUERY_ID_BYTES}}}$")]
 #: Query ids cancelled by CancelFlightInfo, remembered so a ticket fetched later is refused too.
 REMEMBERED_CANCELS = 4096
+#: The statuses of a cancel. ``CancelFlightInfoRequest {FlightInfo info = 1}`` and ``CancelFlightInfoResult
+#: {CancelStatus status = 1}`` (Flight.proto, no Python class in pyarrow) have the wire format of
+#: ``ActionCancelQueryRequest {bytes info = 1}`` and ``ActionCancelQueryResult {CancelResult result = 1}``
+#: (the same numbers), so those Flight SQL messages decode and encode both actions.
+CANCELLED = sql.ActionCancelQueryResult.CANCEL_RESULT_CANCELLED
+NOT_CANCELLABLE = sql.ActionCancelQueryResult.CANCEL_RESULT_NOT_CANCELLABLE
 #: Parameter rows one DoPut may bind to a prepared statement.
 MAX_PARAMETER_ROWS = 10_000
+#: Parameter types bound as typed DuckDB values: DuckDB types a plain Python number by its magnitude, so
+#: one column's rows (an int64 of 1, then one of 2**40) would give results of different types.
+TYPED_PARAMETERS = {
+    pa.int8(): duckdb.sqltypes.TINYINT,
+    pa.int16(): duckdb.sqltypes.SMALLINT,
+    pa.int32(): duckdb.sqltypes.INTEGER,
+    pa.int64(): duckdb.sqltypes.BIGINT,
+    pa.uint8(): duckdb.sqltypes.UTINYINT,
+    pa.uint16(): duckdb.sqltypes.USMALLINT,
+    pa.uint32(): duckdb.sqltypes.UINTEGER,
+    pa.uint64(): duckdb.sqltypes.UBIGINT,
+    pa.float32(): duckdb.sqltypes.FLOAT,
+}
+#: Column metadata key of a column's SQL type name (Flight SQL), which drivers report as its type.
+TYPE_NAME_KEY = b"ARROW:FLIGHT:SQL:TYPE_NAME"
 
 TableEntry = metadata.TableEntry
 IfExists = sql.CommandStatementIngest.TableDefinitionOptions
@@ -75,6 +116,12 @@ class PreparedStatement:
     def parameter_schema(self) -> pa.Schema:
         """One field per placeholder; DuckDB types them only when values are bound, so they are null."""
         return pa.schema([pa.field(f"${index + 1}", pa.null()) for index in range(self.parameter_count)])
+
+    def bound_rows(self) -> list[Params]:
+        """The parameter rows to run with; INVALID_ARGUMENT while its placeholders have no values."""
+        if self.parameter_count and (not self.parameter_rows or self.parameter_rows == [None]):
+            raise InvalidArgument(f"bind the statement's {self.parameter_count} parameters first (DoPut)")
+        return self.parameter_rows
 
 
 class PreparedStatements:
@@ -111,10 +158,10 @@ class PreparedStatements:
             return statement
 
     def close(self, handle: bytes) -> None:
-        """Close the statement of ``handle`` (NOT_FOUND when it is not open)."""
+        """Close the statement of ``handle``; closing one already gone succeeds (a client closing a statement
+        that expired while idle, as ADBC does when a cursor closes, must not fail)."""
         with self._guard:
-            if self._statements.pop(handle, None) is None:
-                raise NotFound("prepared statement not found: unknown, closed or expired")
+            self._statements.pop(handle, None)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self._idle
@@ -126,44 +173,99 @@ class PreparedStatements:
 
 
 class Cancellations:
-    """Query ids cancelled by ``CancelFlightInfo``; a query checks its own id while it runs."""
+    """Query ids cancelled by ``CancelFlightInfo`` or ``CancelQuery`` (the newest ``REMEMBERED_CANCELS``):
+    the watchdog stops a running query of one within its round, a ticket of one fetched later is refused."""
 
     def __init__(self) -> None:
-        self._ids: OrderedDict[bytes, None] = OrderedDict()
+        self._ids: OrderedDict[str, None] = OrderedDict()
         self._guard = threading.Lock()
 
-    def cancel(self, query_id: bytes) -> None:
+    def cancel(self, query_id: str) -> None:
         """Mark ``query_id`` cancelled (remembering the newest ones only)."""
         with self._guard:
             self._ids[query_id] = None
             while len(self._ids) > REMEMBERED_CANCELS:
                 self._ids.popitem(last=False)
 
-    def hooks(self, ctx: CallContext, query_id: bytes) -> CallHooks:
-        """The call hooks of a query: cancelled by its client or by ``CancelFlightInfo``."""
-        return CallHooks(is_cancelled=lambda: ctx.is_cancelled() or query_id in self._ids)
+    def cancelled(self, query_id: str) -> bool:
+        """Whether ``query_id`` was cancelled."""
+        with self._guard:
+            return query_id in self._ids
+
+    def hooks(self, ctx: CallContext, query_id: str) -> CallHooks:
+        """The call hooks of a query: cancelled by its client, or by its id from any call (CANCELLED at once
+        when that came before its ticket was fetched)."""
+        if self.cancelled(query_id):
+            raise Cancelled("query cancelled (CancelFlightInfo or CancelQuery); run it again for new tickets")
+        return CallHooks(ctx.is_cancelled, revoked=functools.partial(self.cancelled, query_id))
 
 
-def statement_ticket(query: str) -> bytes:
-    """The ticket of a statement: a fresh query id, then the SQL."""
-    handle = secrets.token_bytes(QUERY_ID_BYTES) + query.encode("utf-8")
-    return pack(sql.TicketStatementQuery(statement_handle=handle))
+class StatementHandle(Command):
+    """A statement ticket's handle, JSON: the query id a cancel names, the SQL, and for one part of a split
+    result which part (stateless: any server of the root answers it; every field checked as hostile)."""
+
+    id: QueryId
+    sql: SqlText
+    part: Part | None = None
 
 
-def split_handle(handle: bytes) -> tuple[bytes, str]:
-    """The query id and SQL of a statement handle."""
-    if len(handle) <= QUERY_ID_BYTES:
-        raise InvalidArgument("malformed statement handle")
+def statement_tickets(query: str, parts: list[Part]) -> list[bytes]:
+    """The tickets of a statement, one per part (one when it is answered whole), under one new query id."""
+    query_id = secrets.token_hex(QUERY_ID_BYTES)
+    handles = [
+        parse_model(StatementHandle, {"id": query_id, "sql": query, "part": part}).model_dump_json(
+            exclude_none=True
+        )
+        for part in parts or [None]
+    ]
+    return [pack(sql.TicketStatementQuery(statement_handle=handle.encode())) for handle in handles]
+
+
+def statement_handle(raw: bytes) -> StatementHandle:
+    """The handle of a statement ticket, validated."""
+    return parse_body(StatementHandle, raw, "statement handle")
+
+
+def cancel_request_info(body: bytes) -> bytes:
+    """The serialised FlightInfo of a ``CancelFlightInfoRequest``."""
+    request = sql.ActionCancelQueryRequest()  # the same wire format (see CANCELLED)
     try:
-        return handle[:QUERY_ID_BYTES], handle[QUERY_ID_BYTES:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidArgument("malformed statement handle: the SQL is not UTF-8") from None
+        request.ParseFromString(body)
+    except DecodeError:
+        raise InvalidArgument("malformed CancelFlightInfoRequest") from None
+    return request.info
+
+
+def statement_ids(info: bytes) -> set[str]:
+    """The query ids of the statement tickets in a serialised FlightInfo (none: it holds no statement)."""
+    if not info:
+        raise InvalidArgument("the cancel request holds no FlightInfo")
+    try:
+        endpoints = flight.FlightInfo.deserialize(info).endpoints
+    except pa.ArrowException:
+        raise InvalidArgument("malformed FlightInfo in the cancel request") from None
+    tickets = [endpoint.ticket.ticket for endpoint in endpoints]
+    commands = [decode_flight_sql(raw) for raw in tickets if is_flight_sql(raw)]
+    return {
+        statement_handle(command.statement_handle).id
+        for command in commands
+        if isinstance(command, sql.TicketStatementQuery)
+    }
 
 
 def parameter_rows(batch: pa.RecordBatch) -> list[Params]:
-    """The parameter values of each row of ``batch``, in column order."""
-    columns = [column.to_pylist() for column in batch.columns]
+    """The parameter values of each row of ``batch``, in column order (numbers typed as their column)."""
+    columns = [parameter_values(column) for column in batch.columns]
     return [list(row) for row in zip(*columns, strict=True)] if columns else [[]] * batch.num_rows
+
+
+def parameter_values(column: pa.Array) -> list[Any]:
+    """A parameter column's values: Python values, numbers as DuckDB values of the column's type."""
+    values = column.to_pylist()
+    duckdb_type = TYPED_PARAMETERS.get(column.type)
+    if duckdb_type is None:
+        return values
+    return [None if value is None else duckdb.Value(value, duckdb_type) for value in values]
 
 
 class FlightSqlHandlers:
@@ -173,10 +275,12 @@ class FlightSqlHandlers:
         self.s = services
         self.prepared = PreparedStatements(services.settings)
         self.cancels = Cancellations()
+        self.parts_max = services.settings.query_parts_max or 2 * (os.cpu_count() or 1)
         timeout_ms = int(services.settings.prepared_statement_idle_seconds * 1000)
         self._sql_info = metadata.default_sql_info(
             sql_keywords(), server_version=__version__, read_only=True, statement_timeout_ms=timeout_ms
         )
+        self._sql_info[sql.FLIGHT_SQL_SERVER_CANCEL] = True  # CancelFlightInfo and CancelQuery
 
     def register(self, routes: Routes, actions: ActionRouter) -> None:
         """Add the Flight SQL commands to the routers (anything else of the specification: UNIMPLEMENTED)."""
@@ -205,20 +309,54 @@ class FlightSqlHandlers:
                     "reader",
                     self.close_prepared,
                 ),
+                "CancelFlightInfo": ActionSpec(
+                    bytes,
+                    "Flight: cancel the query of a FlightInfo (CancelFlightInfoRequest)",
+                    "reader",
+                    self.cancel_flight_info,
+                ),
+                "CancelQuery": ActionSpec(
+                    sql.ActionCancelQueryRequest,
+                    "Flight SQL (deprecated): cancel the query of a FlightInfo",
+                    "reader",
+                    self.cancel_query,
+                ),
             }
         )
 
     # -- statements ------------------------------------------------------------------------------
     def info_statement(self, ctx: CallContext, command: sql.CommandStatementQuery) -> FlightFacts:
-        """A query's result schema, from DuckDB's plan (the query does not run)."""
+        """A query's result schema, from DuckDB's plan (the query does not run), and its tickets: one per
+        part when it reads one dataset's files row by row (a client may fetch them in parallel), else one."""
         check_no_transaction(command.transaction_id)
-        schema = self.s.engine.schema(command.query)
-        return FlightFacts(schema, statement_ticket(command.query))
+        schema, parts = self.s.engine.split(command.query, self.parts_max)
+        return FlightFacts.of_parts(schema, statement_tickets(command.query, parts))
 
     def get_statement(self, ctx: CallContext, ticket: sql.TicketStatementQuery) -> QueryStream:
-        """A query, streamed like a DoGet ``{"sql"}`` ticket."""
-        query_id, query = split_handle(ticket.statement_handle)
-        return self.s.engine.run(query, self.cancels.hooks(ctx, query_id))
+        """A query, streamed like a DoGet ``{"sql"}`` ticket; a part reads only its share of the files of
+        the snapshot its ticket names."""
+        handle = statement_handle(ticket.statement_handle)
+        hooks = self.cancels.hooks(ctx, handle.id)
+        pinned = self.s.engine.part_database(handle.sql, handle.part) if handle.part else None
+        return self.s.engine.run(handle.sql, hooks, pinned)
+
+    def cancel_flight_info(self, ctx: CallContext, body: bytes) -> bytes:
+        """CancelFlightInfo (Flight RPC): cancel the statement of a FlightInfo, all its parts."""
+        status = self._cancel(cancel_request_info(body))
+        return sql.ActionCancelQueryResult(result=status).SerializeToString()  # a CancelFlightInfoResult
+
+    def cancel_query(self, ctx: CallContext, request: sql.ActionCancelQueryRequest) -> bytes:
+        """CancelQuery (Flight SQL, deprecated): the same, answered packed in an ``Any``."""
+        return pack(sql.ActionCancelQueryResult(result=self._cancel(request.info)))
+
+    def _cancel(self, info: bytes) -> int:
+        """CANCELLED when the FlightInfo holds statement tickets: their query ids are cancelled (a running
+        query stops, a ticket not yet fetched is refused, a finished query stays finished); NOT_CANCELLABLE
+        for any other FlightInfo (metadata, prepared statements, JSON tickets)."""
+        query_ids = statement_ids(info)
+        for query_id in query_ids:
+            self.cancels.cancel(query_id)
+        return CANCELLED if query_ids else NOT_CANCELLABLE
 
     def put_update(self, ctx: CallContext, command: Message, upload: Upload) -> bytes:
         """SQL that writes: refused, writes go through ingest."""
@@ -267,21 +405,22 @@ class FlightSqlHandlers:
 
     def info_prepared(self, ctx: CallContext, command: sql.CommandPreparedStatementQuery) -> FlightFacts:
         """A prepared query's result schema (with its first bound parameter row); the command is its
-        ticket."""
+        ticket, unless a query without parameters splits into parts: then the parts' statement tickets
+        (ADBC's DB-API prepares every query, ``adbc_execute_partitions`` too)."""
         statement = self.prepared.get(command.prepared_statement_handle)
+        rows = statement.bound_rows()
         schema = statement.dataset_schema
-        if statement.parameter_count and statement.parameter_rows:
-            schema = self.s.engine.schema(statement.query, params=statement.parameter_rows[0])
+        if statement.parameter_count:
+            schema = self.s.engine.schema(statement.query, params=rows[0])
+        parts = [] if statement.parameter_count else self.s.engine.parts(statement.query, self.parts_max)
+        if parts:
+            return FlightFacts.of_parts(schema, statement_tickets(statement.query, parts))
         return FlightFacts(schema, pack(command))
 
     def get_prepared(self, ctx: CallContext, command: sql.CommandPreparedStatementQuery) -> QueryStream:
         """A prepared query, once per bound parameter row, the results one after another."""
         statement = self.prepared.get(command.prepared_statement_handle)
-        rows = statement.parameter_rows
-        if statement.parameter_count and (not rows or rows == [None]):
-            raise InvalidArgument(
-                f"bind the statement's {statement.parameter_count} parameters first (DoPut)"
-            )
+        rows = statement.bound_rows()
         hooks = CallHooks(ctx.is_cancelled)
         first = self.s.engine.run(statement.query, hooks, params=rows[0])
         rest = [functools.partial(self.s.engine.run, statement.query, hooks, params=row) for row in rows[1:]]
@@ -326,17 +465,27 @@ class FlightSqlHandlers:
         )
 
     def tables(self, command: sql.CommandGetTables) -> pa.Table:
-        names = self.s.datasets.names()
-        schema_of = self.s.datasets.schema if command.include_schema else lambda _: None
-        entries = [TableEntry(CATALOG, DB_SCHEMA, name, TABLE_TYPE, schema_of(name)) for name in names]
-        return metadata.get_tables(
+        """The datasets that pass the filters; with ``include_schema``, only those have their schema read
+        (each column's DuckDB type name in its metadata), and one dropped meanwhile is left out."""
+        entries = [TableEntry(CATALOG, DB_SCHEMA, name, TABLE_TYPE) for name in self.s.datasets.names()]
+        listed = metadata.get_tables(
             entries,
             optional(command, "catalog"),
             optional(command, "db_schema_filter_pattern"),
             optional(command, "table_name_filter_pattern"),
             list(command.table_types),
-            command.include_schema,
         )
+        if not command.include_schema:
+            return listed
+        described = []
+        with duckdb.connect(":memory:") as connection:
+            for name in listed.column("table_name").to_pylist():
+                try:
+                    schema = with_type_names(connection, self.s.datasets.schema(name))
+                except NotFound:
+                    continue
+                described.append(TableEntry(CATALOG, DB_SCHEMA, name, TABLE_TYPE, schema))
+        return metadata.get_tables(described, include_schema=True)
 
     def table_types(self, command: sql.CommandGetTableTypes) -> pa.Table:
         return metadata.get_table_types([TABLE_TYPE])
@@ -382,8 +531,23 @@ class FlightSqlHandlers:
         if not exists and definition.if_not_exist == IfExists.TABLE_NOT_EXIST_OPTION_FAIL:
             raise NotFound(f"dataset {name!r} not found")
         if definition.if_exists == IfExists.TABLE_EXISTS_OPTION_REPLACE:
-            return IngestOptions(dataset=name, mode="overwrite", schema_mode="evolve")
+            # overwrite takes the upload's columns in both formats (Lance refuses schema_mode 'evolve')
+            return IngestOptions(dataset=name, mode="overwrite")
         return IngestOptions(dataset=name, mode="append" if exists else "create")
+
+
+def with_type_names(connection: duckdb.DuckDBPyConnection, schema: pa.Schema) -> pa.Schema:
+    """``schema`` with each column's DuckDB type name (``BIGINT``, ``DECIMAL(10,2)``, ``FLOAT[8]``) as its
+    Flight SQL ``TYPE_NAME``, which drivers report (ADBC's ``xdbc_type_name``, JDBC's ``TYPE_NAME``)."""
+    try:
+        types = connection.from_arrow(schema.empty_table()).types
+    except duckdb.Error:  # a type DuckDB does not read: the schema as it is
+        return schema
+    fields = [
+        column.with_metadata({**(column.metadata or {}), TYPE_NAME_KEY: str(duckdb_type).encode()})
+        for column, duckdb_type in zip(schema, types, strict=True)
+    ]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def optional(message: Message, name: str) -> Any:
@@ -412,8 +576,20 @@ def chain_streams(first: QueryStream, runs: list[Callable[[], QueryStream]]) -> 
 
     def batches() -> Iterator[pa.RecordBatch]:
         yield from first.batches
-        for run in runs:
+        for row, run in enumerate(runs, start=2):
             for batch in run().batches:
-                yield batch if batch.schema.equals(schema) else batch.cast(schema)
+                yield batch if batch.schema.equals(schema) else cast_result(batch, schema, row)
 
     return QueryStream(schema, batches())
+
+
+def cast_result(batch: pa.RecordBatch, schema: pa.Schema, row: int) -> pa.RecordBatch:
+    """A batch of parameter row ``row``'s result in the first row's schema, or INVALID_ARGUMENT."""
+    try:
+        return batch.cast(schema)
+    except pa.ArrowException as exc:
+        reason = str(exc).splitlines()[0]
+        raise InvalidArgument(
+            f"parameter row {row} gives a result of other types than row 1 ({reason}); "
+            "cast the parameters in the SQL, e.g. CAST(? AS BIGINT)"
+        ) from None

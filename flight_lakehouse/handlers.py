@@ -19,12 +19,24 @@ from flight_lakehouse.uploads import Upload
 
 @dataclass(frozen=True)
 class FlightFacts:
-    """What GetFlightInfo answers, less the descriptor: schema, ticket, rows and bytes (-1: unknown)."""
+    """What GetFlightInfo answers, less the descriptor: schema, ticket, rows and bytes (-1: unknown), and
+    the tickets of the other parts of a result split into several endpoints (``ticket`` is the first)."""
 
     schema: pa.Schema
     ticket: bytes
     rows: int = -1
     size: int = -1
+    other_parts: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of_parts(cls, schema: pa.Schema, tickets: list[bytes]) -> FlightFacts:
+        """A result answered as one endpoint per ticket (at least one)."""
+        return cls(schema, tickets[0], other_parts=tuple(tickets[1:]))
+
+    @property
+    def tickets(self) -> list[bytes]:
+        """The ticket of each endpoint, in order."""
+        return [self.ticket, *self.other_parts]
 
 
 PutHandler = Callable[[CallContext, Any, Upload], dict[str, Any]]

@@ -151,9 +151,12 @@ class JsonCodec:
         return request.model_dump_json(exclude_none=True).encode()
 
     @staticmethod
-    def action_body(spec: ActionSpec, action: flight.Action) -> Command | Message:
-        """The typed body of an action: JSON, or a Flight SQL message packed in a protobuf ``Any``."""
+    def action_body(spec: ActionSpec, action: flight.Action) -> Command | Message | bytes:
+        """The typed body of an action: JSON, a Flight SQL message packed in a protobuf ``Any``, or the raw
+        bytes (a Flight RPC message such as ``CancelFlightInfoRequest``, decoded by its handler)."""
         raw = action.body.to_pybytes() if action.body else b""
+        if spec.body is bytes:
+            return raw
         if issubclass(spec.body, Message):
             return decode_flight_sql(raw, spec.body)
         return parse_body(spec.body, raw, f"{action.type} body")
@@ -200,10 +203,10 @@ class Router(Generic[H]):
 
 @dataclass(frozen=True)
 class ActionSpec:
-    """One action: its body (a JSON model or a Flight SQL message), what it does, the role it needs (checked
-    once auth lands), its handler."""
+    """One action: its body (a JSON model, a Flight SQL message or raw bytes), what it does, the role it
+    needs (checked once auth lands), its handler."""
 
-    body: type[Command] | type[Message]
+    body: type[Command] | type[Message] | type[bytes]
     description: str
     role: Role
     handler: Callable[[CallContext, Any], Any]

@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 import duckdb
@@ -33,6 +33,7 @@ from flight_lakehouse.catalog import SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
+from flight_lakehouse.partitions import Part, parts, row_local
 from flight_lakehouse.sandbox import (
     check_predicate,
     check_select,
@@ -43,11 +44,16 @@ from flight_lakehouse.sandbox import (
     without_catalog,
 )
 from flight_lakehouse.settings import Settings
+from flight_lakehouse.sql_search import Rewritten, SqlSearch
 from flight_lakehouse.storage import Lease, Storage, quote_literal
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 128 * 1024
+#: The largest record batch message sent: gRPC clients refuse larger ones by default (gRPC-Go and Java
+#: 4 MiB; ADBC's Flight SQL driver 16 MiB, and a 5M-row scan's 128k-row batches are 24 MB). Slicing to
+#: 3.5-6 MiB cost no measurable server or client CPU on that scan.
+MAX_MESSAGE_BYTES = 4 << 20
 #: Query databases kept for reuse (each a DuckDB instance over some datasets at their snapshots).
 CACHED_DATABASES = 16
 #: How often a query looks its datasets up again while drops keep racing with it.
@@ -181,6 +187,9 @@ class RunningQuery:
     #: Asks the query's Flight call whether the client went away; valid only while the call runs, so it
     #: is asked by the watchdog only until the call hands its stream over, then by the stream itself.
     is_cancelled: Callable[[], bool]
+    #: Whether the query was cancelled from elsewhere (``CancelFlightInfo``): asked by the watchdog until
+    #: the query ends, so that a stream stalled by its reader stops too.
+    revoked: Callable[[], bool] = lambda: False
     stop_reason: str | None = None
     key: int = field(default=0)
     starting: bool = True  # the call is still inside DoGet (the watchdog may ask is_cancelled)
@@ -198,13 +207,15 @@ class RunningQuery:
 
 
 class Watched(Protocol):
-    """What the :class:`Watchdog` watches: a deadline, a cancellation check while ``starting``, a stop."""
+    """What the :class:`Watchdog` watches: a deadline, a cancellation check while ``starting``, a check
+    for a cancel from elsewhere at any time (``revoked``), a stop."""
 
     key: int
     deadline: float
     starting: bool
     stop_reason: str | None
     is_cancelled: Callable[[], bool]
+    revoked: Callable[[], bool]
 
     def stop(self, reason: str) -> None: ...
 
@@ -219,6 +230,7 @@ class WatchedCursor:
     starting: bool = False
     stop_reason: str | None = None
     is_cancelled: Callable[[], bool] = lambda: False
+    revoked: Callable[[], bool] = lambda: False
 
     def stop(self, reason: str) -> None:
         """Interrupt the cursor."""
@@ -276,7 +288,7 @@ class Watchdog:
     @classmethod
     def _check(cls, query: Watched, now: float) -> None:
         try:
-            if query.starting and query.is_cancelled():
+            if query.revoked() or (query.starting and query.is_cancelled()):
                 cls._stop(query, "cancelled")
             elif now > query.deadline:
                 cls._stop(query, "timeout")
@@ -368,7 +380,7 @@ class Prefetcher:
     def _produce(self) -> None:
         try:
             for batch in self._reader:
-                for piece in pieces(batch, self._budget.limit // 4):
+                for piece in pieces(batch, min(self._budget.limit // 4, MAX_MESSAGE_BYTES)):
                     if not self._offer(piece, piece.nbytes):
                         return
             self._offer(self._END, 0)
@@ -480,9 +492,11 @@ class Planner:
 
 @dataclass(frozen=True)
 class CallHooks:
-    """What a query needs of the Flight call that runs it."""
+    """What a query needs of the Flight call that runs it: whether its client went away (asked only while
+    the call runs), and whether it was cancelled from elsewhere (asked at any time, by the watchdog)."""
 
     is_cancelled: Callable[[], bool]
+    revoked: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -525,11 +539,13 @@ class QueryEngine:
     files, a Lance table is registered on each query's cursor at the version the query pins.
     """
 
-    def __init__(self, datasets: Datasets, settings: Settings) -> None:
+    def __init__(self, datasets: Datasets, settings: Settings, sql_search: SqlSearch | None = None) -> None:
         self.catalog = datasets.iceberg.catalog
         self.vectors = datasets.lance
         self.datasets = datasets
         self.settings = settings
+        #: ``vector_search(...)`` in FROM (none: the sandbox refuses it as an unknown table function).
+        self.sql_search = sql_search
         self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-", ignore_cleanup_errors=True)
         self._databases: dict[frozenset[tuple[Any, ...]], SnapshotDatabase] = {}
         self._guard = threading.Lock()
@@ -635,6 +651,79 @@ class QueryEngine:
             raise NotFound(f"dataset {request.dataset!r} not found")
         return {request.dataset.lower()}
 
+    def _pin_query(self, sql: str, searches: frozenset[str] = frozenset()) -> Pinned:
+        """The pinned database of what ``sql`` reads, after the sandbox's check (errors as clients see
+        them)."""
+        try:
+            return self._pin(lambda listing: self._checked(sql, listing, searches))
+        except BaseException as exc:
+            raise self._client_error(exc, None) from None
+
+    # -- split results (see partitions.py) -------------------------------------------------------
+    def split(self, sql: str, most: int) -> tuple[pa.Schema, list[Part]]:
+        """The result schema of ``sql`` and the parts (at most ``most``) it splits into when it reads one
+        Iceberg dataset row by row and that dataset's current snapshot has several files; no parts: it is
+        answered whole. Schema and parts are of the same snapshot."""
+        pinned, found = self._pinned_parts(sql, most)
+        return self.schema(sql, pinned), found
+
+    def parts(self, sql: str, most: int) -> list[Part]:
+        """The parts of ``sql`` at the current snapshot, as :meth:`split` finds them (without planning)."""
+        pinned, found = self._pinned_parts(sql, most)
+        pinned.lease.release()
+        return found
+
+    def _pinned_parts(self, sql: str, most: int) -> tuple[Pinned, list[Part]]:
+        rewritten = self._rewritten(sql)
+        pinned = self._pin_query(rewritten.sql, rewritten.tables)
+        try:
+            return pinned, self._parts(rewritten.sql, pinned.database, most)
+        except BaseException:
+            pinned.lease.release()
+            raise
+
+    def part_database(self, sql: str, part: Part) -> Pinned:
+        """The database of one part of a split query: its dataset at the part's snapshot, over the part's
+        files only. The part (a client's ticket) is checked against the query and the snapshot."""
+        rewritten = self._rewritten(sql)
+        pinned = self._pin_query(rewritten.sql, rewritten.tables)
+        try:
+            return Pinned(self._build(self._part_views(rewritten.sql, pinned.database, part)), pinned.lease)
+        except BaseException as exc:
+            pinned.lease.release()
+            raise self._client_error(exc, None) from None
+
+    def _parts(self, sql: str, database: SnapshotDatabase, most: int) -> list[Part]:
+        name = self._split_dataset(sql, database)
+        snapshot = database.views[name] if name else None
+        if snapshot is None or not snapshot.uniform or snapshot.snapshot_id is None:
+            return []
+        return parts(name, snapshot.snapshot_id, len(snapshot.files), most)
+
+    def _part_views(self, sql: str, database: SnapshotDatabase, part: Part) -> dict[str, SnapshotFiles]:
+        name = self._split_dataset(sql, database)
+        if name is None or name.lower() != part.dataset.lower():
+            raise InvalidArgument(f"statement handle: its query does not read {part.dataset!r} row by row")
+        location = self.catalog.metadata_locations().get(name, "")
+        snapshot = self._snapshot(name, location, part.snapshot_id)
+        if not snapshot.uniform or part.count > len(snapshot.files):
+            raise InvalidArgument(
+                f"statement handle: snapshot {part.snapshot_id} of {name!r} does not split into "
+                f"{part.count} parts"
+            )
+        return {name: replace(snapshot, files=part.files(snapshot.files))}
+
+    def _split_dataset(self, sql: str, database: SnapshotDatabase) -> str | None:
+        """The one Iceberg dataset of ``database`` when ``sql`` reads it row by row and nothing else."""
+        if database.lance or len(database.views) != 1:
+            return None
+        name = next(iter(database.views))
+        cursor = self._parser.cursor()
+        try:
+            return name if row_local(serialize(cursor, sql)) == name.lower() else None
+        finally:
+            cursor.close()
+
     # -- statements ------------------------------------------------------------------------------
     def scan_sql(self, request: ScanRequest, pinned: Pinned) -> str:
         """The SELECT a scan ticket stands for, with its columns checked."""
@@ -656,23 +745,32 @@ class QueryEngine:
             sql += f" LIMIT {request.limit}"
         return sql
 
-    def _checked(self, sql: str, listing: Listing) -> set[str]:
-        """The datasets ``sql`` reads (lower-case), after the sandbox's check."""
+    def _checked(self, sql: str, listing: Listing, searches: frozenset[str] = frozenset()) -> set[str]:
+        """The datasets ``sql`` reads (lower-case), after the sandbox's check (``searches``: the tables
+        standing for its ``vector_search`` calls, readable by it alone)."""
         cursor = self._parser.cursor()
         try:
-            return check_select(cursor, sql, set(listing.by_lower()))
+            return check_select(cursor, sql, set(listing.by_lower()) | searches)
         finally:
             cursor.close()
 
-    def _unqualified(self, sql: str) -> str:
-        """``sql`` reading ``lakehouse.main.t`` as the dataset ``t`` (see ``sandbox.without_catalog``)."""
+    def _rewritten(self, sql: str) -> Rewritten:
+        """``sql`` reading ``lakehouse.main.t`` as the dataset ``t`` (see ``sandbox.without_catalog``) and
+        each ``vector_search(...)`` as a table of its own (see ``sql_search``)."""
         cursor = self._parser.cursor()
         try:
-            return without_catalog(cursor, sql)
+            sql = without_catalog(cursor, sql)
+            return self.sql_search.rewrite(cursor, sql) if self.sql_search else Rewritten(sql)
         except BaseException as exc:
             raise self._client_error(exc, None) from None
         finally:
             cursor.close()
+
+    def _searched(self, query: RunningQuery, rewritten: Rewritten, run: bool) -> duckdb.DuckDBPyConnection:
+        """The query's cursor with the results of its searches registered (only planned unless ``run``)."""
+        if self.sql_search is not None:
+            self.sql_search.register(query.cursor, rewritten.calls, run)
+        return query.cursor
 
     def parameter_count(self, sql: str) -> int:
         """How many distinct placeholders (``?``, ``$n``) ``sql`` has (it is checked when it is planned)."""
@@ -684,11 +782,19 @@ class QueryEngine:
 
     def schema(self, sql: str, pinned: Pinned | None = None, params: Params = None) -> pa.Schema:
         """The result schema of ``sql``, without running it (planned within the time limit)."""
-        sql = self._unqualified(sql)
-        query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False))
-        try:
+        rewritten = self._rewritten(sql)
+        sql = rewritten.sql
+        query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False), rewritten.tables)
+        try:  # searches are planned, not run: their tables are empty
             return self._plan(
-                query, lambda: query.cursor.sql(sql, params=params).limit(0).to_arrow_table().schema
+                query,
+                lambda: (
+                    self._searched(query, rewritten, run=False)
+                    .sql(sql, params=params)
+                    .limit(0)
+                    .to_arrow_table()
+                    .schema
+                ),
             )
         except BaseException as exc:
             raise self._client_error(exc, query) from None
@@ -700,11 +806,17 @@ class QueryEngine:
     ) -> QueryStream:
         """Start ``sql`` (with ``params`` bound to its placeholders); the batches are produced as the client
         reads them."""
-        sql = self._unqualified(sql)
-        query = self._start(sql, pinned, call)
-        try:
+        rewritten = self._rewritten(sql)
+        sql = rewritten.sql
+        query = self._start(sql, pinned, call, rewritten.tables)
+        try:  # the searches run here, within the query's time limit
             reader = self._plan(
-                query, lambda: query.cursor.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+                query,
+                lambda: (
+                    self._searched(query, rewritten, run=True)
+                    .sql(sql, params=params)
+                    .to_arrow_reader(BATCH_ROWS)
+                ),
             )
         except BaseException as exc:
             self._finish(query)
@@ -715,14 +827,13 @@ class QueryEngine:
         weakref.finalize(batches, self._finish, query)
         return QueryStream(reader.schema, batches)
 
-    def _start(self, sql: str, pinned: Pinned | None, call: CallHooks) -> RunningQuery:
+    def _start(
+        self, sql: str, pinned: Pinned | None, call: CallHooks, searches: frozenset[str] = frozenset()
+    ) -> RunningQuery:
         """Pin the query's datasets, open its cursor and watch it (its deadline starts now)."""
         deadline = time.monotonic() + self.settings.query_timeout_seconds
-        try:
-            pinned = pinned or self._pin(lambda listing: self._checked(sql, listing))
-        except BaseException as exc:
-            raise self._client_error(exc, None) from None
-        query = RunningQuery(pinned, pinned.database.cursor(), deadline, call.is_cancelled)
+        pinned = pinned or self._pin_query(sql, searches)
+        query = RunningQuery(pinned, pinned.database.cursor(), deadline, call.is_cancelled, call.revoked)
         self._watchdog.watch(query)
         try:
             self._prepare(query.cursor, pinned.database, pinned.database.names)

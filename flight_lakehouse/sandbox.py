@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -25,6 +27,12 @@ from flight_lakehouse.errors import InvalidArgument, NotFound
 from flight_lakehouse.settings import Settings
 
 SAFE_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest", "generate_subscripts"})
+#: Vector search in SQL: a table in FROM, rewritten before the check (``sql_search.py``); never run by DuckDB.
+SEARCH_FUNCTION = "vector_search"
+SEARCH_ONLY_IN_FROM = (
+    f"{SEARCH_FUNCTION}(...) is a table: call it by its plain name in FROM, e.g. "
+    f"SELECT * FROM {SEARCH_FUNCTION}('docs', [0.1, 0.2, ...], 10)"
+)
 BLOCKED_FUNCTION_PREFIXES = ("duckdb_", "pragma_", "read_", "parquet_", "iceberg_", "delta_", "sniff_")
 BLOCKED_FUNCTIONS = frozenset(
     {
@@ -129,8 +137,37 @@ def resolves(connection: duckdb.DuckDBPyConnection, name: str) -> bool:
 def check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> set[str]:
     """Refuse ``sql`` unless it is one SELECT reading only ``datasets`` (lower-case names).
 
-    Returns the datasets the query names (lower-case).
+    Returns the datasets the query names (lower-case). A verdict depends only on the text and the names,
+    so passing ones are remembered: a Flight SQL query is checked up to four times (prepare, FlightInfo,
+    DoGet, its parts), ~0.45 ms each for a small query.
     """
+    key = (sql, frozenset(datasets))
+    with _VERDICTS_GUARD:
+        named = _VERDICTS.get(key)
+        if named is not None:
+            _VERDICTS.move_to_end(key)
+            return set(named)
+    named = frozenset(_check_select(connection, sql, datasets))
+    if len(sql) > MAX_REMEMBERED_CHARS:
+        return set(named)
+    with _VERDICTS_GUARD:
+        _VERDICTS[key] = named
+        while len(_VERDICTS) > REMEMBERED_VERDICTS:
+            _VERDICTS.popitem(last=False)
+    return set(named)
+
+
+#: Passing verdicts of :func:`check_select` (and parse trees) kept, newest last; only of short texts, so
+#: the memory they hold stays bounded (~1024 x 64 KB at worst).
+REMEMBERED_VERDICTS = 1024
+MAX_REMEMBERED_CHARS = 64 << 10
+_VERDICTS: OrderedDict[tuple[str, frozenset[str]], frozenset[str]] = OrderedDict()
+_VERDICTS_GUARD = threading.Lock()
+#: Parse trees (JSON text) by SQL text, oldest first: one query is parsed by several checks.
+_PARSED: OrderedDict[str, str] = OrderedDict()
+
+
+def _check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> set[str]:
     statements = parse_statements(connection, sql)
     generated = len(statements) > 1 and not statements[0].query  # DuckDB's expansion of one statement
     if generated and re.search(r"\bpivot\b", sql, re.IGNORECASE):
@@ -327,8 +364,7 @@ def without_catalog(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
         return sql
     for node in qualified:
         node["catalog_name"] = node["schema_name"] = ""
-    rows = connection.execute("SELECT json_deserialize_sql(?)", [orjson.dumps(tree).decode()]).fetchall()
-    return str(rows[0][0])
+    return deserialize(connection, tree)
 
 
 def names_catalog(table: dict[str, Any]) -> bool:
@@ -338,10 +374,18 @@ def names_catalog(table: dict[str, Any]) -> bool:
 
 
 def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
-    """DuckDB's parse tree of a SELECT as JSON."""
-    rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+    """DuckDB's parse tree of a SELECT as JSON (a fresh copy: callers may change it)."""
+    text = _PARSED.get(sql)
+    if text is None:
+        rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()
+        text = str(rows[0][0]) if rows else "{}"
+        if len(text) <= MAX_REMEMBERED_CHARS:
+            with _VERDICTS_GUARD:
+                _PARSED[sql] = text
+                while len(_PARSED) > REMEMBERED_VERDICTS:
+                    _PARSED.popitem(last=False)
     try:
-        tree = orjson.loads(rows[0][0]) if rows else {}
+        tree = orjson.loads(text)
     except orjson.JSONDecodeError:  # nested past orjson's depth limit (1024): far past ours
         raise InvalidArgument(TOO_DEEP) from None
     if tree.get("error"):
@@ -351,6 +395,30 @@ def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]
             raise InvalidArgument(f"{READ_ONLY} (got {keyword})")
         raise InvalidArgument(f"SQL error: {message}")
     return tree
+
+
+def deserialize(connection: duckdb.DuckDBPyConnection, tree: dict[str, Any]) -> str:
+    """The SQL of a parse tree (as :func:`serialize` gives it)."""
+    rows = connection.execute("SELECT json_deserialize_sql(?)", [orjson.dumps(tree).decode()]).fetchall()
+    return str(rows[0][0])
+
+
+def check_constant(expression: Any, what: str) -> None:
+    """Refuse an expression that is not a constant (``what`` names it): one reading a column, holding a
+    subquery or a query parameter, or failing the checks of queries (functions, nesting)."""
+    for node in walk(expression):
+        if "cte_map" in node or node.get("class") == "SUBQUERY":
+            raise InvalidArgument(f"{what} must be a constant: it holds a subquery")
+        if node.get("class") == "PARAMETER":
+            raise InvalidArgument(
+                f"{what} must be a constant: query parameters are not taken here; write the value"
+            )
+        if node.get("class") == "STAR":  # also COLUMNS(...)
+            raise InvalidArgument(f"{what} must be a constant: it reads columns (*)")
+    columns = column_references(expression)
+    if columns:
+        raise InvalidArgument(f"{what} must be a constant: it reads column {'.'.join(columns[0])!r}")
+    check_tree(expression, set())
 
 
 def walk(tree: Any) -> Iterator[dict[str, Any]]:
@@ -386,12 +454,16 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
     elif kind == "TABLE_FUNCTION" and "class" not in node:
         function = node.get("function", {})
         name = str(function.get("function_name", "")).lower()
+        if name == SEARCH_FUNCTION:
+            raise InvalidArgument(SEARCH_ONLY_IN_FROM)
         if name not in SAFE_TABLE_FUNCTIONS:
             raise InvalidArgument(
                 f"table function {name!r} is not allowed: queries may read registered datasets only"
             )
     elif node.get("class") == "FUNCTION":
         name = str(node.get("function_name", "")).lower()
+        if name == SEARCH_FUNCTION:
+            raise InvalidArgument(SEARCH_ONLY_IN_FROM)
         if name not in duckdb_names().functions:
             raise InvalidArgument(f"function {name!r} is not allowed in queries and filters")
     return None

@@ -121,5 +121,6 @@ class LakehouseServer(flight.FlightServerBase):
     def _flight_info(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         request = self.codec.descriptor(descriptor, "command")
         facts: FlightFacts = self.routes.info.handler(request)(ctx, request)
-        endpoint = flight.FlightEndpoint(flight.Ticket(facts.ticket), [])
-        return flight.FlightInfo(facts.schema, descriptor, [endpoint], facts.rows, facts.size)
+        # no locations: each endpoint is fetched from this server (any server of the root can answer it)
+        endpoints = [flight.FlightEndpoint(flight.Ticket(ticket), []) for ticket in facts.tickets]
+        return flight.FlightInfo(facts.schema, descriptor, endpoints, facts.rows, facts.size)

@@ -11,6 +11,7 @@ from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.query import QueryEngine
 from flight_lakehouse.settings import Settings
+from flight_lakehouse.sql_search import SqlSearch
 from flight_lakehouse.storage import Storage, open_storage
 from flight_lakehouse.vector_cache import VectorCache
 from flight_lakehouse.vector_index import IndexBuilder
@@ -36,12 +37,13 @@ def build_services(settings: Settings) -> Services:
     iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri), settings)
     datasets = Datasets(iceberg, LanceTables(storage, settings))
     cache = VectorCache(datasets.lance, settings)
+    searcher = VectorSearch(datasets, cache)
     return Services(
         settings=settings,
         storage=storage,
         datasets=datasets,
         cache=cache,
-        searcher=VectorSearch(datasets, cache),
+        searcher=searcher,
         indexes=IndexBuilder(datasets.lance, settings),
-        engine=QueryEngine(datasets, settings),
+        engine=QueryEngine(datasets, settings, SqlSearch(searcher)),
     )

@@ -107,6 +107,15 @@ class Settings(BaseSettings):
     prepared_statement_idle_seconds: float = Field(
         default=900.0, gt=0, description="a prepared statement unused this long is closed"
     )
+    query_parts_max: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description=(
+            "endpoints a Flight SQL query reading one dataset's files row by row is split into (a client "
+            "fetches them in parallel); 0 = twice the CPU count, 1 = never split"
+        ),
+    )
     log_level: str = "INFO"
 
     @field_validator("vector_graph_code_bits")
