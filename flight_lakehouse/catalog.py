@@ -23,7 +23,6 @@ from pyiceberg.exceptions import (
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from flight_lakehouse.errors import NotFound, Unavailable
 from flight_lakehouse.schema_types import storage_schema
@@ -61,6 +60,12 @@ class DatasetCatalog:
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        #: The listing query, built once and run on a plain connection (SQLAlchemy caches its compiled
+        #: form): every query lists the datasets, and building the statement and an ORM session each time
+        #: took ~0.3 ms of a ~4 ms small query.
+        self._listing = select(IcebergTables.table_name, IcebergTables.metadata_location).where(
+            IcebergTables.catalog_name == CATALOG_NAME, IcebergTables.table_namespace == NAMESPACE
+        )
 
     # -- names ---------------------------------------------------------------------------------
     @staticmethod
@@ -75,11 +80,8 @@ class DatasetCatalog:
     # -- reads -----------------------------------------------------------------------------------
     def metadata_locations(self) -> dict[str, str]:
         """Every dataset with its current metadata file, in one catalog query."""
-        statement = select(IcebergTables.table_name, IcebergTables.metadata_location).where(
-            IcebergTables.catalog_name == CATALOG_NAME, IcebergTables.table_namespace == NAMESPACE
-        )
-        with Session(self.iceberg.engine) as session:
-            return {name: location for name, location in session.execute(statement) if location}
+        with self.iceberg.engine.connect() as connection:
+            return {name: location for name, location in connection.execute(self._listing) if location}
 
     def names(self) -> list[str]:
         """All dataset names, sorted."""
