@@ -15,6 +15,7 @@ read fails); batches waiting to be sent count against one server-wide budget.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import tempfile
@@ -51,6 +52,8 @@ from flight_lakehouse.storage import Lease, Storage, quote_literal
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 128 * 1024
+#: A result of one batch up to this size is sent whole (``first_batches``).
+SMALL_RESULT_BYTES = 1 << 20
 #: Result schemas a query database keeps (see ``SnapshotDatabase.remember_schema``).
 REMEMBERED_SCHEMAS = 256
 #: The largest record batch message sent: ADBC's Flight SQL driver refuses messages over 16 MiB, and a
@@ -366,6 +369,31 @@ def pieces(batch: pa.RecordBatch, max_bytes: int) -> Iterator[pa.RecordBatch]:
     yield from pieces(batch.slice(half), max_bytes)
 
 
+def first_batches(reader: pa.RecordBatchReader) -> tuple[pa.RecordBatchReader | None, list[pa.RecordBatch]]:
+    """The start of a result, read while it is planned: ``(None, batches)`` when the whole result is at
+    most one batch of :data:`SMALL_RESULT_BYTES`, else a reader of the whole result (nothing lost).
+
+    A small query's DoGet then takes no prefetch thread, no hand-off and no Python call per batch (with
+    them, ``select count(*)`` took ~1.2 ms more than a bare call)."""
+    first = next_batch(reader)
+    if first is None:
+        return None, [pa.RecordBatch.from_pylist([], schema=reader.schema)]
+    if first.nbytes > SMALL_RESULT_BYTES or first.num_rows >= BATCH_ROWS:
+        return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain([first], reader)), []
+    second = next_batch(reader)
+    if second is None:
+        return None, [first]
+    return pa.RecordBatchReader.from_batches(reader.schema, itertools.chain([first, second], reader)), []
+
+
+def next_batch(reader: pa.RecordBatchReader) -> pa.RecordBatch | None:
+    """The reader's next batch, None at its end."""
+    try:
+        return reader.read_next_batch()
+    except StopIteration:
+        return None
+
+
 class Prefetcher:
     """Reads the next batches from DuckDB on a thread of its own while the current one is being sent.
 
@@ -520,10 +548,12 @@ class CallHooks:
 
 @dataclass
 class QueryStream:
-    """A started query: its schema and its batches (consumed once)."""
+    """A started query: its schema and its batches (consumed once); ``complete`` holds the whole result
+    when it was one small batch (sent without a Python call per batch)."""
 
     schema: pa.Schema
     batches: Iterator[pa.RecordBatch]
+    complete: pa.Table | None = None
 
 
 @dataclass(frozen=True)
@@ -841,9 +871,9 @@ class QueryEngine:
         sql = rewritten.sql
         query = self._start(sql, pinned, call, rewritten.tables)
         try:  # the searches run here, within the query's time limit
-            reader = self._plan(
+            reader, first = self._plan(
                 query,
-                lambda: (
+                lambda: first_batches(
                     self._searched(query, rewritten, run=True)
                     .sql(sql, params=params)
                     .to_arrow_reader(BATCH_ROWS)
@@ -852,6 +882,10 @@ class QueryEngine:
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None
+        if reader is None:  # all of it, small: no prefetching, no Python call per batch
+            self._finish(query)
+            table = pa.Table.from_batches(first)
+            return QueryStream(table.schema, iter(table.to_batches()), table)
         self._watchdog.streaming(query)
         batches = self._batches(reader, query)
         # a stream dropped before its first batch never runs its ``finally``: finish when it is freed

@@ -79,8 +79,10 @@ class LakehouseServer(flight.FlightServerBase):
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         request = self.codec.command(ticket.ticket, "ticket")
         result = self.routes.get.handler(request)(CallContext.of(context), request)
-        if isinstance(result, QueryStream):
+        if isinstance(result, QueryStream) and result.complete is None:
             return flight.GeneratorStream(result.schema, client_safe_iter(result.batches))
+        if isinstance(result, QueryStream):
+            result = result.complete
         # a complete result (a search): Flight sends it without calling back into Python
         return flight.RecordBatchStream(result)
 
