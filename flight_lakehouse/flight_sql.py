@@ -571,7 +571,9 @@ def check_location(catalog: str | None, db_schema: str | None) -> None:
 
 def chain_streams(first: QueryStream, runs: list[Callable[[], QueryStream]]) -> QueryStream:
     """One stream: ``first``, then the results of ``runs`` (each started when the previous one is done)
-    in ``first``'s schema."""
+    in ``first``'s schema (``first`` itself when there are no others: a small result stays complete)."""
+    if not runs:
+        return first
     schema = first.schema
 
     def batches() -> Iterator[pa.RecordBatch]:

@@ -397,7 +397,7 @@ def test_ingest_vectors_make_a_lance_table(conn: dbapi.Connection, lake: ServerP
 
 def test_a_large_result_streams_through_the_server(conn: dbapi.Connection, lake: ServerProcess) -> None:
     """2M rows (over 200 MB of Arrow) read batch by batch through ADBC: the server's memory grows by far
-    less than the result (it never holds it whole)."""
+    less than the result (it never holds it whole: at most the 64 MB result budget waits to be sent)."""
     process = psutil.Process(lake.pid)
     rows(conn, "SELECT count(*) FROM range(1000)")  # the query machinery warmed up
     before = process.memory_info().rss
@@ -423,7 +423,7 @@ def test_a_large_result_streams_through_the_server(conn: dbapi.Connection, lake:
         sampler.join()
     assert count == BIG_ROWS and size > 200 * 2**20
     grown = peak[0] - before
-    assert grown < size / 3, f"server grew {grown / 2**20:.0f} MB for a {size / 2**20:.0f} MB result"
+    assert grown < size / 2, f"server grew {grown / 2**20:.0f} MB for a {size / 2**20:.0f} MB result"
 
 
 # -- errors -----------------------------------------------------------------------------------------------
