@@ -41,7 +41,6 @@ from flight_lakehouse.commands import (
 from flight_lakehouse.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.handlers import FlightFacts, Routes
 from flight_lakehouse.partitions import Part
-from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.protocol import (
     ActionRouter,
     ActionSpec,
@@ -109,7 +108,7 @@ class PreparedStatement:
     query: str
     dataset_schema: pa.Schema
     parameter_count: int
-    parameter_rows: list[Params] = field(default_factory=lambda: [None])
+    parameter_rows: list[Params] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -118,8 +117,11 @@ class PreparedStatement:
         return pa.schema([pa.field(f"${index + 1}", pa.null()) for index in range(self.parameter_count)])
 
     def bound_rows(self) -> list[Params]:
-        """The parameter rows to run with; INVALID_ARGUMENT while its placeholders have no values."""
-        if self.parameter_count and (not self.parameter_rows or self.parameter_rows == [None]):
+        """The parameter rows to run with (one run without values when it has no placeholders);
+        INVALID_ARGUMENT while its placeholders have no values."""
+        if not self.parameter_count:
+            return [None]
+        if not self.parameter_rows:
             raise InvalidArgument(f"bind the statement's {self.parameter_count} parameters first (DoPut)")
         return self.parameter_rows
 
@@ -398,7 +400,7 @@ class FlightSqlHandlers:
             rows.extend(parameter_rows(batch))
             if len(rows) > MAX_PARAMETER_ROWS:
                 raise InvalidArgument(f"at most {MAX_PARAMETER_ROWS} parameter rows may be bound at once")
-        statement.parameter_rows = rows if statement.parameter_count else [None]
+        statement.parameter_rows = rows
         return sql.DoPutPreparedStatementResult(
             prepared_statement_handle=statement.handle
         ).SerializeToString()
@@ -505,11 +507,7 @@ class FlightSqlHandlers:
     # -- bulk ingest -----------------------------------------------------------------------------
     def put_ingest(self, ctx: CallContext, command: sql.CommandStatementIngest, upload: Upload) -> bytes:
         """``adbc_ingest``: the upload through the same path and atomic commit as DoPut."""
-        options = self.ingest_options(command)
-        try:
-            result = self.s.datasets.write(options, upload.schema(), upload.batches())
-        finally:
-            large_work_finished()
+        result = self.s.datasets.write(self.ingest_options(command), upload.schema(), upload.batches())
         return sql.DoPutUpdateResult(record_count=int(result.get("rows_written", 0))).SerializeToString()
 
     def ingest_options(self, command: sql.CommandStatementIngest) -> IngestOptions:

@@ -10,7 +10,6 @@ from typing import Any
 import pyarrow as pa
 
 from flight_lakehouse.commands import IngestCommand, IngestOptions, ScanRequest, SearchCommand, SqlQuery
-from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.protocol import CallContext, DatasetPath, JsonCodec, Router
 from flight_lakehouse.query import CallHooks, QueryStream
 from flight_lakehouse.services import Services
@@ -96,10 +95,7 @@ class Handlers:
 
     def ingest(self, ctx: CallContext, options: IngestOptions, upload: Upload) -> dict[str, Any]:
         """Write one upload as one commit, in the format the registry decides."""
-        try:
-            return self.s.datasets.write(options, upload.schema(), upload.batches())
-        finally:
-            large_work_finished()
+        return self.s.datasets.write(options, upload.schema(), upload.batches())
 
     # -- DoGet -----------------------------------------------------------------------------------
     def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:

@@ -112,11 +112,6 @@ class Storage(abc.ABC):
     def remove_empty_dir(self, path: str) -> None:
         """Remove the directory ``path`` (a filesystem path) if it is empty."""
 
-    def delete_tree(self, uri: str) -> None:
-        """Delete everything under ``uri``, if anything."""
-        with contextlib.suppress(FileNotFoundError):
-            self.filesystem.delete_dir(self.fs_path(uri))
-
     def public_facts(self) -> dict[str, str]:
         """What clients may learn about the storage (no paths, no secrets)."""
         return {"kind": self.kind}

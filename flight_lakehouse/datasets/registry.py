@@ -14,6 +14,7 @@ from flight_lakehouse.datasets.base import TableFormat
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
+from flight_lakehouse.process import large_work_finished
 
 
 class Datasets:
@@ -93,8 +94,12 @@ class Datasets:
     def write(
         self, options: IngestOptions, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
     ) -> dict[str, Any]:
-        """Write one upload as one commit, in the dataset's format."""
-        return self.format_for_upload(options, schema).write(options, schema, batches, self)
+        """Write one upload as one commit, in the dataset's format (then its temporaries go back to the
+        system: :func:`~flight_lakehouse.process.large_work_finished`)."""
+        try:
+            return self.format_for_upload(options, schema).write(options, schema, batches, self)
+        finally:
+            large_work_finished()
 
     def summarise(self, name: str) -> dict[str, Any]:
         """The dataset's ``list_datasets`` entry."""
