@@ -169,14 +169,14 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
     server = start_server(
         "--query-timeout-seconds",
         "6",
-        env={"LAKEHOUSE_RESULT_BUFFER_MB": "64", "LAKEHOUSE_QUERY_THREADS": "1"},
+        env={"LAKEHOUSE_RESULT_BUFFER_MB": "256", "LAKEHOUSE_QUERY_THREADS": "1"},
     )
     server.put("stalled", rows(0, 300_000))
     files = files_under(server.root, "tables/stalled")
     time.sleep(RELEASE_SECONDS)  # the server hands memory freed by the upload back every few seconds
     before = rss_mb(server)
     readers = stalled_streams(server, 6)
-    reader, _ = open_stream(server, "SELECT id, repeat(tag, 20) AS s FROM stalled")
+    reader, _ = open_stream(server, "SELECT id, repeat(tag, 400) AS s FROM stalled")
     try:
         assert server.action("drop_dataset", {"dataset": "stalled"}) == {"dropped": True}
         assert files_under(server.root, "tables/stalled") == files, "files deleted under a running query"
@@ -200,7 +200,7 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
 def test_a_result_batch_larger_than_the_budget_is_refused(start_server: Callable[..., ServerProcess]) -> None:
     """A single value (so a batch) larger than the budget for unsent results is refused, not buffered;
     results in many small batches stream whatever their total size."""
-    server = start_server(env={"LAKEHOUSE_RESULT_BUFFER_MB": "16"})
+    server = start_server(env={"LAKEHOUSE_RESULT_BUFFER_MB": "256"})
     for sql in (
         "SELECT repeat('x', 40 * 1024 * 1024) AS big",
         "SELECT i, CASE WHEN i = 70000 THEN repeat('x', 20 * 1024 * 1024) END AS s FROM range(100000) t(i)",
