@@ -200,7 +200,7 @@ def test_stalled_readers_are_ended_at_the_time_limit(start_server: Callable[...,
 def test_a_result_batch_larger_than_the_budget_is_refused(start_server: Callable[..., ServerProcess]) -> None:
     """A single value (so a batch) larger than the budget for unsent results is refused, not buffered;
     results in many small batches stream whatever their total size."""
-    server = start_server(env={"LAKEHOUSE_RESULT_BUFFER_MB": "256"})
+    server = start_server(env={"LAKEHOUSE_RESULT_BUFFER_MB": "16"})
     for sql in (
         "SELECT repeat('x', 40 * 1024 * 1024) AS big",
         "SELECT i, CASE WHEN i = 70000 THEN repeat('x', 20 * 1024 * 1024) END AS s FROM range(100000) t(i)",
