@@ -89,6 +89,7 @@ class Actions:
             "version": __version__,
             "storage": self.s.storage.public_facts(),
             "datasets": len(self.s.datasets.names()),
+            "result_cache": self.s.engine.results.facts(),
         }
 
     def list_datasets(self, ctx: CallContext, _: EmptyBody) -> list[dict[str, Any]]:

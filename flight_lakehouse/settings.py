@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     create_bucket: bool = False
     state_dir: str = Field(default="./lakehouse-state", description="local state (the catalog) of an S3 root")
     insecure_no_auth: bool = False
+    auth_file: str | None = Field(
+        default=None, description="users and API tokens (flight_lakehouse.auth); set: authentication on"
+    )
     query_timeout_seconds: float = Field(
         default=300.0, gt=0, description="time limit of a query: planning, running and a reader that stalls"
     )
@@ -77,6 +80,14 @@ class Settings(BaseSettings):
         description=(
             "memory for result batches produced but not yet sent, across all queries (a stalled reader "
             "holds its share until its time limit); a single larger row is refused"
+        ),
+    )
+    result_cache_mb: int = Field(
+        default=64,
+        ge=0,
+        description=(
+            "memory for whole small results kept until a dataset they read changes (repeated dashboard "
+            "queries); 0 = off"
         ),
     )
     target_file_mb: int = Field(default=128, ge=1, le=4096)
@@ -135,7 +146,9 @@ class Settings(BaseSettings):
             raise ValueError(f"root {root!r} names no bucket (use s3://bucket/prefix)")
         return root
 
-    @field_validator("s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key", mode="before")
+    @field_validator(
+        "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key", "auth_file", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """An empty value (``LAKEHOUSE_S3_ACCESS_KEY_ID=``) means unset: the AWS chain applies."""
