@@ -9,14 +9,18 @@ from flight_lakehouse import process
 # Arrow picks its allocator, and glibc counts its malloc arenas, when pyarrow loads: before the imports below
 process.before_pyarrow()
 
+import functools
+import json
 import logging
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 import pyarrow as pa
@@ -27,8 +31,10 @@ from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flight_lakehouse.auth import AuthFile, AuthFileError, Role, check_grants, check_name, check_password
 from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
 from flight_lakehouse.settings import SettingsError, load_settings
+from flight_lakehouse.tls import client_tls_options, warn_if_clear_text
 
 if TYPE_CHECKING:
     from flight_lakehouse.server import LakehouseServer
@@ -36,6 +42,77 @@ if TYPE_CHECKING:
 server_option = click.option(
     "--server", envvar="LAKEHOUSE_SERVER", default=DEFAULT_SERVER, show_default=True, help="Flight location."
 )
+Connect = Callable[[], LakehouseClient]  # what a client command gets from its flags (client_options)
+CONNECTION_OPTIONS = [
+    server_option,
+    click.option(
+        "--tls-ca",
+        envvar="LAKEHOUSE_TLS_CA",
+        default=None,
+        metavar="FILE",
+        help="PEM CA certificates to trust for a grpc+tls server (default: the system's).",
+    ),
+    click.option(
+        "--tls-cert",
+        envvar="LAKEHOUSE_TLS_CLIENT_CERT",
+        default=None,
+        metavar="FILE",
+        help="Client certificate (PEM), for mTLS.",
+    ),
+    click.option(
+        "--tls-key",
+        envvar="LAKEHOUSE_TLS_CLIENT_KEY",
+        default=None,
+        metavar="FILE",
+        help="Key of --tls-cert.",
+    ),
+    click.option(
+        "--user",
+        envvar="LAKEHOUSE_USER",
+        default=None,
+        help="Log in as USER (password: LAKEHOUSE_PASSWORD or a prompt); else LAKEHOUSE_TOKEN is sent.",
+    ),
+]
+
+
+def client_options(command):  # type: ignore[no-untyped-def]
+    """``--server`` with the TLS and credential flags; the command gets ``connect``, which opens the client
+    they describe."""
+
+    @functools.wraps(command)
+    def run(**params: Any) -> Any:
+        flags = [params.pop(name) for name in ("server", "tls_ca", "tls_cert", "tls_key", "user")]
+        return command(connect=functools.partial(_connect, *flags), **params)
+
+    for option in reversed(CONNECTION_OPTIONS):
+        run = option(run)
+    return run
+
+
+def _connect(
+    server: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, user: str | None
+) -> LakehouseClient:
+    """A client of ``server`` (``host:port``: TLS when a TLS file is given) with its credentials: ``user``
+    logged in once (password from LAKEHOUSE_PASSWORD or a prompt), else LAKEHOUSE_TOKEN if set."""
+    tls = bool(tls_ca or tls_cert or tls_key)
+    if "://" not in server:
+        server = f"{'grpc+tls' if tls else 'grpc'}://{server}"
+    if tls and not server.startswith("grpc+tls://"):
+        raise click.UsageError(f"--tls-ca/--tls-cert/--tls-key need a grpc+tls:// server, not {server}")
+    try:
+        options = client_tls_options(tls_ca, tls_cert, tls_key)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    client: LakehouseClient = _call(lambda: LakehouseClient(server, **options))
+    token = os.environ.get("LAKEHOUSE_TOKEN")
+    if user:
+        password = os.environ.get("LAKEHOUSE_PASSWORD") or click.prompt(
+            f"Password of {user}", hide_input=True, err=True
+        )
+        _call(lambda: client.login(user, password))
+    elif token:
+        client.use_token(token)
+    return client
 
 
 def storage_options(command):  # type: ignore[no-untyped-def]
@@ -63,6 +140,13 @@ def main() -> None:
 @click.option(
     "--insecure-no-auth", is_flag=True, default=None, help="Allow a non-loopback bind without auth."
 )
+@click.option("--auth-file", default=None, help="Users and API tokens (see `users`): turns auth on.")
+@click.option("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve grpc+tls.")
+@click.option("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert.")
+@click.option(
+    "--tls-client-ca", default=None, metavar="FILE", help="PEM CA: require client certificates (mTLS)."
+)
+@click.option("--audit-log", default=None, metavar="FILE", help="JSON line per call to FILE ('-': stderr).")
 @click.option("--query-timeout-seconds", type=float, default=None, help="Time limit of one query.")
 @click.option("--query-memory-mb", type=int, default=None, help="DuckDB memory limit (0: DuckDB's own).")
 @click.option(
@@ -85,6 +169,7 @@ def serve(**options: object) -> None:
         logging.getLogger("pyiceberg.io").setLevel(logging.WARNING)
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried
     process.tune_process(settings.log_level)
+    warn_if_clear_text(settings)
     from flight_lakehouse.server import LakehouseServer  # heavy imports only when serving
 
     try:
@@ -93,11 +178,12 @@ def serve(**options: object) -> None:
         raise click.ClickException(str(exc)) from None
     except (OSError, flight.FlightError, pa.ArrowException) as exc:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
-        raise click.ClickException(f"cannot start on {settings.location} (port in use?): {reason}") from None
+        hint = "port in use, or a certificate gRPC cannot load?" if settings.tls_cert else "port in use?"
+        raise click.ClickException(f"cannot start on {settings.location} ({hint}): {reason}") from None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    where = f"grpc://{settings.host}:{server.port}"
+    where = f"{settings.scheme}://{settings.host}:{server.port}"
     logging.getLogger("flight_lakehouse").info("ready at %s, root %s", where, settings.root)
     while not stop.wait(0.5):
         pass
@@ -130,11 +216,11 @@ def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
 )
 @click.option("--schema-mode", type=click.Choice(["strict", "evolve"]), default="strict", show_default=True)
 @click.option("--batch-rows", type=int, default=65_536, show_default=True)
-@server_option
-def ingest(file: Path, dataset: str, mode: str, schema_mode: str, batch_rows: int, server: str) -> None:
+@client_options
+def ingest(file: Path, dataset: str, mode: str, schema_mode: str, batch_rows: int, connect: Connect) -> None:
     """Stream a CSV or Parquet FILE into DATASET through DoPut."""
     schema, batches = _read_file(file, batch_rows)
-    client = LakehouseClient(server)
+    client = connect()
     columns = (
         TextColumn("{task.description}"),
         TextColumn("{task.fields[rows]:,} rows"),
@@ -192,12 +278,12 @@ def rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordB
     "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE."
 )
 @click.option("--max-rows", type=int, default=100, show_default=True, help="Rows shown by --format table.")
-@server_option
-def query(sql: str, fmt: str, output: Path | None, max_rows: int, server: str) -> None:
+@client_options
+def query(sql: str, fmt: str, output: Path | None, max_rows: int, connect: Connect) -> None:
     """Run SQL on the server and print or save the streamed result."""
     if fmt == "parquet" and output is None:
         raise click.BadParameter("--format parquet needs --output FILE", param_hint="--output")
-    client = LakehouseClient(server)
+    client = connect()
     reader = _call(lambda: client.query(sql))
     rows = _call(lambda: _write_result(reader, fmt, output, max_rows))
     if output is not None:
@@ -284,11 +370,204 @@ def gc(dry_run: bool, older_than_seconds: float, **options: object) -> None:
     click.echo(f"{len(found)} file(s), {total} bytes {'reclaimable' if dry_run else 'reclaimed'}")
 
 
+# -- users and API tokens: edits of the auth file (no server needed) ------------------------------------
+
+auth_file_option = click.option(
+    "--auth-file",
+    envvar="LAKEHOUSE_AUTH_FILE",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The auth file of users and API tokens.",
+)
+ROLES = click.Choice([role.value for role in Role])
+grants_option = click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="PATTERN",
+    help="Limit to these datasets: names or patterns like sales_* (repeatable; default all).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
+
+
+@contextmanager
+def _auth_errors() -> Iterator[None]:
+    """Refusals of the auth file become one-line CLI errors."""
+    try:
+        yield
+    except AuthFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _read_password() -> str:
+    """A new password: the first line of stdin when it is not a terminal, else a prompt typed twice."""
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    check_password(password)
+    return password
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """Seconds of a duration such as 30d, 12h, 90m, 3600s; None for ``never``."""
+    if value == "never":
+        return None
+    match = re.fullmatch(r"([1-9][0-9]{0,9})([smhd])", value)
+    if not match:
+        raise click.BadParameter(f"{value!r}: use a duration like 30d, 12h, 90m, 3600s, or never")
+    return int(match[1]) * DURATION_UNITS[match[2]]
+
+
+def _print_rows(rows: list[dict[str, object]], columns: list[str], as_json: bool) -> None:
+    """Rows as JSON, or as a table of ``columns``."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table()
+    for column in columns:  # whole ids and times; the grants wrap
+        table.add_column(column, no_wrap=column != "datasets", overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(row[column]) for column in columns))
+    Console().print(table)
+
+
+def _cell(value: object) -> str:
+    """A table cell: no expiry is ``never``, no dataset grants is ``all``."""
+    if value is None:
+        return "never"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "all"
+    return str(value)
+
+
+@main.group()
+def users() -> None:
+    """Manage the users of an auth file (passwords from stdin or a prompt)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=ROLES, required=True, help="What the user may do.")
+@grants_option
+@auth_file_option
+def users_add(name: str, role: str, datasets: tuple[str, ...], auth_file: Path) -> None:
+    """Add user NAME; creates the auth file if missing."""
+    with _auth_errors():
+        check_name(name, "user")
+        check_grants(datasets)
+        AuthFile(auth_file).add_user(name, _read_password(), role, datasets)
+    click.echo(f"added user {name} ({role})")
+
+
+@users.command("remove")
+@click.argument("name")
+@auth_file_option
+def users_remove(name: str, auth_file: Path) -> None:
+    """Remove user NAME; its sessions end within seconds."""
+    with _auth_errors():
+        AuthFile(auth_file).remove_user(name)
+    click.echo(f"removed user {name}")
+
+
+@users.command("list")
+@json_option
+@auth_file_option
+def users_list(as_json: bool, auth_file: Path) -> None:
+    """List the users (never their password hashes)."""
+    with _auth_errors():
+        rows = AuthFile(auth_file).list_users()
+    _print_rows(rows, ["name", "role", "datasets", "created_at"], as_json)
+
+
+@users.command("passwd")
+@click.argument("name")
+@auth_file_option
+def users_passwd(name: str, auth_file: Path) -> None:
+    """Set the password of user NAME; its bearer tokens stop working."""
+    with _auth_errors():
+        store = AuthFile(auth_file)
+        store.load().user(name)  # before asking for a password
+        store.set_password(name, _read_password())
+    click.echo(f"password of {name} changed")
+
+
+@users.command("update")
+@click.argument("name")
+@click.option("--role", type=ROLES, help="The new role (ends the user's bearer tokens).")
+@grants_option
+@click.option("--all-datasets", is_flag=True, help="Remove the dataset limits.")
+@auth_file_option
+def users_update(
+    name: str, role: str | None, datasets: tuple[str, ...], all_datasets: bool, auth_file: Path
+) -> None:
+    """Change the role and/or the datasets of user NAME."""
+    if datasets and all_datasets:
+        raise click.UsageError("--dataset and --all-datasets exclude each other")
+    if role is None and not datasets and not all_datasets:
+        raise click.UsageError("nothing to change: give --role, --dataset or --all-datasets")
+    with _auth_errors():
+        AuthFile(auth_file).update_user(name, role=role, datasets=() if all_datasets else datasets or None)
+    click.echo(f"updated user {name}")
+
+
+@main.group()
+def tokens() -> None:
+    """Manage the API tokens of an auth file (sent as bearer tokens)."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", type=ROLES, required=True, help="What the token may do.")
+@click.option(
+    "--ttl",
+    default="90d",
+    show_default=True,
+    callback=_duration,
+    help="Lifetime: 30d, 12h, 90m, 3600s or never.",
+)
+@grants_option
+@auth_file_option
+def tokens_create(
+    name: str, role: str, ttl: float | None, datasets: tuple[str, ...], auth_file: Path
+) -> None:
+    """Create API token NAME and print it (alone on stdout; it is shown only this once)."""
+    with _auth_errors():
+        token = AuthFile(auth_file).create_token(name, role, ttl, datasets)
+    click.echo(token)
+    until = None if ttl is None else time.gmtime(time.time() + ttl)
+    expiry = "never expires" if until is None else time.strftime(f"expires {ISO_UTC}", until)
+    click.echo(f"token {name} ({role}, {expiry}): store it now, it is not shown again", err=True)
+
+
+@tokens.command("list")
+@json_option
+@auth_file_option
+def tokens_list(as_json: bool, auth_file: Path) -> None:
+    """List the API tokens (never their secrets)."""
+    with _auth_errors():
+        rows = AuthFile(auth_file).list_tokens()
+    _print_rows(rows, ["id", "name", "role", "datasets", "expires_at", "expired"], as_json)
+
+
+@tokens.command("revoke")
+@click.argument("name_or_id")
+@auth_file_option
+def tokens_revoke(name_or_id: str, auth_file: Path) -> None:
+    """Revoke an API token by name or id; it stops working within seconds."""
+    with _auth_errors():
+        token_id = AuthFile(auth_file).revoke_token(name_or_id)
+    click.echo(f"revoked token {token_id}")
+
+
 @main.command()
-@server_option
-def datasets(server: str) -> None:
+@client_options
+def datasets(connect: Connect) -> None:
     """List the datasets on the server."""
-    rows = _call(lambda: LakehouseClient(server).action("list_datasets"))
+    client = connect()
+    rows = _call(lambda: client.action("list_datasets"))
     table = Table("name", "format", "rows", "bytes", "updated_at")
     for row in rows:
         table.add_row(row["name"], row["format"], f"{row['rows']:,}", f"{row['bytes']:,}", row["updated_at"])

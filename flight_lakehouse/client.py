@@ -15,13 +15,27 @@ DEFAULT_SERVER = "grpc://127.0.0.1:8815"
 class LakehouseClient:
     """Talks to a running flight-lakehouse server over Arrow Flight."""
 
-    def __init__(self, location: str = DEFAULT_SERVER) -> None:
+    def __init__(self, location: str = DEFAULT_SERVER, **connect_options: Any) -> None:
+        """Connect to ``location`` (``grpc+tls://`` for TLS); ``connect_options`` go to ``flight.connect``
+        (the TLS ones: :func:`flight_lakehouse.tls.client_tls_options`)."""
         self.location = location
-        self.flight = flight.connect(location)
+        self.flight = flight.connect(location, **connect_options)
+        self.options = flight.FlightCallOptions()  # of every call: the credentials, once given
+
+    def use_token(self, token: str) -> None:
+        """Send ``token`` (an API token or a bearer token) as ``authorization: Bearer`` on every call."""
+        self.options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer " + token.encode())])
+
+    def login(self, user: str, password: str) -> None:
+        """Trade ``user`` and ``password`` (HTTP Basic) for a bearer token sent on every later call."""
+        name, value = self.flight.authenticate_basic_token(user, password, options=self.options)
+        if name:  # a server without authentication answers without a token
+            self.options = flight.FlightCallOptions(headers=[(name, value)])
 
     def action(self, name: str, body: dict[str, Any] | None = None) -> Any:
         """Run an action and decode its JSON result."""
-        results = list(self.flight.do_action(flight.Action(name, json.dumps(body or {}).encode())))
+        action = flight.Action(name, json.dumps(body or {}).encode())
+        results = list(self.flight.do_action(action, self.options))
         return json.loads(results[0].body.to_pybytes()) if results else None
 
     def ingest(
@@ -30,7 +44,7 @@ class LakehouseClient:
         """Stream ``batches`` into ``dataset`` with one DoPut; returns the PutResult metadata."""
         command = {"ingest": {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}}
         descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
-        writer, metadata = self.flight.do_put(descriptor, schema)
+        writer, metadata = self.flight.do_put(descriptor, schema, self.options)
         try:
             for batch in batches:
                 writer.write_batch(batch)
@@ -42,7 +56,7 @@ class LakehouseClient:
 
     def query(self, sql: str) -> flight.FlightStreamReader:
         """Run SQL; the reader yields the result batch by batch."""
-        return self.flight.do_get(flight.Ticket(json.dumps({"sql": sql}).encode()))
+        return self.flight.do_get(flight.Ticket(json.dumps({"sql": sql}).encode()), self.options)
 
     def query_batches(self, sql: str) -> Iterator[pa.RecordBatch]:
         """The result batches of ``sql``."""

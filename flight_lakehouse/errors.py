@@ -8,6 +8,8 @@ Every refusal the server sends is one of the classes below. Each maps to one gRP
 * :class:`Unavailable` -> UNAVAILABLE
 * :class:`TimedOut` -> DEADLINE_EXCEEDED
 * :class:`Cancelled` -> CANCELLED
+* :class:`Unauthenticated` -> UNAUTHENTICATED
+* :class:`PermissionDenied` -> PERMISSION_DENIED
 
 pyarrow turns a Python exception raised by a Flight handler into a status whose detail is the
 formatted traceback. For our own client-facing errors that formatting is refused (see
@@ -71,6 +73,14 @@ class TimedOut(flight.FlightTimedOutError):
 
 class Cancelled(flight.FlightCancelledError):
     """The client cancelled the call: CANCELLED."""
+
+
+class Unauthenticated(flight.FlightUnauthenticatedError):
+    """Wrong, missing, expired or revoked credentials: UNAUTHENTICATED."""
+
+
+class PermissionDenied(flight.FlightUnauthorizedError):
+    """An authenticated caller whose role or dataset grants do not allow the call: PERMISSION_DENIED."""
 
 
 _CLIENT_FACING = (ClientError, flight.FlightError)

@@ -10,6 +10,7 @@ statements live in :class:`PreparedStatements`, bounded in number and closed whe
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import os
@@ -30,6 +31,7 @@ from pydantic import StringConstraints
 from flight_lakehouse import __version__
 from flight_lakehouse import flight_sql_metadata as metadata
 from flight_lakehouse import flight_sql_pb2 as sql
+from flight_lakehouse.access import caller_name
 from flight_lakehouse.commands import (
     Command,
     IngestOptions,
@@ -110,6 +112,8 @@ class PreparedStatement:
     parameter_count: int
     parameter_rows: list[Params] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
+    #: The user who prepared it (None: authentication is off); to anyone else it does not exist.
+    owner: str | None = None
 
     @property
     def parameter_schema(self) -> pa.Schema:
@@ -132,18 +136,27 @@ class PreparedStatements:
 
     def __init__(self, settings: Settings) -> None:
         self._max = settings.prepared_statements_max
+        self._per_user = settings.prepared_statements_per_user
         self._idle = settings.prepared_statement_idle_seconds
         self._statements: OrderedDict[bytes, PreparedStatement] = OrderedDict()
         self._guard = threading.Lock()
 
     def add(self, query: str, dataset_schema: pa.Schema, parameter_count: int) -> PreparedStatement:
         """Open a statement, or UNAVAILABLE when as many as allowed are open and in use."""
-        statement = PreparedStatement(secrets.token_bytes(16), query, dataset_schema, parameter_count)
+        owner = caller_name()
+        handle = secrets.token_bytes(16)
+        statement = PreparedStatement(handle, query, dataset_schema, parameter_count, owner=owner)
         with self._guard:
             self._expire()
             if len(self._statements) >= self._max:
                 raise Unavailable(
                     f"{self._max} prepared statements are open; close some (ClosePreparedStatement) or retry"
+                )
+            mine = sum(1 for other in self._statements.values() if other.owner == owner)
+            if owner is not None and mine >= self._per_user:
+                raise Unavailable(
+                    f"{owner!r} has {mine} prepared statements open (prepared_statements_per_user); "
+                    "close some"
                 )
             self._statements[statement.handle] = statement
         return statement
@@ -153,7 +166,7 @@ class PreparedStatements:
         with self._guard:
             self._expire()
             statement = self._statements.get(handle)
-            if statement is None:
+            if statement is None or statement.owner != caller_name():
                 raise NotFound("prepared statement not found: unknown, closed or expired; prepare it again")
             statement.last_used = time.monotonic()
             self._statements.move_to_end(handle)
@@ -163,7 +176,9 @@ class PreparedStatements:
         """Close the statement of ``handle``; closing one already gone succeeds (a client closing a statement
         that expired while idle, as ADBC does when a cursor closes, must not fail)."""
         with self._guard:
-            self._statements.pop(handle, None)
+            statement = self._statements.get(handle)
+            if statement is not None and statement.owner == caller_name():
+                del self._statements[handle]
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self._idle
@@ -290,9 +305,10 @@ class FlightSqlHandlers:
         routes.info.route(sql.CommandPreparedStatementQuery, self.info_prepared)
         routes.get.route(sql.TicketStatementQuery, self.get_statement)
         routes.get.route(sql.CommandPreparedStatementQuery, self.get_prepared)
-        routes.put.route(sql.CommandStatementUpdate, self.put_update)
-        routes.put.route(sql.CommandPreparedStatementUpdate, self.put_update)
-        routes.put.route(sql.CommandPreparedStatementQuery, self.put_parameters)
+        # a reader learns that SQL is read-only, as a writer does; binding parameters writes nothing
+        routes.put.route(sql.CommandStatementUpdate, self.put_update, role="reader")
+        routes.put.route(sql.CommandPreparedStatementUpdate, self.put_update, role="reader")
+        routes.put.route(sql.CommandPreparedStatementQuery, self.put_parameters, role="reader")
         routes.put.route(sql.CommandStatementIngest, self.put_ingest)
         for kind, (schema_of, result_of) in self._metadata().items():
             routes.info.route(kind, functools.partial(self.info_metadata, schema_of))
@@ -425,7 +441,12 @@ class FlightSqlHandlers:
         rows = statement.bound_rows()
         hooks = CallHooks(ctx.is_cancelled)
         first = self.s.engine.run(statement.query, hooks, params=rows[0])
-        rest = [functools.partial(self.s.engine.run, statement.query, hooks, params=row) for row in rows[1:]]
+        # run later, while the stream is read: as this call's caller (its grants), as the first row was
+        caller = contextvars.copy_context()
+        rest = [
+            functools.partial(caller.run, self.s.engine.run, statement.query, hooks, params=row)
+            for row in rows[1:]
+        ]
         return chain_streams(first, rest)
 
     # -- metadata --------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class Handlers:
         """Each request type to its handler, per RPC; what a client sends to the wrong RPC is refused."""
         put_only = "DoPut takes a path descriptor or an {'ingest': {...}} command"
         return Routes(
-            put=Router[PutHandler]("DoPut")
+            put=Router[PutHandler]("DoPut", role="writer")
             .route(DatasetPath, self.put_path)
             .route(IngestCommand, self.put_ingest)
             .refuse(put_only, SqlQuery, ScanRequest, SearchCommand),

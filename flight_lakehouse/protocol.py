@@ -17,6 +17,9 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from flight_lakehouse import flight_sql_pb2
+from flight_lakehouse.access import middleware_of
+from flight_lakehouse.audit import CallRecord
+from flight_lakehouse.auth import Identity
 from flight_lakehouse.commands import (
     Command,
     IngestCommand,
@@ -44,17 +47,29 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class CallContext:
-    """What a handler knows of its caller: the peer and cancellation (identity and role come with auth)."""
+    """What a handler knows of its call: the peer, cancellation, the caller (None: authentication is off)
+    and the call's audit record (None: no audit log)."""
 
     peer: str
     is_cancelled: Callable[[], bool]
-    identity: str | None = None
-    role: Role | None = None
+    caller: Identity | None = None
+    record: CallRecord | None = None
 
     @classmethod
     def of(cls, context: flight.ServerCallContext) -> CallContext:
         """The context of one Flight call."""
-        return cls(peer=context.peer(), is_cancelled=context.is_cancelled)
+        middleware = middleware_of(context)
+        if middleware is None:
+            return cls(peer=context.peer(), is_cancelled=context.is_cancelled)
+        peer = context.peer()
+        middleware.record.peer = peer
+        return cls(peer, context.is_cancelled, middleware.identity, middleware.record)
+
+    def note(self, call: str | None = None, dataset: str | None = None, rows: int | None = None) -> None:
+        """Tell the audit log what the call is and which dataset it concerns."""
+        if self.record is not None:
+            self.record.call = call or self.record.call
+            self.record.note(dataset=dataset, rows=rows)
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,14 @@ class FlightSqlCommand:
 
 
 Request = SqlQuery | ScanRequest | IngestCommand | SearchCommand | DatasetPath | Message | FlightSqlCommand
+#: The JSON commands by the name clients know them by.
+REQUEST_NAMES: dict[type, str] = {
+    SqlQuery: "sql",
+    ScanRequest: "scan",
+    IngestCommand: "ingest",
+    SearchCommand: "search",
+    DatasetPath: "path",
+}
 
 
 def is_flight_sql(raw: bytes) -> bool:
@@ -170,17 +193,32 @@ class JsonCodec:
 
 
 class Router(Generic[H]):
-    """One RPC's handlers by request type; a type it does not route is refused or UNIMPLEMENTED."""
+    """One RPC's handlers by request type, each with the role it needs (``role`` unless the route says
+    otherwise); a type it does not route is refused or UNIMPLEMENTED."""
 
-    def __init__(self, rpc: str) -> None:
+    def __init__(self, rpc: str, role: Role = "reader") -> None:
         self.rpc = rpc
+        self.role = role
         self._handlers: dict[type, H] = {}
+        self._roles: dict[type, Role] = {}
         self._refusals: dict[type, str] = {}
 
-    def route(self, kind: type, handler: H) -> Router[H]:
-        """Send requests of ``kind`` to ``handler``."""
+    def route(self, kind: type, handler: H, role: Role | None = None) -> Router[H]:
+        """Send requests of ``kind`` to ``handler`` (for callers whose role includes ``role``)."""
         self._handlers[kind] = handler
+        self._roles[kind] = role or self.role
         return self
+
+    def role_of(self, request: object) -> Role:
+        """The role a request needs."""
+        return self._roles.get(type(request), self.role)
+
+    @staticmethod
+    def call_name(request: object) -> str:
+        """What a request is, for the audit log and refusals (``sql``, ``CommandStatementQuery``, ...)."""
+        if isinstance(request, Message):
+            return type(request).__name__
+        return REQUEST_NAMES.get(type(request), type(request).__name__)
 
     def refuse(self, message: str, *kinds: type) -> Router[H]:
         """Answer requests of ``kinds`` (known, but not for this RPC) with INVALID_ARGUMENT ``message``."""

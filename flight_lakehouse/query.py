@@ -16,6 +16,7 @@ read fails); batches waiting to be sent count against one server-wide budget.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import logging
 import queue
@@ -32,10 +33,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_lakehouse.access import CALLER, visible
 from flight_lakehouse.catalog import SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
+from flight_lakehouse.limits import Slots
 from flight_lakehouse.partitions import Part, parts, row_local
 from flight_lakehouse.result_cache import ResultCache, parameters_key, repeatable
 from flight_lakehouse.sandbox import (
@@ -547,7 +550,7 @@ class Planner:
         self.abandoned = False
         self._result: Any = None
         self._error: BaseException | None = None
-        PLANNING_THREADS.submit(self._run)
+        PLANNING_THREADS.submit(contextvars.copy_context().run, self._run)  # as the call's caller
 
     def _run(self) -> None:
         try:
@@ -638,6 +641,8 @@ class QueryEngine:
         self._watchdog = Watchdog()
         self._budget = ResultBudget(settings.result_buffer_mb << 20)
         self.results = ResultCache(settings.result_cache_mb << 20)
+        #: Queries started and not yet closed (a reader that stalls holds its slot until its time limit).
+        self.running = Slots(settings.max_concurrent_queries, "queries", "max_concurrent_queries")
         self._storage_root = self.catalog.storage.root_uri
         self._leases = self.catalog.storage.leases
         #: An empty locked-down database: the sandbox parses queries on it before any dataset is loaded.
@@ -654,7 +659,14 @@ class QueryEngine:
 
     # -- databases -------------------------------------------------------------------------------
     def _listing(self) -> Listing:
-        return Listing(self.datasets.iceberg.pins(), self.datasets.lance.pins())
+        """The datasets the caller sees, at their current snapshots."""
+        iceberg, lance = self.datasets.iceberg.pins(), self.datasets.lance.pins()
+        if CALLER.get() is None:
+            return Listing(iceberg, lance)
+        return Listing(
+            {name: pin for name, pin in iceberg.items() if visible(name)},
+            {name: pin for name, pin in lance.items() if visible(name)},
+        )
 
     def _pin(self, named: Callable[[Listing], set[str]]) -> Pinned:
         """The database of the datasets a query reads (``named``: lower-case names from a listing), at
@@ -955,6 +967,11 @@ class QueryEngine:
         """Pin the query's datasets, open its cursor and watch it (its deadline starts now)."""
         deadline = time.monotonic() + self.settings.query_timeout_seconds
         pinned = pinned or self._pin_query(sql, searches)
+        try:
+            self.running.take()  # given back when the query is closed
+        except Unavailable:
+            pinned.lease.release()
+            raise
         query = RunningQuery(pinned, pinned.database.cursor(), deadline, call.is_cancelled, call.revoked)
         self._watchdog.watch(query)
         try:
@@ -1038,6 +1055,7 @@ class QueryEngine:
         except duckdb.Error:
             log.debug("closing a cursor failed", exc_info=True)
         query.pinned.lease.release()
+        self.running.give_back()
 
     def _redact(self, text: str) -> str:
         """``text`` without the server's storage root."""

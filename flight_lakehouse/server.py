@@ -2,23 +2,72 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_lakehouse.access import (
+    AccessMiddlewareFactory,
+    Gatekeeper,
+    HandshakeByHeaders,
+    acting_as,
+    middleware_of,
+    require,
+)
 from flight_lakehouse.actions import Actions
+from flight_lakehouse.audit import AuditLog
+from flight_lakehouse.auth import Authenticator
+from flight_lakehouse.commands import IngestCommand
 from flight_lakehouse.errors import client_safe, client_safe_iter
 from flight_lakehouse.flight_sql import FlightSqlHandlers
 from flight_lakehouse.handlers import FlightFacts, Handlers
 from flight_lakehouse.process import hide_client_tracebacks
-from flight_lakehouse.protocol import CallContext, JsonCodec
+from flight_lakehouse.protocol import CallContext, JsonCodec, Router
 from flight_lakehouse.query import QueryEngine, QueryStream
 from flight_lakehouse.services import Services, build_services
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage
+from flight_lakehouse.tls import server_tls_options
 from flight_lakehouse.uploads import Upload
 from flight_lakehouse.vector_cache import VectorCache
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def served(method: F) -> F:
+    """A Flight handler: client-safe errors, and run as the call's caller (the scope of its lookups)."""
+
+    @functools.wraps(method)
+    def handler(self: LakehouseServer, context: flight.ServerCallContext, *args: Any) -> Any:
+        middleware = middleware_of(context)
+        with acting_as(middleware.identity if middleware else None):
+            return method(self, context, *args)
+
+    return client_safe(handler)  # type: ignore[return-value]
+
+
+def counted(batches: Iterator[pa.RecordBatch], ctx: CallContext) -> Iterator[pa.RecordBatch]:
+    """``batches``, their rows and bytes added to the call's audit record as they are sent."""
+    record = ctx.record
+    for batch in batches:
+        if record is not None:
+            record.note(rows=batch.num_rows, size=batch.nbytes)
+        yield batch
+
+
+def middleware(settings: Settings) -> dict[str, flight.ServerMiddlewareFactory]:
+    """The access middleware, when authentication or the audit log is on."""
+    if settings.auth_file is None and settings.audit_log is None:
+        return {}
+    gatekeeper = None
+    if settings.auth_file:
+        authenticator = Authenticator(settings.auth_file, bearer_ttl_seconds=settings.auth_token_ttl_seconds)
+        gatekeeper = Gatekeeper(authenticator, settings.sessions_per_user)
+    audit = AuditLog(settings.audit_log) if settings.audit_log else None
+    return {"access": AccessMiddlewareFactory(gatekeeper, audit)}
 
 
 class LakehouseServer(flight.FlightServerBase):
@@ -34,6 +83,10 @@ class LakehouseServer(flight.FlightServerBase):
         self.actions = Actions(self.services).router()
         self.flight_sql = FlightSqlHandlers(self.services)
         self.flight_sql.register(self.routes, self.actions)
+        server_options.setdefault("middleware", middleware(settings))
+        server_options.update(server_tls_options(settings))
+        if settings.auth_file is not None:
+            server_options.setdefault("auth_handler", HandshakeByHeaders())
         super().__init__(settings.location, **server_options)
 
     @property
@@ -51,17 +104,21 @@ class LakehouseServer(flight.FlightServerBase):
         """The in-memory vector cache."""
         return self.services.cache
 
-    @client_safe
+    @served
     def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
         return self.actions.listing()
 
-    @client_safe
+    @served
     def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
+        ctx = CallContext.of(context)
+        ctx.note(call=action.type[:100])
         spec = self.actions.spec(action.type)
+        require(spec.role, f"run action {action.type!r}")
         body = self.codec.action_body(spec, action)
-        return [self.codec.result(spec.handler(CallContext.of(context), body))]
+        ctx.note(dataset=getattr(body, "dataset", None))
+        return [self.codec.result(spec.handler(ctx, body))]
 
-    @client_safe
+    @served
     def do_put(
         self,
         context: flight.ServerCallContext,
@@ -69,24 +126,27 @@ class LakehouseServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        request = self.codec.descriptor(descriptor, "DoPut command")
-        handler = self.routes.put.handler(request)
         ctx = CallContext.of(context)
-        result = handler(ctx, request, Upload(reader, ctx))
+        request = self.codec.descriptor(descriptor, "DoPut command")
+        handler = self.dispatch(self.routes.put, request, ctx)
+        result = handler(ctx, request, Upload(reader, ctx, self.settings.max_ingest_mb << 20))
         writer.write(pa.py_buffer(self.codec.result(result)))
 
-    @client_safe
+    @served
     def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
+        ctx = CallContext.of(context)
         request = self.codec.command(ticket.ticket, "ticket")
-        result = self.routes.get.handler(request)(CallContext.of(context), request)
+        result = self.dispatch(self.routes.get, request, ctx)(ctx, request)
         if isinstance(result, QueryStream) and result.complete is None:
-            return flight.GeneratorStream(result.schema, client_safe_iter(result.batches))
+            batches = counted(result.batches, ctx) if ctx.record else result.batches
+            return flight.GeneratorStream(result.schema, client_safe_iter(batches))
         if isinstance(result, QueryStream):
             result = result.complete
+        ctx.note(rows=result.num_rows)
         # a complete result (a search): Flight sends it without calling back into Python
         return flight.RecordBatchStream(result)
 
-    @client_safe
+    @served
     def do_exchange(
         self,
         context: flight.ServerCallContext,
@@ -94,35 +154,53 @@ class LakehouseServer(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        request = self.codec.command(descriptor.command or b"", "DoExchange command")
-        handler = self.routes.exchange.handler(request)
         ctx = CallContext.of(context)
-        stream = handler(ctx, request, Upload(reader, ctx))
+        request = self.codec.command(descriptor.command or b"", "DoExchange command")
+        handler = self.dispatch(self.routes.exchange, request, ctx)
+        stream = handler(ctx, request, Upload(reader, ctx, self.settings.max_ingest_mb << 20))
         writer.begin(stream.schema)
-        for batch in stream.batches:
+        for batch in counted(stream.batches, ctx):
             writer.write_batch(batch)
 
-    @client_safe
+    @served
     def get_flight_info(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         return self._flight_info(CallContext.of(context), descriptor)
 
-    @client_safe
+    @served
     def get_schema(
         self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
     ) -> flight.SchemaResult:
         return flight.SchemaResult(self._flight_info(CallContext.of(context), descriptor).schema)
 
-    @client_safe
+    @served
     def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
         ctx = CallContext.of(context)
+        require("reader", "list flights")
         names = self.services.datasets.names()
         return [self._flight_info(ctx, flight.FlightDescriptor.for_path(name)) for name in names]
 
     def _flight_info(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         request = self.codec.descriptor(descriptor, "command")
-        facts: FlightFacts = self.routes.info.handler(request)(ctx, request)
+        facts: FlightFacts = self.dispatch(self.routes.info, request, ctx)(ctx, request)
         # no locations: each endpoint is fetched from this server (any server of the root can answer it)
         endpoints = [flight.FlightEndpoint(flight.Ticket(ticket), []) for ticket in facts.tickets]
         return flight.FlightInfo(facts.schema, descriptor, endpoints, facts.rows, facts.size)
+
+    @staticmethod
+    def dispatch(router: Router[F], request: object, ctx: CallContext) -> F:
+        """The handler of ``request``, once the caller's role allows it (noted for the audit log)."""
+        name = router.call_name(request)
+        ctx.note(call=name, dataset=dataset_of(request))
+        handler = router.handler(request)
+        require(router.role_of(request), f"send {name} by {router.rpc}")
+        return handler
+
+
+def dataset_of(request: object) -> str | None:
+    """The dataset a request names, if it names one."""
+    if isinstance(request, IngestCommand):
+        return request.ingest.dataset
+    dataset = getattr(request, "dataset", None)
+    return dataset if isinstance(dataset, str) else None

@@ -9,6 +9,7 @@ from flight_lakehouse.catalog import DatasetCatalog
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.datasets.registry import Datasets
+from flight_lakehouse.limits import Slots
 from flight_lakehouse.query import QueryEngine
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.sql_search import SqlSearch
@@ -35,7 +36,8 @@ def build_services(settings: Settings) -> Services:
     """Open the storage and build the services on it."""
     storage = open_storage(settings)
     iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri), settings)
-    datasets = Datasets(iceberg, LanceTables(storage, settings))
+    ingests = Slots(settings.max_concurrent_ingests, "uploads", "max_concurrent_ingests")
+    datasets = Datasets(iceberg, LanceTables(storage, settings), ingests)
     cache = VectorCache(datasets.lance, settings)
     searcher = VectorSearch(datasets, cache)
     return Services(

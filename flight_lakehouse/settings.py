@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     auth_file: str | None = Field(
         default=None, description="users and API tokens (flight_lakehouse.auth); set: authentication on"
     )
+    auth_token_ttl_seconds: float = Field(
+        default=3600.0, gt=0, le=30 * 86_400, description="how long a bearer token from a login is valid"
+    )
+    tls_cert: str | None = Field(default=None, description="PEM certificate chain; set: serve grpc+tls")
+    tls_key: str | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_client_ca: str | None = Field(
+        default=None, description="PEM CA certificates; set: clients must present a certificate they signed"
+    )
+    audit_log: str | None = Field(
+        default=None, description="one JSON line per call to this file ('-': stderr); unset: no audit log"
+    )
     query_timeout_seconds: float = Field(
         default=300.0, gt=0, description="time limit of a query: planning, running and a reader that stalls"
     )
@@ -115,6 +126,24 @@ class Settings(BaseSettings):
     prepared_statements_max: int = Field(
         default=1024, ge=1, le=1_000_000, description="Flight SQL prepared statements open at once"
     )
+    prepared_statements_per_user: int = Field(
+        default=128, ge=1, le=1_000_000, description="open prepared statements of one user (with auth)"
+    )
+    sessions_per_user: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="bearer tokens from logins one user holds at once; a new login ends the oldest",
+    )
+    max_concurrent_queries: int = Field(
+        default=8, ge=1, le=10_000, description="queries running at once; more are UNAVAILABLE at once"
+    )
+    max_concurrent_ingests: int = Field(
+        default=2, ge=1, le=1_000, description="uploads being written at once; more are UNAVAILABLE at once"
+    )
+    max_ingest_mb: int = Field(
+        default=4096, ge=0, description="Arrow bytes one upload may send; 0 = no limit"
+    )
     prepared_statement_idle_seconds: float = Field(
         default=900.0, gt=0, description="a prepared statement unused this long is closed"
     )
@@ -147,7 +176,15 @@ class Settings(BaseSettings):
         return root
 
     @field_validator(
-        "s3_endpoint", "s3_region", "s3_access_key_id", "s3_secret_access_key", "auth_file", mode="before"
+        "s3_endpoint",
+        "s3_region",
+        "s3_access_key_id",
+        "s3_secret_access_key",
+        "auth_file",
+        "tls_cert",
+        "tls_key",
+        "tls_client_ca",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -163,11 +200,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _loopback_without_auth(self) -> Settings:
-        if not self.insecure_no_auth and not is_loopback(self.host):
+        if not self.insecure_no_auth and not self.auth_file and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address and authentication is off; "
                 "bind to 127.0.0.1 or pass --insecure-no-auth"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if self.tls_cert and not self.tls_key:
+            raise ValueError("--tls-cert needs --tls-key (the certificate's private key)")
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("--tls-key needs --tls-cert (the certificate of the key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        check_readable("--tls-cert", self.tls_cert)
+        check_readable("--tls-key", self.tls_key)
+        check_readable("--tls-client-ca", self.tls_client_ca)
         return self
 
     @property
@@ -176,9 +226,25 @@ class Settings(BaseSettings):
         return self.root.startswith("s3://")
 
     @property
+    def scheme(self) -> str:
+        """``grpc+tls`` with a TLS certificate, else ``grpc``."""
+        return "grpc+tls" if self.tls_cert else "grpc"
+
+    @property
     def location(self) -> str:
         """The Flight location the server binds to."""
-        return f"grpc://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def check_readable(flag: str, path: str | None) -> None:
+    """Refuse (one line naming ``flag``) a file ``path`` that cannot be opened for reading."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path!r} cannot be read: {exc.strerror or exc}") from None
 
 
 def is_loopback(host: str) -> bool:

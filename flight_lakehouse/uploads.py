@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_lakehouse.errors import Cancelled
+from flight_lakehouse.errors import Cancelled, InvalidArgument
 from flight_lakehouse.ingest import reading_upload, validated
 from flight_lakehouse.protocol import CallContext
 
@@ -19,6 +19,8 @@ class Upload:
 
     reader: flight.MetadataRecordBatchReader
     ctx: CallContext
+    #: The most Arrow bytes the stream may hold (0: no limit); past it the upload is refused.
+    max_bytes: int = 0
 
     def schema(self) -> pa.Schema:
         """The schema the stream announces (a stream without one is refused)."""
@@ -29,12 +31,22 @@ class Upload:
         """The record batches, each fully validated before anything uses it; malformed IPC is the client's
         error, and a stream the client cut off raises instead of ending."""
         chunks = iter(self.reader)
+        received = 0
         while True:
             with reading_upload(self.ctx.is_cancelled):
                 chunk = next(chunks, None)
             if chunk is None:
                 break
             if chunk.data is not None:
+                received += chunk.data.nbytes
+                if self.max_bytes and received > self.max_bytes:
+                    raise InvalidArgument(
+                        f"upload larger than the server's limit of {self.max_bytes >> 20} MB per call "
+                        "(max_ingest_mb); nothing was committed: split it into several uploads"
+                    )
+                self.ctx.note(rows=chunk.data.num_rows)
+                if self.ctx.record is not None:
+                    self.ctx.record.note(size=chunk.data.nbytes)
                 yield validated(chunk.data)
         if self.ctx.is_cancelled():  # a client that died mid-stream can look like a finished one
             raise Cancelled("upload cancelled by the client; nothing was committed")

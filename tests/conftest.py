@@ -31,7 +31,7 @@ import pytest
 
 from tests.seaweedfs import SeaweedFS
 
-READY = re.compile(r"ready at (grpc://127\.0\.0\.1:\d+)")
+READY = re.compile(r"ready at (grpc(?:\+tls)?://127\.0\.0\.1:\d+)")
 START_TIMEOUT = 60
 STORAGE_KINDS = ["local", "s3"]
 BUCKET = "lakehouse-test"
@@ -130,7 +130,12 @@ def stored_files(root: str) -> dict[str, int]:
     """Address -> size of every file under ``root``: local paths, or ``s3://`` URLs (no directory markers)."""
     if is_s3(root):
         return s3_root(root).files()
-    return {str(path): path.stat().st_size for path in Path(root).rglob("*") if path.is_file()}
+    for _ in range(10):  # the server may delete a directory while it is walked: walk again
+        try:
+            return {str(path): path.stat().st_size for path in Path(root).rglob("*") if path.is_file()}
+        except FileNotFoundError:
+            time.sleep(0.05)
+    raise RuntimeError(f"files under {root} kept changing while listed")
 
 
 def data_files(root: str) -> set[str]:
@@ -179,12 +184,14 @@ def wait_until(condition: Callable[[], object], timeout: float = 15.0, interval:
 class ServerProcess:
     """A ``flight-lakehouse serve`` child process and a Flight client connected to it.
 
-    The environment is ours, then what the root needs (:func:`storage_env`), then ``env``.
+    The environment is ours, then what the root needs (:func:`storage_env`), then ``env``. ``tls_root``
+    (PEM) is what :attr:`client` trusts, for a server started with ``--tls-cert``.
     """
 
     root: str
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    tls_root: bytes | None = None
     process: subprocess.Popen[str] | None = None
     location: str = ""
     log_lines: list[str] = field(default_factory=list)
@@ -238,7 +245,8 @@ class ServerProcess:
     def client(self) -> flight.FlightClient:
         """A Flight client for this server (reconnected after a restart)."""
         if self._client is None:
-            self._client = flight.connect(self.location)
+            tls = {"tls_root_certs": self.tls_root} if self.tls_root else {}
+            self._client = flight.connect(self.location, **tls)
         return self._client
 
     def action(self, name: str, body: dict | None = None) -> object:

@@ -9,11 +9,13 @@ from typing import Any
 
 import pyarrow as pa
 
+from flight_lakehouse.access import check_writable, visible
 from flight_lakehouse.commands import IngestOptions
 from flight_lakehouse.datasets.base import TableFormat
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
+from flight_lakehouse.limits import Slots
 from flight_lakehouse.process import large_work_finished
 
 
@@ -21,9 +23,11 @@ class Datasets:
     """Every dataset, whatever its format: names are one case-insensitive namespace (SQL's), each dataset
     has one write lock, and the registry alone decides which format a dataset is in."""
 
-    def __init__(self, iceberg: IcebergTables, lance: LanceTables) -> None:
+    def __init__(self, iceberg: IcebergTables, lance: LanceTables, ingests: Slots | None = None) -> None:
         self.iceberg = iceberg
         self.lance = lance
+        #: Uploads being written at once (a new one past the limit is refused, not queued).
+        self.ingests = ingests or Slots(1_000_000, "uploads", "max_concurrent_ingests")
         #: In the order they are asked to claim a new dataset: the last takes what no other claims.
         self.formats: tuple[TableFormat, ...] = (lance, iceberg)
         self._locks: dict[str, threading.Lock] = {}
@@ -31,8 +35,8 @@ class Datasets:
 
     # -- the namespace ---------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every dataset, sorted."""
-        return sorted(name for table_format in self.formats for name in table_format.names())
+        """Every dataset the caller sees, sorted."""
+        return sorted(name for table_format in self.formats for name in table_format.names() if visible(name))
 
     def find(self, name: str) -> str | None:
         """The stored name equal to ``name`` ignoring case, if any."""
@@ -62,7 +66,9 @@ class Datasets:
 
     # -- the format of a dataset -----------------------------------------------------------------
     def format_of(self, name: str) -> TableFormat | None:
-        """The format holding dataset ``name`` (exact name), if it exists."""
+        """The format holding dataset ``name`` (exact name), if it exists and the caller sees it."""
+        if not visible(name):
+            return None
         return next((table_format for table_format in self.formats if table_format.exists(name)), None)
 
     def table_format(self, name: str) -> TableFormat:
@@ -96,10 +102,12 @@ class Datasets:
     ) -> dict[str, Any]:
         """Write one upload as one commit, in the dataset's format (then its temporaries go back to the
         system: :func:`~flight_lakehouse.process.large_work_finished`)."""
-        try:
-            return self.format_for_upload(options, schema).write(options, schema, batches, self)
-        finally:
-            large_work_finished()
+        check_writable(options.dataset)
+        with self.ingests.held():
+            try:
+                return self.format_for_upload(options, schema).write(options, schema, batches, self)
+            finally:
+                large_work_finished()
 
     def summarise(self, name: str) -> dict[str, Any]:
         """The dataset's ``list_datasets`` entry."""
@@ -133,5 +141,10 @@ class Datasets:
         return True
 
     def _by_name(self) -> list[tuple[str, TableFormat]]:
-        by_name = [(name, table_format) for table_format in self.formats for name in table_format.names()]
+        by_name = [
+            (name, table_format)
+            for table_format in self.formats
+            for name in table_format.names()
+            if visible(name)
+        ]
         return sorted(by_name, key=lambda entry: entry[0])

@@ -1,0 +1,45 @@
+"""Limits on concurrent work: a call over the limit is refused at once (UNAVAILABLE, with a hint to retry),
+never queued, so that a burst of clients cannot pile up memory and threads behind the running ones."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flight_lakehouse.errors import Unavailable
+
+
+class Slots:
+    """At most ``limit`` holders at once; ``what`` names them in the refusal."""
+
+    def __init__(self, limit: int, what: str, setting: str) -> None:
+        self.limit = limit
+        self.used = 0
+        self._what = what
+        self._setting = setting
+        self._guard = threading.Lock()
+
+    def take(self) -> None:
+        """Take a slot, or UNAVAILABLE when all are taken."""
+        with self._guard:
+            if self.used >= self.limit:
+                raise Unavailable(
+                    f"the server is busy: {self.limit} {self._what} are running ({self._setting}); "
+                    "retry in a few seconds"
+                )
+            self.used += 1
+
+    def give_back(self) -> None:
+        """Free a slot taken by :meth:`take`."""
+        with self._guard:
+            self.used -= 1
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold a slot for the block."""
+        self.take()
+        try:
+            yield
+        finally:
+            self.give_back()
