@@ -25,6 +25,7 @@ from flight_lakehouse import flight_sql_pb2 as sql
 from flight_lakehouse.auth import AuthFile
 from flight_lakehouse.protocol import pack
 from tests.conftest import ServerProcess, vector_array
+from tests.test_flight_sql_partitions import varint
 
 ROLES = ("reader", "writer", "admin")
 PASSWORDS = {
@@ -145,6 +146,31 @@ def flight_sql_tables(session: Session, tag: str) -> None:
     assert session.client.do_get(info.endpoints[0].ticket, session.options).read_all().num_rows >= 1
 
 
+def flight_sql_metadata(command: object) -> Callable[[Session, str], None]:
+    """GetFlightInfo and DoGet of one Flight SQL metadata command."""
+
+    def call(session: Session, tag: str) -> None:
+        info = flight_sql_info(session, command)
+        session.client.do_get(info.endpoints[0].ticket, session.options).read_all()
+
+    return call
+
+
+def flight_sql_update(session: Session, tag: str) -> None:
+    """SQL that writes: refused as read-only for every role that may send it (it writes nothing)."""
+    command = sql.CommandStatementUpdate(query="DELETE FROM shared")
+    descriptor = flight.FlightDescriptor.for_command(pack(command))
+    with pytest.raises(pa.ArrowInvalid, match="read-only"):
+        writer, _ = session.client.do_put(descriptor, pa.schema([]), session.options)
+        writer.close()
+
+
+def cancel(session: Session, tag: str) -> None:
+    info = flight_sql_info(session, sql.CommandStatementQuery(query="SELECT 1")).serialize()
+    body = b"\x0a" + varint(len(info)) + info  # CancelFlightInfoRequest {FlightInfo info = 1}
+    list(session.client.do_action(flight.Action("CancelFlightInfo", body), session.options))
+
+
 def prepared(session: Session, tag: str) -> None:
     request = sql.ActionCreatePreparedStatementRequest(query="SELECT * FROM shared")
     [result] = session.action("CreatePreparedStatement", pack(request))  # type: ignore[misc]
@@ -242,6 +268,22 @@ CALLS: list[tuple[str, str, Callable[[Session, str], object]]] = [
     ("CommandStatementQuery", "reader", flight_sql_query),
     ("CommandGetTables", "reader", flight_sql_tables),
     ("CreatePreparedStatement", "reader", prepared),
+    ("CancelFlightInfo", "reader", cancel),
+    ("CommandStatementUpdate", "reader", flight_sql_update),
+    *(
+        (type(command).__name__, "reader", flight_sql_metadata(command))
+        for command in (
+            sql.CommandGetCatalogs(),
+            sql.CommandGetDbSchemas(),
+            sql.CommandGetTableTypes(),
+            sql.CommandGetSqlInfo(),
+            sql.CommandGetXdbcTypeInfo(),
+            sql.CommandGetPrimaryKeys(table="shared"),
+            sql.CommandGetExportedKeys(table="shared"),
+            sql.CommandGetImportedKeys(table="shared"),
+            sql.CommandGetCrossReference(pk_table="shared", fk_table="shared"),
+        )
+    ),
     ("DoPut path", "writer", put_path),
     ("DoPut ingest", "writer", put_command),
     ("CommandStatementIngest", "writer", flight_sql_ingest),
