@@ -62,7 +62,8 @@ class CallContext:
         if middleware is None:
             return cls(peer=context.peer(), is_cancelled=context.is_cancelled)
         peer = context.peer()
-        middleware.record.peer = peer
+        if middleware.record is not None:
+            middleware.record.peer = peer
         return cls(peer, context.is_cancelled, middleware.identity, middleware.record)
 
     def note(self, call: str | None = None, dataset: str | None = None, rows: int | None = None) -> None:
