@@ -6,6 +6,7 @@ import base64
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from flight_lakehouse.storage import Storage
 
 log = logging.getLogger(__name__)
 
+#: How long a catalog listing is reused while this process changes nothing (see ``metadata_locations``).
+LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
 NAMESPACE = "lakehouse"
 
@@ -60,6 +63,9 @@ class DatasetCatalog:
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        #: Bumped by every commit and drop of this process; a listing is reused only within one.
+        self._generation = 0
+        self._listed: tuple[int, float, dict[str, str]] | None = None
         #: The listing query, built once and run on a plain connection (SQLAlchemy caches its compiled
         #: form): every query lists the datasets, and building the statement and an ORM session each time
         #: took ~0.3 ms of a ~4 ms small query.
@@ -79,9 +85,22 @@ class DatasetCatalog:
 
     # -- reads -----------------------------------------------------------------------------------
     def metadata_locations(self) -> dict[str, str]:
-        """Every dataset with its current metadata file, in one catalog query."""
+        """Every dataset with its current metadata file, in one catalog query.
+
+        A listing is reused for :data:`LISTING_FRESH_SECONDS` unless this process committed or dropped
+        meanwhile (every query lists twice: 0.1 ms each of a ~3 ms repeated small query). Commits of other
+        processes on the same catalog are seen that much later."""
+        generation, listed = self._generation, self._listed
+        if listed is not None and listed[0] == generation and time.monotonic() < listed[1]:
+            return dict(listed[2])
         with self.iceberg.engine.connect() as connection:
-            return {name: location for name, location in connection.execute(self._listing) if location}
+            found = {name: location for name, location in connection.execute(self._listing) if location}
+        self._listed = (generation, time.monotonic() + LISTING_FRESH_SECONDS, found)
+        return dict(found)
+
+    def _changed(self) -> None:
+        """This process changed the catalog: the next listing reads it again."""
+        self._generation += 1
 
     def names(self) -> list[str]:
         """All dataset names, sorted."""
@@ -163,6 +182,8 @@ class DatasetCatalog:
             self.iceberg.drop_table(self.identifier(name))
         except NoSuchTableError:
             raise NotFound(f"dataset {name!r} not found") from None
+        finally:
+            self._changed()
         delete = functools.partial(self.storage.delete_listed, location, found)
         now = self.storage.leases.delete_when_unread(name, delete)
         log.info("dropped dataset %s (files %s)", name, "deleted" if now else "kept for running queries")
@@ -212,6 +233,8 @@ class DatasetCatalog:
             table = tx.commit_transaction()
         except CommitFailedException:
             raise Unavailable(f"dataset {name!r} changed during the commit; retry") from None
+        finally:
+            self._changed()
         snapshot = table.current_snapshot()
         return snapshot.snapshot_id if snapshot else None
 

@@ -132,8 +132,6 @@ class SnapshotDatabase:
         #: Result schemas of queries planned on this database without values, by text and number of
         #: (null) parameters (bounded).
         self.schemas: dict[tuple[str, int], pa.Schema] = {}
-        #: Which dataset each query reads row by row (None: none), by text (bounded like ``schemas``).
-        self.splits: dict[str, str | None] = {}
         self._created: set[str] = set()
         self._views_guard = threading.Lock()
         #: Unique among the databases of this process: remembered results are keyed by it.
@@ -641,6 +639,8 @@ class QueryEngine:
         self._watchdog = Watchdog()
         self._budget = ResultBudget(settings.result_buffer_mb << 20)
         self.results = ResultCache(settings.result_cache_mb << 20)
+        #: The table each query text reads row by row (None: none), bounded like a database's schemas.
+        self._row_locals: dict[str, str | None] = {}
         #: Queries started and not yet closed (a reader that stalls holds its slot until its time limit).
         self.running = Slots(settings.max_concurrent_queries, "queries", "max_concurrent_queries")
         self._storage_root = self.catalog.storage.root_uri
@@ -766,7 +766,10 @@ class QueryEngine:
         return self.schema(sql, pinned), found
 
     def parts(self, sql: str, most: int) -> list[Part]:
-        """The parts of ``sql`` at the current snapshot, as :meth:`split` finds them (without planning)."""
+        """The parts of ``sql`` at the current snapshot, as :meth:`split` finds them (without planning);
+        none, without looking at any snapshot, for a query that does not read one table row by row."""
+        if self._row_local(self._rewritten(sql).sql) is None:
+            return []
         pinned, found = self._pinned_parts(sql, most)
         pinned.lease.release()
         return found
@@ -815,15 +818,20 @@ class QueryEngine:
         """The one Iceberg dataset of ``database`` when ``sql`` reads it row by row and nothing else."""
         if database.lance or len(database.views) != 1:
             return None
-        if sql in database.splits:
-            return database.splits[sql]
         name = next(iter(database.views))
+        return name if self._row_local(sql) == name.lower() else None
+
+    def _row_local(self, sql: str) -> str | None:
+        """The table ``sql`` reads row by row (see :func:`~flight_lakehouse.partitions.row_local`),
+        remembered by text."""
+        if sql in self._row_locals:
+            return self._row_locals[sql]
         with self._parser.parsing() as cursor:
-            found = name if row_local(serialize(cursor, sql)) == name.lower() else None
-        if len(database.splits) >= REMEMBERED_SCHEMAS:
-            database.splits.clear()
-        database.splits[sql] = found
-        return found
+            table = row_local(serialize(cursor, sql))
+        if len(self._row_locals) >= REMEMBERED_SCHEMAS:
+            self._row_locals.clear()
+        self._row_locals[sql] = table
+        return table
 
     # -- statements ------------------------------------------------------------------------------
     def scan_sql(self, request: ScanRequest, pinned: Pinned) -> str:

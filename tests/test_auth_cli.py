@@ -211,7 +211,8 @@ def test_login_bearer_and_api_token(auth_path: Path) -> None:
     bearer = authenticator.issue_bearer(alice)
     assert authenticator.verify_bearer(bearer) == alice
     claims = jwt.decode(bearer, options={"verify_signature": False})
-    assert set(claims) == {"sub", "role", "gen", "iat", "exp"} and claims["exp"] - claims["iat"] == 3600
+    assert set(claims) == {"sub", "role", "gen", "jti", "iat", "exp"}
+    assert claims["exp"] - claims["iat"] == 3600
 
     token = AuthFile(auth_path).create_token("ci", "reader", ttl_seconds=3600)
     assert authenticator.verify_bearer(token) == Identity("ci", Role.READER, "token")
