@@ -203,7 +203,7 @@ def run(work: Path, rows: int, repeats: int, env: dict[str, str]) -> str:
     print(f"generating {rows:,} rows ...", file=sys.stderr)
     source = workloads.generate_source(work / "workers-source.parquet", rows)
     results = Results()
-    with harness.Server(work / "lakehouse", work / "server.log", env) as server:
+    with harness.Server(work / "lakehouse", work / "server.log", {**harness.ENGINE_ENV, **env}) as server:
         print(f"server at {server.location} (pid {server.pid})", file=sys.stderr)
         with flight.connect(server.location) as client:
             current = measure_ingest(server, client, source, work, repeats, results)

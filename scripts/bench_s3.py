@@ -125,8 +125,9 @@ def measure_servers(
     work: Path, source: workloads.Source, s3_env: dict[str, str], repeats: int, report: Report
 ) -> None:
     """Steps 1 and 2: a local-root and an S3-root server, ingest then DoGet; both stopped by pid."""
-    local = harness.Server(work / "lakehouse", work / "server-local.log", name=LOCAL)
-    remote = harness.Server(S3_ROOT, work / "server-s3.log", s3_env, args=("--create-bucket",), name=REMOTE)
+    local = harness.Server(work / "lakehouse", work / "server-local.log", harness.ENGINE_ENV, name=LOCAL)
+    env = {**harness.ENGINE_ENV, **s3_env}
+    remote = harness.Server(S3_ROOT, work / "server-s3.log", env, args=("--create-bucket",), name=REMOTE)
     with local, remote:
         servers = {LOCAL: local, REMOTE: remote}
         for name, server in servers.items():

@@ -49,6 +49,11 @@ STARTED = time.monotonic()
 
 
 # -- server process --------------------------------------------------------------------------------
+#: The environment of a server measuring the query engine: repeated queries are run, not answered from the
+#: result cache (bench_flight_sql and bench_security measure the server as shipped or say what they set).
+ENGINE_ENV = {"LAKEHOUSE_RESULT_CACHE_MB": "0"}
+
+
 @dataclass
 class Server:
     """``python -m flight_lakehouse serve`` on a free loopback port, its stderr in ``log``, stopped by pid.
