@@ -48,6 +48,9 @@ class IngestOptions(Command):
     metric: Metric | None = None
     #: Lance tables: a ``list<float>`` column to store as the vector column.
     vector_column: ColumnName | None = None
+    #: The upload's size: it commits only when exactly this many rows arrived (a client that gave up
+    #: midway ends its stream as cleanly as one that finished).
+    expected_rows: int | None = Field(default=None, ge=0)
 
 
 class IngestCommand(Command):

@@ -95,7 +95,7 @@ class Handlers:
 
     def ingest(self, ctx: CallContext, options: IngestOptions, upload: Upload) -> dict[str, Any]:
         """Write one upload as one commit, in the format the registry decides."""
-        return self.s.datasets.write(options, upload.schema(), upload.batches())
+        return self.s.datasets.write(options, upload.schema(), upload.batches(options.expected_rows))
 
     # -- DoGet -----------------------------------------------------------------------------------
     def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:

@@ -27,11 +27,13 @@ class Upload:
         with reading_upload(self.ctx.is_cancelled):
             return self.reader.schema
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
+    def batches(self, expected_rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """The record batches, each fully validated before anything uses it; malformed IPC is the client's
-        error, and a stream the client cut off raises instead of ending."""
+        error, and a stream the client cut off raises instead of ending. With ``expected_rows`` (the
+        client's statement of the upload's size) a stream ending with any other count raises too, and one
+        going past it raises as soon as it does: the writer then commits nothing."""
         chunks = iter(self.reader)
-        received = 0
+        received = rows = 0
         while True:
             with reading_upload(self.ctx.is_cancelled):
                 chunk = next(chunks, None)
@@ -44,9 +46,22 @@ class Upload:
                         f"upload larger than the server's limit of {self.max_bytes >> 20} MB per call "
                         "(max_ingest_mb); nothing was committed: split it into several uploads"
                     )
+                rows += chunk.data.num_rows
+                if expected_rows is not None and rows > expected_rows:
+                    raise InvalidArgument(incomplete(rows, expected_rows, "more than"))
                 self.ctx.note(rows=chunk.data.num_rows)
                 if self.ctx.record is not None:
                     self.ctx.record.note(size=chunk.data.nbytes)
                 yield validated(chunk.data)
         if self.ctx.is_cancelled():  # a client that died mid-stream can look like a finished one
             raise Cancelled("upload cancelled by the client; nothing was committed")
+        if expected_rows is not None and rows != expected_rows:
+            raise InvalidArgument(incomplete(rows, expected_rows, "only"))
+
+
+def incomplete(rows: int, expected_rows: int, how: str) -> str:
+    """The refusal of an upload whose row count is not the one it announced."""
+    return (
+        f"upload incomplete: {how} {rows:,} rows arrived but expected_rows is {expected_rows:,}; "
+        "nothing was committed"
+    )
