@@ -149,6 +149,9 @@ class DatasetCatalog:
                 "snapshots": len(table.metadata.snapshots),
                 "format_version": table.metadata.format_version,
                 "indexes": [],
+                # where other engines open it (pyiceberg, polars, DuckDB's iceberg extension)
+                "metadata_location": table.metadata_location,
+                "iceberg_identifier": f"{NAMESPACE}.{name}",
             }
         )
         return facts

@@ -284,6 +284,7 @@ class LanceTables(TableFormat):
                 "dimension": next(iter(vectors.values()), None),
                 "metric": table_metric(schema),
                 "indexes": indexes(dataset),
+                "location": self._uri(name),  # where lancedb or pylance opens it
             }
         )
         for listener in self.on_describe:
