@@ -53,6 +53,7 @@ from flight_lakehouse.sandbox import (
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.sql_search import Rewritten, SqlSearch
 from flight_lakehouse.storage import Lease, Storage, quote_literal
+from flight_lakehouse.vectors import from_lance, lance_message
 
 log = logging.getLogger(__name__)
 
@@ -1091,7 +1092,11 @@ class QueryEngine:
             return self._redacted(exc)
         if not isinstance(exc, duckdb.Error | OSError | pa.ArrowException):
             return exc
-        message = self._redact(first_line(exc))
+        text = str(exc)
+        if from_lance(text):  # a Lance scan failed (e.g. on a filter pushed down to it)
+            message = f"reading a Lance table failed: {lance_message(text, self._storage_root)}"
+        else:
+            message = self._redact(first_line(exc))
         if isinstance(exc, duckdb.OutOfMemoryException):
             return Unavailable(f"query ran out of memory: {message}")
         if self._storage_fault(exc, message):

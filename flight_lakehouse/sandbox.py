@@ -54,6 +54,24 @@ READ_ONLY = (
     "and actions"
 )
 LOCAL_SCHEMAS = frozenset({"", "main"})
+#: Where the datasets are listed: DuckDB's own catalog (SHOW TABLES, information_schema, duckdb_tables())
+#: knows only what a query database happened to load, never the Lance tables.
+LIST_DATASETS = (
+    "use the list_datasets action (CLI: flight-lakehouse datasets) or Flight SQL GetTables (adbc_get_objects)"
+)
+#: Schemas and catalogs of DuckDB's own catalog views.
+CATALOG_SCHEMAS = frozenset({"information_schema", "pg_catalog", "system", "temp"})
+#: DuckDB's ``SHOW``/``DESCRIBE``/``SUMMARIZE`` without a query (a ``SHOW_REF`` naming no table), by the
+#: name DuckDB gives them in the parse tree.
+SHOW_STATEMENTS = {
+    '"tables"': "SHOW TABLES",
+    "__show_tables_expanded": "SHOW ALL TABLES",
+    '"databases"': "SHOW DATABASES",
+    '"schemas"': "SHOW SCHEMAS",
+    '"variables"': "SHOW VARIABLES",
+}
+#: A refused PRAGMA or CALL that reads the catalog (``PRAGMA show_tables``, ``CALL duckdb_tables()``).
+CATALOG_STATEMENT = re.compile(r"^\s*(pragma|call)\b.*(show|table|database|schema|catalog)", re.I | re.S)
 #: The catalog and schema every dataset is a table of, as Flight SQL clients name them.
 SQL_CATALOG = "lakehouse"
 SQL_SCHEMA = "main"
@@ -125,6 +143,19 @@ def is_blocked(function: str) -> bool:
     return function.startswith(BLOCKED_FUNCTION_PREFIXES) or function in BLOCKED_FUNCTIONS
 
 
+def catalog_refused(what: str) -> str:
+    """The refusal of ``what``, a statement listing DuckDB's catalog: it says where the datasets are."""
+    return f"{what} lists DuckDB's own catalog, not the datasets: {LIST_DATASETS}"
+
+
+def read_only(keyword: str, sql: str) -> str:
+    """The refusal of a statement that is not a SELECT (``keyword``), saying where the datasets are listed
+    if it reads the catalog (``PRAGMA show_tables``, ``CALL duckdb_tables()``)."""
+    if CATALOG_STATEMENT.match(sql):
+        return f"{READ_ONLY} (got {keyword}); to list the datasets, {LIST_DATASETS}"
+    return f"{READ_ONLY} (got {keyword})"
+
+
 def resolves(connection: duckdb.DuckDBPyConnection, name: str) -> bool:
     """Whether ``FROM name`` (unqualified) binds to something in ``connection``."""
     try:
@@ -178,7 +209,7 @@ def _check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set
         raise InvalidArgument(NOT_MATERIALIZED_REFUSED)
     kind = statements[0].type
     if kind != duckdb.StatementType.SELECT:
-        raise InvalidArgument(f"{READ_ONLY} (got {kind.name})")
+        raise InvalidArgument(read_only(kind.name, sql))
     return check_tree(serialize(connection, sql), datasets) & datasets
 
 
@@ -392,7 +423,7 @@ def serialize(connection: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]
         message = str(tree.get("error_message", "cannot parse the query"))
         if message.startswith("Only SELECT statements"):
             keyword = sql.split(maxsplit=1)[0].upper() if sql.split() else ""
-            raise InvalidArgument(f"{READ_ONLY} (got {keyword})")
+            raise InvalidArgument(read_only(keyword, sql))
         raise InvalidArgument(f"SQL error: {message}")
     return tree
 
@@ -446,20 +477,35 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
         if local and name.lower() in readable:
             return name.lower()
         if local and name.lower() in duckdb_names().catalog_views:
-            raise NotFound(f"dataset {name!r} not found (DuckDB's catalog views are not readable)")
+            raise NotFound(
+                f"dataset {name!r} not found (DuckDB's catalog views are not readable): to list the "
+                f"datasets, {LIST_DATASETS}"
+            )
         if local and re.fullmatch(NAME_PATTERN, name):
             raise NotFound(f"dataset {name!r} not found")
         shown = ".".join(part for part in (catalog, schema, name) if part)
-        raise InvalidArgument(f"{shown!r} is not a dataset: queries may read registered datasets only")
+        refusal = f"{shown!r} is not a dataset: queries may read registered datasets only"
+        if {schema.lower(), catalog.lower()} & CATALOG_SCHEMAS:
+            refusal += f"; to list the datasets, {LIST_DATASETS}"
+        raise InvalidArgument(refusal)
+    elif kind == "SHOW_REF" and "class" not in node and node.get("query") is None:
+        # SHOW TABLES, SHOW ALL TABLES, SHOW TABLES FROM s, DESCRIBE (alone) ...: DuckDB's catalog. With a
+        # query (DESCRIBE t, SUMMARIZE t, DESCRIBE SELECT ...), the query is checked as any other.
+        if node.get("show_type") == "SHOW_FROM":
+            raise InvalidArgument(catalog_refused("SHOW TABLES FROM ..."))
+        table = str(node.get("table_name", ""))
+        what = SHOW_STATEMENTS.get(table, f"SHOW {table.strip(chr(34)).upper()}".strip())
+        raise InvalidArgument(catalog_refused(what))
     elif kind == "TABLE_FUNCTION" and "class" not in node:
         function = node.get("function", {})
         name = str(function.get("function_name", "")).lower()
         if name == SEARCH_FUNCTION:
             raise InvalidArgument(SEARCH_ONLY_IN_FROM)
         if name not in SAFE_TABLE_FUNCTIONS:
-            raise InvalidArgument(
-                f"table function {name!r} is not allowed: queries may read registered datasets only"
-            )
+            refusal = f"table function {name!r} is not allowed: queries may read registered datasets only"
+            if name.startswith(("duckdb_", "pragma_")) or name in duckdb_names().catalog_views:
+                refusal += f"; to list the datasets, {LIST_DATASETS}"
+            raise InvalidArgument(refusal)
     elif node.get("class") == "FUNCTION":
         name = str(node.get("function_name", "")).lower()
         if name == SEARCH_FUNCTION:

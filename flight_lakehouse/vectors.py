@@ -8,6 +8,7 @@ The Lance tables themselves are :class:`flight_lakehouse.datasets.lance.LanceTab
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,15 +53,59 @@ def table_metric(schema: pa.Schema) -> str:
     return (schema.metadata or {}).get(METRIC_KEY, DEFAULT_METRIC.encode()).decode()
 
 
+#: The Rust source location Lance and DataFusion append to errors (``, /home/.../scanner.rs:839:33``).
+RUST_LOCATION = re.compile(r",?\s*[^\s,]*\.rs:\d+(?::\d+)?")
+#: The Python frames pyarrow appends to an error raised inside a scan (``At:`` then one frame a line).
+PYTHON_FRAMES = re.compile(r"\n\s*At:\n.*", re.DOTALL)
+#: An absolute file path (``/home/...``, ``/work/.../site-packages/...``); not the ``//`` of a URL.
+SERVER_PATH = re.compile(r"(?<![\w<:/.])/(?:[\w.@+-]+/)+[\w.@+-]*(?:\(\d+\))?")
+#: Lance's hidden columns, offered as "did you mean" or listed among the valid fields.
+INTERNAL_COLUMN = r"_(?:rowid|rowaddr|rowoffset|fragid|row_created_at_version|row_last_updated_at_version)"
+INTERNAL_HINT = re.compile(rf"\s*Did you mean '{INTERNAL_COLUMN}'\?|,\s*(?:\w+\.)?{INTERNAL_COLUMN}\b")
+#: The Python exception name pyarrow puts before a Lance message it re-raises through DuckDB.
+PYTHON_EXCEPTION = re.compile(r"^(?:ValueError|OSError|RuntimeError|IOError|Arrow\w*Error|Exception): ")
+MAX_LANCE_MESSAGE = 300
+
+
+def from_lance(text: str) -> bool:
+    """Whether an error message comes from Lance's Rust code (it names a Rust source file)."""
+    return RUST_LOCATION.search(text) is not None
+
+
+def lance_message(text: str, root: str = "") -> str:
+    """A Lance error message (possibly re-raised by DuckDB) fit for clients: one line, at most
+    :data:`MAX_LANCE_MESSAGE` characters, without Rust source locations, Python frames, server paths (the
+    storage ``root`` reads ``<storage>``), Lance's hidden columns or the frames of Rust debug output.
+
+    A message not from Lance keeps its first line only (DuckDB's caret under the query follows)."""
+    if root:
+        text = text.replace(root, "<storage>")
+    text = PYTHON_FRAMES.sub("", text).strip()
+    if from_lance(text):  # Lance's message runs over several lines (a regex error, a debug dump)
+        lines = (line.strip() for line in text.splitlines())
+        text = " ".join(line for line in lines if line.strip("~-=^ "))
+    else:
+        text = text.splitlines()[0] if text else ""
+    text = RUST_LOCATION.sub("", text)
+    text = SERVER_PATH.sub("<path>", text)
+    text = INTERNAL_HINT.sub("", text)
+    text = PYTHON_EXCEPTION.sub("", " ".join(text.split()))
+    if len(text) > MAX_LANCE_MESSAGE:
+        text = text[: MAX_LANCE_MESSAGE - 3] + "..."
+    return text or "Lance failed"
+
+
 def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:
-    """The client-facing error for a Lance failure: one line, server paths removed."""
+    """The client-facing error for a Lance failure: one line, server paths removed (:func:`lance_message`)."""
     if isinstance(exc, ClientError | Cancelled | Unavailable):
         return exc
-    message = first_line(exc).replace(root, "<storage>")
+    message = lance_message(str(exc), root)
     lowered = message.lower()
     if "commit conflict" in lowered or "retryable" in lowered or "concurrent" in lowered:
         return Unavailable(f"{doing}: a concurrent write won; retry ({message})")
     if "invalid user input" in lowered or "schema error" in lowered:  # pylance raises these as OSError
+        return InvalidArgument(f"{doing}: {message}")
+    if "error applying filter expression" in lowered:  # the filter failed on a row (1/0, a bad regex)
         return InvalidArgument(f"{doing}: {message}")
     if isinstance(exc, OSError) or any(
         word in lowered for word in ("object store", "io error", "connection", "timed out", "dispatch")

@@ -138,6 +138,25 @@ def stored_files(root: str) -> dict[str, int]:
     raise RuntimeError(f"files under {root} kept changing while listed")
 
 
+#: The facts ``describe_dataset`` gives other engines: where a table is stored. No other result names a path.
+LOCATION_KEYS = ("location", "metadata_location")
+
+
+def without_locations(value: object) -> object:
+    """A JSON result without the facts that say where a table is stored."""
+    if isinstance(value, dict):
+        return {key: item for key, item in value.items() if key not in LOCATION_KEYS}
+    return value
+
+
+def assert_no_root(server: ServerProcess, value: object) -> None:
+    """No server path appears in a JSON result (but where ``describe_dataset`` says a table is)."""
+    text = json.dumps(without_locations(value))
+    for form in root_forms(server.root):
+        assert form not in text, text
+    assert "file://" not in text and "s3://" not in text, text
+
+
 def data_files(root: str) -> set[str]:
     """Every Parquet data file under a root, by address (local path or ``s3://`` URL)."""
     return {address for address in stored_files(root) if address.endswith(".parquet")}

@@ -11,17 +11,16 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_lakehouse import __version__
-from tests.conftest import ServerProcess, assert_refusal, data_files, root_forms, root_listing, stored_files
+from tests.conftest import (
+    ServerProcess,
+    assert_no_root,
+    assert_refusal,
+    data_files,
+    root_listing,
+    stored_files,
+)
 
 CATALOG_ACTIONS = ("health", "list_datasets", "describe_dataset", "dataset_history", "drop_dataset")
-
-
-def assert_no_root(server: ServerProcess, value: object) -> None:
-    """No server path appears anywhere in a JSON result."""
-    text = json.dumps(value)
-    for form in root_forms(server.root):
-        assert form not in text, text
-    assert "file://" not in text and "s3://" not in text, text
 
 
 def raw_action(server: ServerProcess, name: str, body: bytes) -> object:

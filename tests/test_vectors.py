@@ -21,10 +21,10 @@ from tests.conftest import (
     STORAGE_KINDS,
     ServerProcess,
     assert_already_exists,
+    assert_no_root,
     assert_refusal,
     assert_same_rows,
     make_root,
-    root_forms,
     root_listing,
     running_server,
     search,
@@ -140,14 +140,6 @@ def as_time(value: object) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
     assert isinstance(value, str), value
     return datetime.datetime.fromisoformat(value)
-
-
-def assert_no_root(server: ServerProcess, value: object) -> None:
-    """No server path appears in a JSON result."""
-    text = json.dumps(value)
-    for form in root_forms(server.root):
-        assert form not in text, text
-    assert "file://" not in text and "s3://" not in text, text
 
 
 def raw_action(server: ServerProcess, name: str, body: bytes) -> list[bytes]:
