@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -39,15 +40,39 @@ class LakehouseClient:
         return json.loads(results[0].body.to_pybytes()) if results else None
 
     def ingest(
-        self, dataset: str, schema: pa.Schema, batches: Iterable[pa.RecordBatch], **options: Any
+        self,
+        dataset: str,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        expected_rows: int | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
-        """Stream ``batches`` into ``dataset`` with one DoPut; returns the PutResult metadata."""
-        command = {"ingest": {"dataset": dataset, **{k: v for k, v in options.items() if v is not None}}}
+        """Stream ``batches`` into ``dataset`` with one DoPut; returns the PutResult metadata.
+
+        ``expected_rows`` (counted here when ``batches`` is a list or tuple) goes into the ingest command:
+        the server then commits only when exactly that many rows arrived. When reading or writing a batch
+        raises (any exception, KeyboardInterrupt included) the upload is abandoned: its count is made wrong
+        and the call ended, so the server commits nothing. pyarrow cannot cancel a DoPut (its writer has no
+        cancel, and closing or dropping it, or closing the client, ends the stream as if complete), so
+        without ``expected_rows`` an abandoned upload would commit the rows sent so far.
+        """
+        if expected_rows is None and isinstance(batches, list | tuple):
+            expected_rows = sum(batch.num_rows for batch in batches)
+        fields = {"expected_rows": expected_rows, **options}
+        command = {"ingest": {"dataset": dataset, **{k: v for k, v in fields.items() if v is not None}}}
         descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
         writer, metadata = self.flight.do_put(descriptor, schema, self.options)
+        sent, last = 0, None
         try:
             for batch in batches:
                 writer.write_batch(batch)
+                sent += batch.num_rows
+                last = batch if batch.num_rows else last
+        except BaseException:
+            abandon(writer, schema, sent != expected_rows, last)
+            raise
+        try:
             writer.done_writing()
             result = metadata.read()
         finally:
@@ -66,3 +91,20 @@ class LakehouseClient:
     def close(self) -> None:
         """Close the connection."""
         self.flight.close()
+
+
+def abandon(
+    writer: flight.FlightStreamWriter, schema: pa.Schema, count_is_wrong: bool, last: pa.RecordBatch | None
+) -> None:
+    """End an upload that must commit nothing. Unless its row count is already wrong, one more row goes
+    first (the first of ``last``, the last batch sent, else nulls) so that the server refuses the count.
+    Errors here are nobody's concern: the call may already be over, and the server refuses it either way."""
+    with contextlib.suppress(Exception):
+        if not count_is_wrong:
+            extra = last.slice(0, 1) if last is not None else None
+            if extra is None:
+                nulls = [pa.nulls(1, field.type) for field in schema]
+                extra = pa.RecordBatch.from_arrays(nulls, schema=schema)
+            writer.write_batch(extra)
+    with contextlib.suppress(Exception):
+        writer.close()  # the server answers the wrong count with INVALID_ARGUMENT
