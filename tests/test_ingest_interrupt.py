@@ -182,7 +182,8 @@ def test_killed_client_commits_nothing(server: ServerProcess, source: Path) -> N
     assert wait_until(lambda: uploading(server, "killed"), timeout=30, interval=0.01)
     cli.signal(signal.SIGKILL)
     assert cli.finish()[0] == -signal.SIGKILL
-    assert wait_until(lambda: not uploading(server, "killed"), timeout=20), "the upload's files stayed"
+    # the server deletes a cut-off upload's files itself; on a loaded machine with S3 that took over 20 s once
+    assert wait_until(lambda: not uploading(server, "killed"), timeout=60), "the upload's files stayed"
     assert "killed" not in datasets(server)
     assert_nothing_left(server)
 
