@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import cachetools
 import pyarrow.flight as flight
 
 from flight_lakehouse.audit import AuditLog, CallRecord
@@ -110,7 +111,9 @@ class LoginThrottle:
     def __init__(self, free: int = 5, longest: float = 60.0) -> None:
         self.free = free
         self.longest = longest
-        self._failures: dict[str, tuple[int, float]] = {}
+        #: Failures in a row and until when the name waits, by name; forgotten a quarter hour after the
+        #: last failure (and the oldest first, past 100,000 names guessed at random).
+        self._failures: cachetools.TTLCache[str, tuple[int, float]] = cachetools.TTLCache(100_000, ttl=900)
         self._guard = threading.Lock()
 
     def check(self, user: str) -> None:
@@ -128,9 +131,6 @@ class LoginThrottle:
             count += 1
             delay = 0.0 if count <= self.free else min(self.longest, 2.0 ** (count - self.free - 1))
             self._failures[user.lower()] = (count, time.monotonic() + delay)
-            if len(self._failures) > 100_000:  # names guessed at random: forget the oldest half
-                for name in list(self._failures)[:50_000]:
-                    del self._failures[name]
 
     def succeeded(self, user: str) -> None:
         """Forget the failures of ``user``."""
@@ -189,8 +189,14 @@ class Gatekeeper:
         self.throttle = LoginThrottle()
         self.sessions = Sessions(sessions_per_user, authenticator.bearer_ttl_seconds)
         self._checks = threading.BoundedSemaphore(CONCURRENT_PASSWORD_CHECKS)
-        self._remembered: OrderedDict[bytes, tuple[float, str]] = OrderedDict()
-        self._verified: dict[str, tuple[Identity, float]] = {}
+        #: Bearer tokens of verified Basic credentials (by a keyed digest), and identities of verified
+        #: bearer tokens: each believed for a while without a new check.
+        self._remembered: cachetools.TTLCache[bytes, str] = cachetools.TTLCache(
+            BASIC_REMEMBERED, ttl=BASIC_REMEMBERED_SECONDS
+        )
+        self._verified: cachetools.TTLCache[str, Identity] = cachetools.TTLCache(
+            BASIC_REMEMBERED, ttl=VERIFIED_SECONDS
+        )
         self._guard = threading.Lock()
         self._key = secrets.token_bytes(32)
 
@@ -210,23 +216,21 @@ class Gatekeeper:
     def _bearer(self, token: str) -> Identity:
         """The caller of a bearer token: verified at most once per :data:`VERIFIED_SECONDS` (a token's
         check, ~0.1 ms, was a fifth of a small query's cost), so a revocation takes a second longer."""
-        now = time.monotonic()
         with self._guard:
             known = self._verified.get(token)
-        if known is not None and known[1] > now:
-            return known[0]
+        if known is not None:
+            return known
         if self.sessions.ended(token):
             raise Unauthenticated(INVALID_CREDENTIALS)
         identity = self.authenticator.verify_bearer(token)
         with self._guard:
-            if len(self._verified) >= BASIC_REMEMBERED:
-                self._verified.clear()
-            self._verified[token] = (identity, now + VERIFIED_SECONDS)
+            self._verified[token] = identity
         return identity
 
     def _basic(self, credentials: str, login: bool) -> Authenticated:
         key = hmac.new(self._key, credentials.encode(), hashlib.sha256).digest()
-        remembered = None if login else self._remembered_bearer(key)
+        with self._guard:
+            remembered = None if login else self._remembered.get(key)
         if remembered is not None:
             with contextlib.suppress(Unauthenticated):  # removed, or a new password: check it again
                 return Authenticated(self._bearer(remembered), remembered)
@@ -241,21 +245,9 @@ class Gatekeeper:
         self.throttle.succeeded(user)
         bearer = self.authenticator.issue_bearer(identity)
         self.sessions.started(identity.name, bearer)
-        self._remember(key, bearer)
+        with self._guard:
+            self._remembered[key] = bearer
         return Authenticated(identity, bearer)
-
-    def _remembered_bearer(self, key: bytes) -> str | None:
-        with self._guard:
-            entry = self._remembered.get(key)
-        if entry is None or entry[0] < time.monotonic():
-            return None
-        return entry[1]
-
-    def _remember(self, key: bytes, bearer: str) -> None:
-        with self._guard:
-            self._remembered[key] = (time.monotonic() + BASIC_REMEMBERED_SECONDS, bearer)
-            while len(self._remembered) > BASIC_REMEMBERED:
-                self._remembered.popitem(last=False)
 
 
 def basic_credentials(credentials: str) -> tuple[str, str]:

@@ -66,11 +66,17 @@ class CallContext:
             middleware.record.peer = peer
         return cls(peer, context.is_cancelled, middleware.identity, middleware.record)
 
-    def note(self, call: str | None = None, dataset: str | None = None, rows: int | None = None) -> None:
-        """Tell the audit log what the call is and which dataset it concerns."""
+    def note(
+        self,
+        call: str | None = None,
+        dataset: str | None = None,
+        rows: int | None = None,
+        size: int | None = None,
+    ) -> None:
+        """Tell the audit log what the call is, which dataset it concerns, the rows and bytes it moved."""
         if self.record is not None:
             self.record.call = call or self.record.call
-            self.record.note(dataset=dataset, rows=rows)
+            self.record.note(dataset=dataset, rows=rows, size=size)
 
 
 @dataclass(frozen=True)

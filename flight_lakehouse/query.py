@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, cast
 
+import cachetools
 import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -80,6 +81,17 @@ MAX_ABANDONED_PLANS = 2
 DATABASE_SERIALS = itertools.count(1)
 
 T = TypeVar("T")
+
+
+def remembered_by_text(tag: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """A :class:`QueryEngine` method of a query text, its answers kept in the engine's ``_by_text``."""
+    return cachetools.cachedmethod(
+        lambda engine: engine._by_text,
+        key=lambda engine, sql: (tag, sql),
+        lock=lambda engine: engine._by_text_guard,
+    )
+
+
 #: Values bound to a query's ``?`` / ``$n`` placeholders, in order.
 Params = list[Any] | None
 
@@ -640,8 +652,10 @@ class QueryEngine:
         self._watchdog = Watchdog()
         self._budget = ResultBudget(settings.result_buffer_mb << 20)
         self.results = ResultCache(settings.result_cache_mb << 20)
-        #: The table each query text reads row by row (None: none), bounded like a database's schemas.
-        self._row_locals: dict[str, str | None] = {}
+        #: What the parse tree of a query text says (the table it reads row by row, whether its result
+        #: is repeatable), newest kept.
+        self._by_text: cachetools.LRUCache[tuple[Any, ...], Any] = cachetools.LRUCache(REMEMBERED_SCHEMAS)
+        self._by_text_guard = threading.Lock()
         #: Queries started and not yet closed (a reader that stalls holds its slot until its time limit).
         self.running = Slots(settings.max_concurrent_queries, "queries", "max_concurrent_queries")
         self._storage_root = self.catalog.storage.root_uri
@@ -822,17 +836,17 @@ class QueryEngine:
         name = next(iter(database.views))
         return name if self._row_local(sql) == name.lower() else None
 
+    @remembered_by_text("row_local")
     def _row_local(self, sql: str) -> str | None:
-        """The table ``sql`` reads row by row (see :func:`~flight_lakehouse.partitions.row_local`),
-        remembered by text."""
-        if sql in self._row_locals:
-            return self._row_locals[sql]
+        """The table ``sql`` reads row by row (see :func:`~flight_lakehouse.partitions.row_local`)."""
         with self._parser.parsing() as cursor:
-            table = row_local(serialize(cursor, sql))
-        if len(self._row_locals) >= REMEMBERED_SCHEMAS:
-            self._row_locals.clear()
-        self._row_locals[sql] = table
-        return table
+            return row_local(serialize(cursor, sql))
+
+    @remembered_by_text("repeatable")
+    def _repeatable(self, sql: str) -> bool:
+        """Whether ``sql``'s result may be kept (see :func:`~flight_lakehouse.result_cache.repeatable`)."""
+        with self._parser.parsing() as cursor:
+            return repeatable(serialize(cursor, sql))
 
     # -- statements ------------------------------------------------------------------------------
     def scan_sql(self, request: ScanRequest, pinned: Pinned) -> str:
@@ -963,12 +977,7 @@ class QueryEngine:
         values = parameters_key(params)
         if values is None:
             return None
-        verdict = self.results.verdict(sql)
-        if verdict is None:
-            with self._parser.parsing() as cursor:
-                verdict = repeatable(serialize(cursor, sql))
-            self.results.remember_verdict(sql, verdict)
-        return (database.serial, sql, values) if verdict else None
+        return (database.serial, sql, values) if self._repeatable(sql) else None
 
     def _start(
         self, sql: str, pinned: Pinned | None, call: CallHooks, searches: frozenset[str] = frozenset()

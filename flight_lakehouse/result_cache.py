@@ -57,8 +57,6 @@ VALUE_KEYWORDS = frozenset(
 )
 #: The kinds of DuckDB function a query's expressions call (table functions are never kept: see below).
 CALLED_KINDS = ("scalar", "aggregate")
-#: Verdicts of :func:`repeatable` kept by SQL text.
-REMEMBERED_VERDICTS = 1024
 
 
 @functools.cache
@@ -114,25 +112,12 @@ class ResultCache:
         self.used = 0
         self.hits = 0
         self._results: OrderedDict[Hashable, pa.Table] = OrderedDict()
-        self._verdicts: OrderedDict[str, bool] = OrderedDict()
         self._guard = threading.Lock()
 
     def facts(self) -> dict[str, int]:
         """What the cache holds and how often it answered (the ``health`` action shows them)."""
         with self._guard:
             return {"hits": self.hits, "results": len(self._results), "bytes": self.used}
-
-    def verdict(self, sql: str) -> bool | None:
-        """What :func:`repeatable` said of ``sql`` before (None: not asked yet)."""
-        with self._guard:
-            return self._verdicts.get(sql)
-
-    def remember_verdict(self, sql: str, verdict: bool) -> None:
-        """Keep what :func:`repeatable` said of ``sql``."""
-        with self._guard:
-            self._verdicts[sql] = verdict
-            while len(self._verdicts) > REMEMBERED_VERDICTS:
-                self._verdicts.popitem(last=False)
 
     def get(self, key: Hashable) -> pa.Table | None:
         """The result kept under ``key``, if any."""

@@ -14,7 +14,6 @@ from flight_lakehouse.access import (
     Gatekeeper,
     HandshakeByHeaders,
     acting_as,
-    middleware_of,
     require,
 )
 from flight_lakehouse.actions import Actions
@@ -38,23 +37,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def served(method: F) -> F:
-    """A Flight handler: client-safe errors, and run as the call's caller (the scope of its lookups)."""
+    """A Flight handler, given the :class:`CallContext` of its call (built once): client-safe errors, and
+    run as the call's caller (the scope of its lookups)."""
 
     @functools.wraps(method)
     def handler(self: LakehouseServer, context: flight.ServerCallContext, *args: Any) -> Any:
-        middleware = middleware_of(context)
-        with acting_as(middleware.identity if middleware else None):
-            return method(self, context, *args)
+        ctx = CallContext.of(context)
+        with acting_as(ctx.caller):
+            return method(self, ctx, *args)
 
     return client_safe(handler)  # type: ignore[return-value]
 
 
 def counted(batches: Iterator[pa.RecordBatch], ctx: CallContext) -> Iterator[pa.RecordBatch]:
     """``batches``, their rows and bytes added to the call's audit record as they are sent."""
-    record = ctx.record
     for batch in batches:
-        if record is not None:
-            record.note(rows=batch.num_rows, size=batch.nbytes)
+        ctx.note(rows=batch.num_rows, size=batch.nbytes)
         yield batch
 
 
@@ -105,12 +103,11 @@ class LakehouseServer(flight.FlightServerBase):
         return self.services.cache
 
     @served
-    def list_actions(self, context: flight.ServerCallContext) -> list[tuple[str, str]]:
+    def list_actions(self, ctx: CallContext) -> list[tuple[str, str]]:
         return self.actions.listing()
 
     @served
-    def do_action(self, context: flight.ServerCallContext, action: flight.Action) -> list[bytes]:
-        ctx = CallContext.of(context)
+    def do_action(self, ctx: CallContext, action: flight.Action) -> list[bytes]:
         ctx.note(call=action.type[:100])
         spec = self.actions.spec(action.type)
         require(spec.role, f"run action {action.type!r}")
@@ -121,20 +118,18 @@ class LakehouseServer(flight.FlightServerBase):
     @served
     def do_put(
         self,
-        context: flight.ServerCallContext,
+        ctx: CallContext,
         descriptor: flight.FlightDescriptor,
         reader: flight.MetadataRecordBatchReader,
         writer: flight.FlightMetadataWriter,
     ) -> None:
-        ctx = CallContext.of(context)
         request = self.codec.descriptor(descriptor, "DoPut command")
         handler = self.dispatch(self.routes.put, request, ctx)
-        result = handler(ctx, request, Upload(reader, ctx, self.settings.max_ingest_mb << 20))
+        result = handler(ctx, request, self.upload(reader, ctx))
         writer.write(pa.py_buffer(self.codec.result(result)))
 
     @served
-    def do_get(self, context: flight.ServerCallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
-        ctx = CallContext.of(context)
+    def do_get(self, ctx: CallContext, ticket: flight.Ticket) -> flight.FlightDataStream:
         request = self.codec.command(ticket.ticket, "ticket")
         result = self.dispatch(self.routes.get, request, ctx)(ctx, request)
         if isinstance(result, QueryStream) and result.complete is None:
@@ -149,34 +144,28 @@ class LakehouseServer(flight.FlightServerBase):
     @served
     def do_exchange(
         self,
-        context: flight.ServerCallContext,
+        ctx: CallContext,
         descriptor: flight.FlightDescriptor,
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        ctx = CallContext.of(context)
         request = self.codec.command(descriptor.command or b"", "DoExchange command")
         handler = self.dispatch(self.routes.exchange, request, ctx)
-        stream = handler(ctx, request, Upload(reader, ctx, self.settings.max_ingest_mb << 20))
+        stream = handler(ctx, request, self.upload(reader, ctx))
         writer.begin(stream.schema)
         for batch in counted(stream.batches, ctx):
             writer.write_batch(batch)
 
     @served
-    def get_flight_info(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
-    ) -> flight.FlightInfo:
-        return self._flight_info(CallContext.of(context), descriptor)
+    def get_flight_info(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
+        return self._flight_info(ctx, descriptor)
 
     @served
-    def get_schema(
-        self, context: flight.ServerCallContext, descriptor: flight.FlightDescriptor
-    ) -> flight.SchemaResult:
-        return flight.SchemaResult(self._flight_info(CallContext.of(context), descriptor).schema)
+    def get_schema(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        return flight.SchemaResult(self._flight_info(ctx, descriptor).schema)
 
     @served
-    def list_flights(self, context: flight.ServerCallContext, criteria: bytes) -> list[flight.FlightInfo]:
-        ctx = CallContext.of(context)
+    def list_flights(self, ctx: CallContext, criteria: bytes) -> list[flight.FlightInfo]:
         require("reader", "list flights")
         names = self.services.datasets.names()
         return [self._flight_info(ctx, flight.FlightDescriptor.for_path(name)) for name in names]
@@ -187,6 +176,10 @@ class LakehouseServer(flight.FlightServerBase):
         # no locations: each endpoint is fetched from this server (any server of the root can answer it)
         endpoints = [flight.FlightEndpoint(flight.Ticket(ticket), []) for ticket in facts.tickets]
         return flight.FlightInfo(facts.schema, descriptor, endpoints, facts.rows, facts.size)
+
+    def upload(self, reader: flight.MetadataRecordBatchReader, ctx: CallContext) -> Upload:
+        """A client's stream, within the bytes one upload may send."""
+        return Upload(reader, ctx, self.settings.max_ingest_mb << 20)
 
     @staticmethod
     def dispatch(router: Router[F], request: object, ctx: CallContext) -> F:

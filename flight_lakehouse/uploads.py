@@ -49,9 +49,7 @@ class Upload:
                 rows += chunk.data.num_rows
                 if expected_rows is not None and rows > expected_rows:
                     raise InvalidArgument(incomplete(rows, expected_rows, "more than"))
-                self.ctx.note(rows=chunk.data.num_rows)
-                if self.ctx.record is not None:
-                    self.ctx.record.note(size=chunk.data.nbytes)
+                self.ctx.note(rows=chunk.data.num_rows, size=chunk.data.nbytes)
                 yield validated(chunk.data)
         if self.ctx.is_cancelled():  # a client that died mid-stream can look like a finished one
             raise Cancelled("upload cancelled by the client; nothing was committed")
