@@ -44,8 +44,8 @@ def state(server: ServerProcess, dataset: str) -> tuple[list, set[str]]:
         history = server.action("dataset_history", {"dataset": dataset})
     except pa.ArrowKeyError:
         history = None
-    # the in-memory search graph a Lance table gets is saved beside it in the background: derived, left out
-    files = {address for address in stored_files(server.root) if not address.endswith(".hnsw.npz")}
+    # the search graph of a Lance table is saved beside it in the background (via a temporary): left out
+    files = {address for address in stored_files(server.root) if ".hnsw.npz" not in address}
     return history, files  # type: ignore[return-value]
 
 
