@@ -152,7 +152,7 @@ class RollingParquetWriter:
         """Close quietly and delete every file written so far."""
         self._buffer.clear()
         try:
-            self._close_file()
+            self._discard_file()
         except Exception:  # the stream is already failing; the deletion below is what matters
             log.debug("closing an aborted file failed", exc_info=True)
         try:
@@ -182,6 +182,22 @@ class RollingParquetWriter:
         self._sink = self._storage.open_output(uri)
         self._writer = pq.ParquetWriter(self._sink, self._schema, compression="zstd", compression_level=1)
         return self._writer
+
+    def _discard_file(self) -> None:
+        """Close the current file even when its writer fails, and let go of both writer and sink at once.
+
+        A Parquet writer or S3 stream left open completes its upload when it is destroyed, which may be
+        long after the abort deleted its file (an exception's traceback can keep it alive): on S3 that
+        made an orphan file appear after the clean-up. Closing here, before the deletion, rules that out.
+        """
+        writer, sink = self._writer, self._sink
+        self._writer = self._sink = None
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            if sink is not None:
+                sink.close()
 
     def _close_file(self) -> None:
         if self._writer is not None:
