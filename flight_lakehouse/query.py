@@ -39,6 +39,7 @@ from flight_lakehouse.catalog import SnapshotFiles
 from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
+from flight_lakehouse.file_cache import NOTHING_HELD, Hold, QueryFiles
 from flight_lakehouse.limits import Slots
 from flight_lakehouse.partitions import Part, parts, row_local
 from flight_lakehouse.result_cache import ResultCache, parameters_key, repeatable
@@ -53,7 +54,7 @@ from flight_lakehouse.sandbox import (
 )
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.sql_search import Rewritten, SqlSearch
-from flight_lakehouse.storage import Lease, Storage, quote_literal
+from flight_lakehouse.storage import Lease, quote_literal
 from flight_lakehouse.vectors import from_lance, lance_message
 
 log = logging.getLogger(__name__)
@@ -117,65 +118,25 @@ class LanceView:
     version: int | None = None
 
 
-class SnapshotDatabase:
-    """An in-memory DuckDB database whose views are the datasets at fixed snapshots, locked down.
-
-    Lance tables are not views of the database: each query registers the Lance datasets it reads on its
-    own cursor, at their version when the query starts (see :meth:`QueryEngine._attach_lance`).
-    """
+class ViewDatabase:
+    """An in-memory DuckDB database with one view per dataset over given Parquet files, locked down: the
+    files are the only paths it may read, and its configuration cannot change."""
 
     def __init__(
-        self,
-        views: dict[str, SnapshotFiles],
-        storage: Storage,
-        settings: Settings,
-        temp_dir: str,
-        lance: dict[str, LanceView] | None = None,
-    ):
+        self, views: dict[str, SnapshotFiles], paths: dict[str, list[str]], config: dict[str, Any]
+    ) -> None:
         self.views = views
-        self.lance = lance or {}
-        config = database_config(settings, temp_directory=temp_dir)
+        self._paths = paths
         self._connection = duckdb.connect(":memory:", config=config)
-        storage.configure_duckdb(self._connection)
-        self._paths = {
-            name: [storage.scan_path(uri) for uri in snapshot.files] for name, snapshot in views.items()
-        }
-        self._by_lower = {name.lower(): name for name in [*views, *self.lance]}
-        self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
-        #: Result schemas of queries planned on this database without values, by text and number of
-        #: (null) parameters (bounded).
-        self.schemas: dict[tuple[str, int], pa.Schema] = {}
         self._created: set[str] = set()
-        self._views_guard = threading.Lock()
-        #: Unique among the databases of this process: remembered results are keyed by it.
-        self.serial = next(DATABASE_SERIALS)
-        self._lock_down([path for paths in self._paths.values() for path in paths])
+        self._guard = threading.Lock()
+        self._lock_down([path for listed in paths.values() for path in listed])
 
-    def remember_schema(self, key: tuple[str, int], schema: pa.Schema) -> None:
-        """Keep the result schema of a query on this database (its datasets' snapshots never change):
-        planning it again cost ~1.4 ms of a small prepared query's ~2 ms."""
-        if len(self.schemas) >= REMEMBERED_SCHEMAS:
-            self.schemas.clear()
-        self.schemas[key] = schema
-
-    def schema_of(self, name: str) -> pa.Schema:
-        """The schema of a dataset of this database."""
-        return self.lance[name].schema if name in self.lance else self.views[name].schema
-
-    def lance_names(self, names: set[str]) -> list[str]:
-        """The Lance tables among ``names`` (lower-case), by their stored names."""
-        return [self._by_lower[lower] for lower in sorted(names) if self._by_lower.get(lower) in self.lance]
-
-    def prepare(self, names: set[str]) -> None:
-        """Create the views of the datasets a query reads (lower-case names), once each.
-
-        Views are made on first use, so a query never opens a dataset it does not read: one unreadable
-        dataset (or S3 being down) does not break queries on the others.
-        """
-        with self._views_guard:
-            for lower in sorted(names):
-                name = self._by_lower.get(lower)
-                if name is not None and name not in self._created and name not in self.lance:
+    def prepare(self, names: list[str]) -> None:
+        """Create the views of ``names`` (stored names of Iceberg datasets), once each."""
+        with self._guard:
+            for name in names:
+                if name not in self._created:
                     self._create_view(name)
                     self._created.add(name)
 
@@ -205,6 +166,77 @@ class SnapshotDatabase:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A connection of its own for one query."""
         return self._connection.cursor()
+
+
+class SnapshotDatabase:
+    """The datasets at fixed snapshots, as views of a locked-down in-memory DuckDB database.
+
+    Queries run on the data files where :class:`QueryFiles` puts them; when planning needs other copies
+    (an S3 root's footer copies, see ``file_cache.py``), queries are planned on a second database whose
+    views read those (one thread: it only plans). Lance tables are not views: each query registers the
+    Lance datasets it reads on its own cursor, at their version when the query starts (see
+    :meth:`QueryEngine._attach_lance`).
+    """
+
+    def __init__(
+        self,
+        views: dict[str, SnapshotFiles],
+        files: QueryFiles,
+        settings: Settings,
+        temp_dir: str,
+        lance: dict[str, LanceView] | None = None,
+    ):
+        self.views = views
+        self.lance = lance or {}
+        config = database_config(settings, temp_directory=temp_dir)
+        self._running = ViewDatabase(views, self._paths(files.path), config)
+        self._planning = self._running
+        if files.location is not None:
+            self._planning = ViewDatabase(views, self._paths(files.footer_path), {**config, "threads": 1})
+        self._by_lower = {name.lower(): name for name in [*views, *self.lance]}
+        self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
+        #: Result schemas of queries planned on this database without values, by text and number of
+        #: (null) parameters (bounded).
+        self.schemas: dict[tuple[str, int], pa.Schema] = {}
+        #: Unique among the databases of this process: remembered results are keyed by it.
+        self.serial = next(DATABASE_SERIALS)
+
+    def _paths(self, path: Callable[[str], str]) -> dict[str, list[str]]:
+        """The local paths of each dataset's files, by ``path`` of a file's URI."""
+        return {name: [path(uri) for uri in snapshot.files] for name, snapshot in self.views.items()}
+
+    def remember_schema(self, key: tuple[str, int], schema: pa.Schema) -> None:
+        """Keep the result schema of a query on this database (its datasets' snapshots never change):
+        planning it again cost ~1.4 ms of a small prepared query's ~2 ms."""
+        if len(self.schemas) >= REMEMBERED_SCHEMAS:
+            self.schemas.clear()
+        self.schemas[key] = schema
+
+    def data_files(self) -> list[str]:
+        """The URIs of the Parquet files of every dataset of this database (what its queries read)."""
+        return [uri for snapshot in self.views.values() for uri in snapshot.files]
+
+    def schema_of(self, name: str) -> pa.Schema:
+        """The schema of a dataset of this database."""
+        return self.lance[name].schema if name in self.lance else self.views[name].schema
+
+    def lance_names(self, names: set[str]) -> list[str]:
+        """The Lance tables among ``names`` (lower-case), by their stored names."""
+        return [self._by_lower[lower] for lower in sorted(names) if self._by_lower.get(lower) in self.lance]
+
+    def prepare(self, names: set[str], planning: bool = False) -> None:
+        """Create the views of the datasets a query reads (lower-case names), once each.
+
+        Views are made on first use, so a query never opens a dataset it does not read: one unreadable
+        dataset (or S3 being down) does not break queries on the others.
+        """
+        stored = [self._by_lower[lower] for lower in sorted(names) if lower in self._by_lower]
+        database = self._planning if planning else self._running
+        database.prepare([name for name in stored if name not in self.lance])
+
+    def cursor(self, planning: bool = False) -> duckdb.DuckDBPyConnection:
+        """A connection of its own for one query (for planning it only, when ``planning``)."""
+        return (self._planning if planning else self._running).cursor()
 
     @contextlib.contextmanager
     def parsing(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -264,6 +296,8 @@ class RunningQuery:
     #: Planning outlived the query's stop: the planning thread closes the cursor when DuckDB lets it go.
     abandoned: bool = False
     prefetch: Prefetcher | None = None
+    #: The data files the query reads, kept where DuckDB reads them until the query is closed.
+    files: Hold = NOTHING_HELD
 
     def stop(self, reason: str) -> None:
         """End the query: interrupt DuckDB and release its buffered batches (its next read fails)."""
@@ -646,6 +680,8 @@ class QueryEngine:
         #: ``vector_search(...)`` in FROM (none: the sandbox refuses it as an unknown table function).
         self.sql_search = sql_search
         self._temp_dir = tempfile.TemporaryDirectory(prefix="lakehouse-duckdb-", ignore_cleanup_errors=True)
+        #: Where DuckDB reads the data files (an S3 root's: local copies, see ``file_cache.py``).
+        self.files = self.catalog.storage.query_files(settings)
         self._databases: dict[frozenset[tuple[Any, ...]], SnapshotDatabase] = {}
         self._guard = threading.Lock()
         self._closing = threading.Lock()
@@ -665,8 +701,10 @@ class QueryEngine:
         self._abandoned_plans = 0
 
     def close(self) -> None:
-        """Delete DuckDB's spill directory (``serve`` ends with ``os._exit``: no finaliser runs)."""
+        """Delete DuckDB's spill directory and the copies of data files (``serve`` ends with ``os._exit``:
+        no finaliser runs)."""
         self._temp_dir.cleanup()
+        self.files.close()
 
     def stop_all(self) -> None:
         """Stop every running query (at shutdown: a call stuck in DuckDB must not hold the exit up)."""
@@ -742,7 +780,7 @@ class QueryEngine:
     def _build(
         self, views: dict[str, SnapshotFiles], lance: dict[str, LanceView] | None = None
     ) -> SnapshotDatabase:
-        return SnapshotDatabase(views, self.catalog.storage, self.settings, self._temp_dir.name, lance)
+        return SnapshotDatabase(views, self.files, self.settings, self._temp_dir.name, lance)
 
     def scan_database(self, request: ScanRequest) -> Pinned:
         """A database with the scanned dataset, at the requested snapshot when there is one."""
@@ -909,7 +947,7 @@ class QueryEngine:
         if known is not None:  # the same text over the same snapshots (a prepared query run again)
             pinned.lease.release()
             return known
-        query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False), rewritten.tables)
+        query = self._start(sql, pinned, CallHooks(is_cancelled=lambda: False), rewritten.tables, True)
         try:  # searches are planned, not run: their tables are empty
             schema = self._plan(
                 query,
@@ -980,9 +1018,15 @@ class QueryEngine:
         return (database.serial, sql, values) if self._repeatable(sql) else None
 
     def _start(
-        self, sql: str, pinned: Pinned | None, call: CallHooks, searches: frozenset[str] = frozenset()
+        self,
+        sql: str,
+        pinned: Pinned | None,
+        call: CallHooks,
+        searches: frozenset[str] = frozenset(),
+        planning: bool = False,
     ) -> RunningQuery:
-        """Pin the query's datasets, open its cursor and watch it (its deadline starts now)."""
+        """Pin the query's datasets, open its cursor and watch it (its deadline starts now); a query
+        ``planning`` only is never run (its cursor may read footer copies only)."""
         deadline = time.monotonic() + self.settings.query_timeout_seconds
         pinned = pinned or self._pin_query(sql, searches)
         try:
@@ -990,10 +1034,13 @@ class QueryEngine:
         except Unavailable:
             pinned.lease.release()
             raise
-        query = RunningQuery(pinned, pinned.database.cursor(), deadline, call.is_cancelled, call.revoked)
+        database = pinned.database
+        query = RunningQuery(pinned, database.cursor(planning), deadline, call.is_cancelled, call.revoked)
         self._watchdog.watch(query)
         try:
-            self._prepare(query.cursor, pinned.database, pinned.database.names)
+            query.files = self._hold(database, planning)
+            database.prepare(database.names, planning)
+            self._attach_lance(query.cursor, database, database.names)
         except BaseException as exc:
             self._finish(query)
             raise self._client_error(exc, query) from None
@@ -1029,12 +1076,16 @@ class QueryEngine:
         with self._guard:
             self._abandoned_plans -= 1
 
-    def _prepare(
-        self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
-    ) -> None:
-        """Make the datasets a query reads visible to its cursor."""
-        database.prepare(names)
-        self._attach_lance(cursor, database, names)
+    def _hold(self, database: SnapshotDatabase, planning: bool) -> Hold:
+        """Keep the database's data files where DuckDB reads them (fetching those not there yet; for
+        ``planning``, their footers)."""
+        try:
+            return self.files.hold(database.data_files(), footers=planning)
+        except OSError as exc:
+            log.warning("fetching data files for a query failed: %s", exc)
+            raise Unavailable(
+                f"storage error while reading: a data file could not be fetched ({type(exc).__name__})"
+            ) from None
 
     def _attach_lance(
         self, cursor: duckdb.DuckDBPyConnection, database: SnapshotDatabase, names: set[str]
@@ -1072,17 +1123,24 @@ class QueryEngine:
             query.cursor.close()
         except duckdb.Error:
             log.debug("closing a cursor failed", exc_info=True)
+        query.files.release()
         query.pinned.lease.release()
         self.running.give_back()
 
+    def _private(self) -> list[str]:
+        """The server's storage root and the directory of its copies of data files, if any."""
+        return [self._storage_root, *([self.files.location] if self.files.location else [])]
+
     def _redact(self, text: str) -> str:
-        """``text`` without the server's storage root."""
-        return text.replace(self._storage_root, "<storage>")
+        """``text`` without the server's storage root (nor its copies' directory)."""
+        for private in self._private():
+            text = text.replace(private, "<storage>")
+        return text
 
     def _redacted(self, exc: BaseException) -> BaseException:
         """A client-facing error with the storage root removed from its message."""
         message = str(exc)
-        if self._storage_root not in message:
+        if not any(private in message for private in self._private()):
             return exc
         return type(exc)(self._redact(message))
 
@@ -1120,6 +1178,6 @@ class QueryEngine:
         if isinstance(exc, duckdb.IOException | duckdb.HTTPException):
             return True
         if isinstance(exc, duckdb.PermissionException):  # one of our snapshot files could not be opened
-            return self._storage_root in str(exc)
+            return any(private in str(exc) for private in self._private())
         # DuckDB's error re-raised by the Arrow stream reader keeps only its message
         return not isinstance(exc, duckdb.Error) and message.startswith(("IO Error", "HTTP Error"))

@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(default=4, ge=1, le=20, description="tries per S3 request, with backoff")
     create_bucket: bool = False
     state_dir: str = Field(default="./lakehouse-state", description="local state (the catalog) of an S3 root")
+    s3_cache_mb: int = Field(
+        default=4096,
+        ge=0,
+        description=(
+            "disk for local copies of an S3 root's data files that queries read (DuckDB reads the copies); "
+            "least recently used copies go beyond this, copies running queries read stay; 0 = keep none"
+        ),
+    )
+    s3_cache_dir: str | None = Field(
+        default=None, description="where the copies of s3_cache_mb are made (default: the temp directory)"
+    )
     insecure_no_auth: bool = False
     auth_file: str | None = Field(
         default=None, description="users and API tokens (flight_lakehouse.auth); set: authentication on"

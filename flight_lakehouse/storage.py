@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-import duckdb
 import pyarrow.fs as pafs
 
+from flight_lakehouse.file_cache import DirectFiles, FileCache, QueryFiles
 from flight_lakehouse.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,6 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def fs_path(self, uri: str) -> str:
         """The path of ``uri`` for :attr:`filesystem`."""
-
-    @abc.abstractmethod
-    def scan_path(self, uri: str) -> str:
-        """The path DuckDB reads ``uri`` from."""
 
     @abc.abstractmethod
     def default_catalog_uri(self) -> str:
@@ -125,8 +121,9 @@ class Storage(abc.ABC):
         """Lance (pylance and lancedb) object-store options for this storage."""
         return {}
 
-    def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
-        """Prepare a query database to read this storage (before its configuration is locked)."""
+    @abc.abstractmethod
+    def query_files(self, settings: Settings) -> QueryFiles:
+        """Where DuckDB reads the data files of this storage (call once: a cache starts empty)."""
 
     def pending_uploads(self, uri: str) -> list[tuple[str, str, float]]:
         """Unfinished uploads under ``uri`` as (object URI, upload id, start epoch); none on a disk."""
@@ -150,8 +147,9 @@ class LocalStorage(Storage):
     def fs_path(self, uri: str) -> str:
         return uri.removeprefix("file://")
 
-    def scan_path(self, uri: str) -> str:
-        return self.fs_path(uri)
+    def query_files(self, settings: Settings) -> QueryFiles:
+        """The files themselves."""
+        return DirectFiles(self.fs_path)
 
     def open_output(self, uri: str) -> pafs.NativeFile:
         self.filesystem.create_dir(posixpath.dirname(self.fs_path(uri)), recursive=True)
@@ -228,8 +226,14 @@ class S3Storage(Storage):
     def fs_path(self, uri: str) -> str:
         return uri.removeprefix("s3://")
 
-    def scan_path(self, uri: str) -> str:
-        return uri
+    def query_files(self, settings: Settings) -> QueryFiles:
+        """Local copies of the files, downloaded on first use (see :mod:`~flight_lakehouse.file_cache`)."""
+        parent = settings.s3_cache_dir or tempfile.gettempdir()
+        return FileCache(parent, settings.s3_cache_mb << 20, self.open_file)
+
+    def open_file(self, uri: str) -> pafs.NativeFile:
+        """The object at ``uri``, open for ranged reads."""
+        return self.filesystem.open_input_file(self.fs_path(uri))
 
     def default_catalog_uri(self) -> str:
         state = Path(self.settings.state_dir).expanduser().resolve()
@@ -272,30 +276,6 @@ class S3Storage(Storage):
         if token:
             options["aws_session_token"] = token
         return options
-
-    def configure_duckdb(self, connection: duckdb.DuckDBPyConnection) -> None:
-        """Load httpfs from its wheel and give DuckDB this storage's endpoint, credentials and retries."""
-        connection.execute(f"LOAD {quote_literal(httpfs_extension_path())}")
-        key, secret, token = self._credentials()
-        endpoint = urlparse(self.endpoint) if self.endpoint else None
-        options = {"REGION": self.region, "URL_STYLE": "path" if endpoint else "vhost"}
-        if endpoint:
-            options.update(
-                ENDPOINT=endpoint.netloc or endpoint.path, USE_SSL=str(endpoint.scheme == "https").lower()
-            )
-        if key and secret:
-            options.update(KEY_ID=key, SECRET=secret)
-        if token:
-            options["SESSION_TOKEN"] = token
-        body = ", ".join(
-            f"{name} {value if name == 'USE_SSL' else quote_literal(value)}"
-            for name, value in options.items()
-        )
-        connection.execute(f"CREATE SECRET lakehouse_s3 (TYPE s3, {body})")
-        timeout_ms = int(self.settings.s3_request_timeout_seconds * 1000)
-        connection.execute(f"SET http_timeout = {timeout_ms}")
-        connection.execute(f"SET http_retries = {self.settings.s3_max_attempts}")
-        connection.execute("SET http_retry_backoff = 2")
 
     def pending_uploads(self, uri: str) -> list[tuple[str, str, float]]:
         """Multipart uploads under ``uri`` never completed (e.g. by a server killed mid-ingest)."""
@@ -399,17 +379,6 @@ class S3Storage(Storage):
             raise SettingsError(f"{where}: {code or status}") from None
         except BotoCoreError as exc:
             raise SettingsError(f"{where}: unreachable ({type(exc).__name__})") from None
-
-
-def httpfs_extension_path() -> str:
-    """The httpfs extension shipped by the ``duckdb-extension-httpfs`` wheel for this DuckDB."""
-    import duckdb_extension_httpfs
-
-    folder = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
-    found = sorted(folder.glob("httpfs.duckdb_extension"))
-    if not found:
-        raise SettingsError(f"no httpfs extension for DuckDB {duckdb.__version__} in duckdb-extension-httpfs")
-    return found[0].as_posix()
 
 
 def quote_literal(text: str) -> str:
