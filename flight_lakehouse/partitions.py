@@ -26,7 +26,18 @@ EMPTY_SELECT_KEYS = frozenset(
     {"modifiers", "cte_map", "group_expressions", "group_sets", "having", "sample", "qualify"}
 )
 #: The keys of the plain table reference a row-local query reads, and those that must be empty.
-TABLE_KEYS = frozenset({"type", "alias", "query_location", "schema_name", "table_name", "catalog_name"})
+TABLE_KEYS = frozenset(
+    {
+        "type",
+        "alias",
+        "query_location",
+        "query_location_length",
+        "schema_name",
+        "table_name",
+        "catalog_name",
+        "qualified_name",
+    }
+)
 EMPTY_TABLE_KEYS = frozenset({"sample", "at_clause", "column_name_alias"})
 #: Expression classes that read more than the row at hand.
 SET_WIDE_CLASSES = frozenset({"SUBQUERY", "WINDOW"})

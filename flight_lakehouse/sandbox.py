@@ -200,7 +200,10 @@ _PARSED: OrderedDict[str, str] = OrderedDict()
 
 def _check_select(connection: duckdb.DuckDBPyConnection, sql: str, datasets: set[str]) -> set[str]:
     statements = parse_statements(connection, sql)
-    generated = len(statements) > 1 and not statements[0].query  # DuckDB's expansion of one statement
+    # DuckDB's expansion of one statement (DuckDB 2: one statement of type MULTI)
+    generated = (len(statements) > 1 and not statements[0].query) or (
+        len(statements) == 1 and statements[0].type == duckdb.StatementType.MULTI
+    )
     if generated and re.search(r"\bpivot\b", sql, re.IGNORECASE):
         raise InvalidArgument(PIVOT_REFUSED)
     if len(statements) != 1:
@@ -395,6 +398,7 @@ def without_catalog(connection: duckdb.DuckDBPyConnection, sql: str) -> str:
         return sql
     for node in qualified:
         node["catalog_name"] = node["schema_name"] = ""
+        node["qualified_name"] = {"path": [node.get("table_name", "")]}  # DuckDB 2 binds this one
     return deserialize(connection, tree)
 
 
@@ -491,6 +495,8 @@ def check_node(node: dict[str, Any], readable: set[str]) -> str | None:
     elif kind == "SHOW_REF" and "class" not in node and node.get("query") is None:
         # SHOW TABLES, SHOW ALL TABLES, SHOW TABLES FROM s, DESCRIBE (alone) ...: DuckDB's catalog. With a
         # query (DESCRIBE t, SUMMARIZE t, DESCRIBE SELECT ...), the query is checked as any other.
+        if node.get("show_type") == "SHOW" and node.get("table_name"):  # DuckDB 2's SHOW t: DESCRIBE t
+            return check_node({**node, "type": "BASE_TABLE"}, readable)
         if node.get("show_type") == "SHOW_FROM":
             raise InvalidArgument(catalog_refused("SHOW TABLES FROM ..."))
         table = str(node.get("table_name", ""))
@@ -521,6 +527,7 @@ def database_config(settings: Settings, **extra: str | int | bool) -> dict[str, 
     config: dict[str, str | int | bool] = {
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,
+        "lambda_syntax": "ENABLE_SINGLE_ARROW",  # DuckDB 2 refuses ``x -> x + 1`` by default; 1.x took it
         **extra,
     }
     if settings.query_threads:

@@ -115,20 +115,29 @@ def search_call(connection: duckdb.DuckDBPyConnection, node: dict[str, Any]) -> 
     """Turn a ``vector_search`` node into a table reference (in place), keeping its alias and sample."""
     if node.get("with_ordinality", "WITHOUT_ORDINALITY") != "WITHOUT_ORDINALITY":
         raise InvalidArgument(f"{SEARCH_FUNCTION} does not take WITH ORDINALITY")
-    arguments = named_arguments(node["function"].get("children", []))
+    arguments = named_arguments(node["function"].get("arguments", []))
     table = TABLE_PREFIX + uuid.uuid4().hex
     del node["function"]
     node.pop("with_ordinality", None)
-    node.update(type="BASE_TABLE", catalog_name="", schema_name="", table_name=table, at_clause=None)
+    node.update(
+        type="BASE_TABLE",
+        catalog_name="",
+        schema_name="",
+        table_name=table,
+        qualified_name={"path": [table]},  # DuckDB 2 binds this one
+        at_clause=None,
+    )
     return SearchCall(table, arguments_sql(connection, arguments))
 
 
-def named_arguments(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Parameter name -> argument expression, each checked to be a constant."""
+def named_arguments(given: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Parameter name -> argument expression, each checked to be a constant (``given``: the function's
+    arguments in DuckDB 2's parse tree, each a ``name`` (empty when by position) and an ``expression``)."""
     arguments: dict[str, dict[str, Any]] = {}
     unnamed = 0
-    for child in children:
-        name = str(child.get("alias", "")).lower()
+    for argument in given:
+        child = argument.get("expression") or {}
+        name = str(argument.get("name", "")).lower()
         if not name:
             if unnamed >= len(POSITIONAL):
                 raise InvalidArgument(
@@ -162,7 +171,7 @@ def search_request(cursor: duckdb.DuckDBPyConnection, call: SearchCall) -> Searc
     """The search request of a call: its arguments evaluated on ``cursor``, NULLs left out, validated as
     the action's body."""
     relation = cursor.sql(call.arguments)
-    rows = relation.fetchmany(2)
+    rows = relation.limit(2).fetchall()
     if len(rows) != 1:  # unnest(...) makes rows
         raise InvalidArgument(f"{SEARCH_FUNCTION} arguments must be single values, not sets of rows")
     values = {
