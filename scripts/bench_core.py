@@ -2,8 +2,8 @@
 
 * Ingest: the workers rows streamed with one DoPut, against pyarrow writing the same batches to a
   Parquet file (zstd level 1) in this process; the server's peak RSS (children included) is sampled.
-* DoGet: a full scan and a GROUP BY through the server, against DuckDB in this process on the Parquet
-  files the server wrote.
+* DoGet: a full scan and a GROUP BY through the server, against DuckDB on the Parquet files the server
+  wrote; the Flight client and DuckDB each run in a spawned process of their own (timed there).
 
 Every measurement is repeated (contenders interleaved) and reported as medians, with min/max.
 
@@ -45,10 +45,7 @@ def data_files(root: Path) -> set[Path]:
 
 def inprocess_connection(files: list[Path]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with a ``workers`` view over ``files``."""
-    con = duckdb.connect(":memory:")
-    listing = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
-    con.execute(f"create view workers as select * from read_parquet([{listing}])")
-    return con
+    return workloads.files_connection(files)
 
 
 # -- measurements ----------------------------------------------------------------------------------
@@ -102,20 +99,18 @@ def measure_ingest(
     return current
 
 
-def measure_queries(
-    client: flight.FlightClient, files: list[Path], rows: int, repeats: int, out: Results
-) -> None:
-    """Interleave DoGet and in-process DuckDB for the scan and the GROUP BY (after one warm-up each)."""
-    con = inprocess_connection(files)
+def measure_queries(location: str, files: list[Path], rows: int, repeats: int, out: Results) -> None:
+    """Interleave DoGet and DuckDB on the files, each in a spawned process (after one warm-up each)."""
+    server, anchor = workloads.Spawned.flight_client(location), workloads.Spawned.duckdb(files)
     try:
         cases = ((workloads.SCAN_SQL, out.scan_seconds), (workloads.GROUP_SQL, out.group_seconds))
-        for sql, _ in cases:  # warm-up: page cache, the server's snapshot database
-            harness.server_query(client, sql)
-            workloads.inprocess_query(con, sql)
+        for sql, _ in cases:  # warm-up: page cache, the server's snapshot database, the processes
+            server.timed(sql)
+            anchor.timed(sql)
         for i in range(repeats):
             for sql, samples in cases:
-                server_seconds, server_rows = harness.timed(lambda sql=sql: harness.server_query(client, sql))
-                local_seconds, local_rows = harness.timed(lambda sql=sql: workloads.inprocess_query(con, sql))
+                server_seconds, server_rows = server.timed(sql)
+                local_seconds, local_rows = anchor.timed(sql)
                 assert server_rows == local_rows, (sql, server_rows, local_rows)
                 if sql == workloads.SCAN_SQL:
                     assert server_rows == rows, (server_rows, rows)
@@ -127,7 +122,8 @@ def measure_queries(
                     file=sys.stderr,
                 )
     finally:
-        con.close()
+        server.close()
+        anchor.close()
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def run(work: Path, rows: int, repeats: int, env: dict[str, str]) -> str:
         print(f"server at {server.location} (pid {server.pid})", file=sys.stderr)
         with flight.connect(server.location) as client:
             current = measure_ingest(server, client, source, work, repeats, results)
-            measure_queries(client, sorted(current), rows, repeats, results)
+            measure_queries(server.location, sorted(current), rows, repeats, results)
     results.notes.append(f"server files of the current snapshot: {len(current)}")
     return render(results, source, repeats) + "".join(f"\n- {note}" for note in results.notes) + "\n"
 

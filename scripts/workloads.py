@@ -2,7 +2,8 @@
 
 * Workers (``bench_core``, ``bench_s3``): the generated ``workers`` table in a local Parquet file, streamed
   by every contender in batches of 65,536 rows; the overwrite DoPut; the full scan and GROUP BY queries;
-  DuckDB in this process.
+  DuckDB in this process, and DoGet clients and DuckDB each in a spawned process of its own
+  (:class:`Spawned`: a contender's work and its timing happen in its own process).
 * Vectors (``bench_vectors``, ``bench_vector_cache``, ``bench_ann_libraries``): clustered float32 vectors
   with an ``id`` and a ``category`` column, query vectors from the same distribution (fixed seed), the
   exact neighbours by numpy brute force (cosine), recall; the Lance table's DoPut; lancedb searches in
@@ -18,10 +19,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import multiprocessing
+import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import numpy as np
@@ -30,7 +34,18 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 from scripts.gen_workers import WORKERS_SCHEMA, iter_worker_batches
-from scripts.harness import IngestRound, PeakRss, RssSampler, add_work_arguments, do_put, drain, ingest_rounds
+from scripts.harness import (
+    IngestRound,
+    PeakRss,
+    RssSampler,
+    add_work_arguments,
+    do_put,
+    drain,
+    ingest_rounds,
+    server_query,
+)
+
+T = TypeVar("T")
 
 # -- workers ---------------------------------------------------------------------------------------
 CLIENT_BATCH_ROWS = 65_536
@@ -79,6 +94,67 @@ def inprocess_query(con: duckdb.DuckDBPyConnection, sql: str) -> int:
     """Run ``sql`` on DuckDB in this process, batch by batch, keeping nothing; returns the row count."""
     reader = con.sql(sql).to_arrow_reader(READER_BATCH_ROWS)
     return drain(reader.read_next_batch)
+
+
+def files_connection(files: Sequence[Path | str]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with a ``workers`` view over ``files`` (the in-process anchor)."""
+    con = duckdb.connect(":memory:")
+    listing = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+    con.execute(f"create view workers as select * from read_parquet([{listing}])")
+    return con
+
+
+#: What a spawned contender runs: ``sql`` -> row count (set by its initializer, in its own process).
+_CONTENDER: Callable[[str], int] | None = None
+
+
+def _serve_flight(location: str) -> None:
+    global _CONTENDER
+    client = flight.connect(location)
+    _CONTENDER = functools.partial(server_query, client)
+
+
+def _serve_duckdb(files: Sequence[str]) -> None:
+    global _CONTENDER
+    _CONTENDER = functools.partial(inprocess_query, files_connection(files))
+
+
+def _timed(sql: str) -> tuple[float, int]:
+    assert _CONTENDER is not None
+    started = time.perf_counter()
+    rows = _CONTENDER(sql)
+    return time.perf_counter() - started, rows
+
+
+class Spawned:
+    """A contender in a spawned process of its own: a Flight client of a server (DoGet) or DuckDB over
+    Parquet files (the in-process anchor). :meth:`timed` runs a query there and times it there."""
+
+    def __init__(self, initializer: Callable[..., None], *args: object) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pool = ProcessPoolExecutor(1, mp_context=context, initializer=initializer, initargs=args)
+
+    @classmethod
+    def flight_client(cls, location: str) -> Spawned:
+        """DoGet through a Flight client of the server at ``location``."""
+        return cls(_serve_flight, location)
+
+    @classmethod
+    def duckdb(cls, files: Sequence[Path | str]) -> Spawned:
+        """DuckDB over ``files`` as the ``workers`` view."""
+        return cls(_serve_duckdb, [str(path) for path in files])
+
+    def timed(self, sql: str) -> tuple[float, int]:
+        """Seconds and rows of ``sql``, batch by batch, keeping nothing."""
+        return self._pool.submit(_timed, sql).result()
+
+    def call(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` in the process (a module-level function, after the initializer)."""
+        return self._pool.submit(function, *args).result()
+
+    def close(self) -> None:
+        """Stop the process."""
+        self._pool.shutdown()
 
 
 # -- vectors ---------------------------------------------------------------------------------------
