@@ -99,6 +99,7 @@ def inprocess_query(con: duckdb.DuckDBPyConnection, sql: str) -> int:
 def files_connection(files: Sequence[Path | str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with a ``workers`` view over ``files`` (the in-process anchor)."""
     con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")  # DuckDB 2 draws one on stdout (a session setting)
     listing = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
     con.execute(f"create view workers as select * from read_parquet([{listing}])")
     return con
