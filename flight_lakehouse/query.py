@@ -191,7 +191,7 @@ class SnapshotDatabase:
         config = database_config(settings, temp_directory=temp_dir)
         self._running = ViewDatabase(views, self._paths(files.path), config)
         self._planning = self._running
-        if files.location is not None:
+        if files.location is not None and views:
             self._planning = ViewDatabase(views, self._paths(files.footer_path), {**config, "threads": 1})
         self._by_lower = {name.lower(): name for name in [*views, *self.lance]}
         self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
