@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import pyarrow as pa
@@ -176,11 +176,11 @@ def serve(**options: object) -> None:
     try:
         server = LakehouseServer(settings)
     except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+        _refuse(str(exc))
     except (OSError, flight.FlightError, pa.ArrowException) as exc:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
         hint = "port in use, or a certificate gRPC cannot load?" if settings.tls_cert else "port in use?"
-        raise click.ClickException(f"cannot start on {settings.location} ({hint}): {reason}") from None
+        _refuse(f"cannot start on {settings.location} ({hint}): {reason}")
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -189,6 +189,14 @@ def serve(**options: object) -> None:
     while not stop.wait(0.5):
         pass
     _shutdown(server, settings.shutdown_grace_seconds)
+
+
+def _refuse(message: str) -> NoReturn:
+    """Refuse to start with one line, as click prints an error, and leave at once (``os._exit``): DuckDB 2's
+    bindings (nanobind) print a report of leaked objects when the interpreter exits normally."""
+    click.echo(f"Error: {message}", err=True)
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
