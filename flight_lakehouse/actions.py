@@ -12,8 +12,10 @@ from flight_lakehouse.commands import (
     DatasetRef,
     DeleteRows,
     DropDataset,
+    EmbedTexts,
     EmptyBody,
     Optimize,
+    Reembed,
     SearchRequest,
 )
 from flight_lakehouse.process import large_work_finished
@@ -61,6 +63,18 @@ class Actions:
                     "reader",
                     self.vector_search,
                 ),
+                "embed": ActionSpec(
+                    EmbedTexts,
+                    "Embed texts with the server's model: Arrow IPC stream bytes, one column 'vector'.",
+                    "reader",
+                    self.embed,
+                ),
+                "reembed": ActionSpec(
+                    Reembed,
+                    "Embed a text column again with the server's model, into a new column or dataset.",
+                    "writer",
+                    self.reembed,
+                ),
                 "create_index": ActionSpec(
                     CreateIndex,
                     "Build an ivf_pq, ivf_hnsw_sq, fts, btree or bitmap index on a Lance table.",
@@ -90,6 +104,7 @@ class Actions:
             "storage": self.s.storage.public_facts(),
             "datasets": len(self.s.datasets.names()),
             "result_cache": self.s.engine.results.facts(),
+            "embedder": self.s.texts.facts(),
         }
 
     def list_datasets(self, ctx: CallContext, _: EmptyBody) -> list[dict[str, Any]]:
@@ -115,6 +130,17 @@ class Actions:
         with pa.ipc.new_stream(sink, result.schema) as writer:
             writer.write_table(result)
         return sink.getvalue().to_pybytes()
+
+    def embed(self, ctx: CallContext, body: EmbedTexts) -> bytes:
+        """The ``embed`` action: the vectors as Arrow IPC stream bytes."""
+        return self.s.texts.embed_action(body)
+
+    def reembed(self, ctx: CallContext, body: Reembed) -> dict[str, Any]:
+        """The ``reembed`` action."""
+        try:
+            return self.s.texts.reembed(body)
+        finally:
+            large_work_finished()
 
     def create_index(self, ctx: CallContext, body: CreateIndex) -> dict[str, Any]:
         """The ``create_index`` action."""

@@ -36,6 +36,14 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class EmbedSpec(Command):
+    """``"embed": {"from": "body", "into": "vec"}``: embed the text column ``from`` into the vector column
+    ``into`` with the server's embedder."""
+
+    from_: ColumnName = Field(alias="from")
+    into: ColumnName
+
+
 class IngestOptions(Command):
     """How a DoPut stream is written."""
 
@@ -51,6 +59,8 @@ class IngestOptions(Command):
     #: The upload's size: it commits only when exactly this many rows arrived (a client that gave up
     #: midway ends its stream as cleanly as one that finished).
     expected_rows: int | None = Field(default=None, ge=0)
+    #: Embed a text column into a vector column with the server's embedder (the dataset remembers it).
+    embed: EmbedSpec | None = None
 
 
 class IngestCommand(Command):
@@ -77,6 +87,8 @@ class ScanRequest(Command):
 
 MAX_SEARCH_K = 10_000
 MAX_QUERY_DIMENSION = 65_536
+MAX_QUERY_TEXT = 100_000
+MAX_EMBED_TEXTS = 10_000
 Positive = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
@@ -92,6 +104,8 @@ class SearchRequest(Command):
     filter: SqlText | None = None
     columns: list[ColumnName] | None = Field(default=None, max_length=10_000)
     text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)] | None = None
+    #: Free text embedded with the dataset's model, in place of ``vector``.
+    query: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_TEXT)] | None = None
     nprobes: Positive | None = None
     refine_factor: Annotated[int, Field(ge=1, le=1000)] | None = None
     ef: Positive | None = None
@@ -115,6 +129,27 @@ class CreateIndex(Command):
     m: Annotated[int, Field(ge=2, le=512)] | None = None
     ef_construction: Annotated[int, Field(ge=1, le=100_000)] | None = None
     replace: bool = False
+
+
+class EmbedTexts(Command):
+    """Body of ``embed``: texts to embed (with the model of ``dataset``, when given)."""
+
+    texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_TEXT)]] = Field(
+        min_length=1, max_length=MAX_EMBED_TEXTS
+    )
+    dataset: DatasetName | None = None
+
+
+class Reembed(Command):
+    """Body of ``reembed``: embed the text column ``from`` of a dataset again with the server's embedder,
+    into a new column ``into`` of the same dataset or into a new dataset ``target_dataset``."""
+
+    dataset: DatasetName
+    from_: ColumnName | None = Field(default=None, alias="from")
+    into: ColumnName | None = None
+    #: The model the caller expects the server to embed with (refused when it embeds with another).
+    model: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+    target_dataset: DatasetName | None = None
 
 
 class DeleteRows(Command):
@@ -163,6 +198,8 @@ PUBLISHED_MODELS: dict[str, type[Command]] = {
     "create_index": CreateIndex,
     "delete_rows": DeleteRows,
     "optimize": Optimize,
+    "embed_texts": EmbedTexts,
+    "reembed": Reembed,
 }
 
 

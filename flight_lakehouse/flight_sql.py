@@ -527,8 +527,11 @@ class FlightSqlHandlers:
 
     # -- bulk ingest -----------------------------------------------------------------------------
     def put_ingest(self, ctx: CallContext, command: sql.CommandStatementIngest, upload: Upload) -> bytes:
-        """``adbc_ingest``: the upload through the same path and atomic commit as DoPut."""
-        result = self.s.datasets.write(self.ingest_options(command), upload.schema(), upload.batches())
+        """``adbc_ingest``: the upload through the same path and atomic commit as DoPut (a dataset with
+        columns embedded from text gets them embedded, as by DoPut)."""
+        options = self.ingest_options(command)
+        schema, batches = self.s.texts.for_upload(options, upload.schema(), upload.batches())
+        result = self.s.datasets.write(options, schema, batches)
         return sql.DoPutUpdateResult(record_count=int(result.get("rows_written", 0))).SerializeToString()
 
     def ingest_options(self, command: sql.CommandStatementIngest) -> IngestOptions:

@@ -247,14 +247,16 @@ class LanceTables(TableFormat):
             self._adopt(name, dataset)
         with self._guard:
             queryable = self._queryable.get(name)
+            self._schemas.pop(name, None)  # a commit may add columns (reembed into a new column)
         if queryable is not None:
             queryable.checkout_latest()
         for listener in self.on_commit:
             listener(name)
 
     def schema(self, name: str) -> pa.Schema:
-        """The table's Arrow schema (with its metric in the metadata), read once: columns are fixed at
-        creation (``check_compatible``), and asking Lance costs ~0.4 ms, a third of an in-memory search."""
+        """The table's Arrow schema (with its metric in the metadata), read once per commit: uploads cannot
+        change columns (``check_compatible``; ``reembed`` adds one), and asking Lance costs ~0.4 ms, a third
+        of an in-memory search."""
         schema = self._schemas.get(name)
         if schema is None:
             schema = self._schemas[name] = self._known(name).schema
