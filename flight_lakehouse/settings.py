@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     row_group_rows: int = Field(default=1 << 20, ge=1024)
     max_batch_mb: int = Field(default=256, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    snapshot_keep_last: int = Field(
+        default=100,
+        ge=1,
+        description="snapshots of an Iceberg dataset always kept, newest first (expiry keeps these)",
+    )
+    snapshot_keep_seconds: float = Field(
+        default=7 * 86_400.0,
+        ge=0,
+        description="snapshots newer than this are kept too; older ones beyond snapshot_keep_last expire",
+    )
     lance_refresh_seconds: float = Field(
         default=5.0,
         ge=0,
