@@ -14,10 +14,12 @@ from flight_lakehouse.commands import (
     DropDataset,
     EmbedTexts,
     EmptyBody,
+    ExpireSnapshots,
     Optimize,
     Reembed,
     SearchRequest,
 )
+from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.protocol import ActionRouter, ActionSpec, CallContext
 from flight_lakehouse.services import Services
@@ -89,9 +91,15 @@ class Actions:
                 ),
                 "optimize": ActionSpec(
                     Optimize,
-                    "Compact a Lance table, update its indexes, remove old versions.",
+                    "Lance: compact, update indexes, remove old versions; Parquet: expire old snapshots.",
                     "writer",
                     self.optimize,
+                ),
+                "expire_snapshots": ActionSpec(
+                    ExpireSnapshots,
+                    "Let go of old snapshots (Lance: versions) but the newest keep_last and younger ones.",
+                    "writer",
+                    self.expire_snapshots,
                 ),
             }
         )
@@ -154,9 +162,22 @@ class Actions:
         return tables.delete_rows(body.dataset, body.where)
 
     def optimize(self, ctx: CallContext, body: Optimize) -> dict[str, Any]:
-        """The ``optimize`` action."""
-        tables = self.s.datasets.vector_table(body.dataset, "optimize")
+        """The ``optimize`` action: Lance tables are compacted and cleaned up, Iceberg snapshots expired."""
+        datasets = self.s.datasets
+        if datasets.table_format(body.dataset) is not datasets.lance:
+            return datasets.expire(
+                body.dataset, Retention(self.s.settings.snapshot_keep_last, body.older_than_seconds)
+            )
         try:
-            return tables.optimize(body.dataset, body.older_than_seconds)
+            return datasets.lance.optimize(body.dataset, body.older_than_seconds)
         finally:
             large_work_finished()
+
+    def expire_snapshots(self, ctx: CallContext, body: ExpireSnapshots) -> dict[str, Any]:
+        """The ``expire_snapshots`` action."""
+        settings = self.s.settings
+        retention = Retention(
+            body.keep_last or settings.snapshot_keep_last,
+            settings.snapshot_keep_seconds if body.older_than_seconds is None else body.older_than_seconds,
+        )
+        return self.s.datasets.expire(body.dataset, retention)

@@ -160,10 +160,20 @@ class DeleteRows(Command):
 
 
 class Optimize(Command):
-    """Body of ``optimize``: compaction, index update, and removal of versions older than the retention."""
+    """Body of ``optimize``: compaction, index update, and removal of versions older than the retention
+    (Lance); expiry of the snapshots older than it beyond the newest ``snapshot_keep_last`` (Iceberg)."""
 
     dataset: DatasetName
     older_than_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] = 7 * 86_400.0
+
+
+class ExpireSnapshots(Command):
+    """Body of ``expire_snapshots``: keep the newest ``keep_last`` snapshots (Lance: versions) and those
+    newer than ``older_than_seconds``, let go of the others; the server's settings where absent."""
+
+    dataset: DatasetName
+    keep_last: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    older_than_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] | None = None
 
 
 class EmptyBody(Command):
@@ -200,6 +210,7 @@ PUBLISHED_MODELS: dict[str, type[Command]] = {
     "optimize": Optimize,
     "embed_texts": EmbedTexts,
     "reembed": Reembed,
+    "expire_snapshots": ExpireSnapshots,
 }
 
 

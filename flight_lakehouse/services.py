@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flight_lakehouse.catalog import DatasetCatalog
+from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.datasets.registry import Datasets
@@ -39,7 +40,8 @@ class Services:
 def build_services(settings: Settings) -> Services:
     """Open the storage and build the services on it."""
     storage = open_storage(settings)
-    iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri), settings)
+    retention = Retention(settings.snapshot_keep_last, settings.snapshot_keep_seconds)
+    iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri, retention), settings)
     ingests = Slots(settings.max_concurrent_ingests, "uploads", "max_concurrent_ingests")
     datasets = Datasets(iceberg, LanceTables(storage, settings), ingests)
     cache = VectorCache(datasets.lance, settings)

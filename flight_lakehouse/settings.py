@@ -120,6 +120,16 @@ class Settings(BaseSettings):
             "balancer to stop sending them) before the server drains"
         ),
     )
+    snapshot_keep_last: int = Field(
+        default=100,
+        ge=1,
+        description="snapshots of an Iceberg dataset always kept, newest first (expiry keeps these)",
+    )
+    snapshot_keep_seconds: float = Field(
+        default=7 * 86_400.0,
+        ge=0,
+        description="snapshots newer than this are kept too; older ones beyond snapshot_keep_last expire",
+    )
     lance_refresh_seconds: float = Field(
         default=5.0,
         ge=0,

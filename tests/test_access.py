@@ -301,6 +301,7 @@ CALLS: list[tuple[str, str, Callable[[Session, str], object]]] = [
         lambda s, tag: s.action("delete_rows", {"dataset": "vecs", "where": "id > 1000"}),
     ),
     ("optimize", "writer", lambda s, tag: s.action("optimize", {"dataset": "vecs"})),
+    ("expire_snapshots", "writer", lambda s, tag: s.action("expire_snapshots", {"dataset": "vecs"})),
 ]
 
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.datasets.base import Batches, Facts, Namespace, TableFormat
+from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage
@@ -330,6 +330,24 @@ class LanceTables(TableFormat):
         self.storage.delete_files(info.path for info in manifests)
         rest = [info for info in found if not is_manifest(info.path)]
         self.storage.leases.delete_when_unread(name, functools.partial(self.storage.delete_listed, uri, rest))
+
+    def expire(self, name: str, retention: Retention) -> Facts:
+        """Remove the versions ``retention`` lets go, and the files only they used (Lance deletes them)."""
+        dataset = self.writable(name)
+        before = len(dataset.versions())
+        try:
+            stats = dataset.cleanup_old_versions(
+                older_than=timedelta(seconds=retention.keep_seconds), retain_versions=retention.keep_last
+            )
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"expiring versions of {name!r}") from None
+        return {
+            "dataset": name,
+            "snapshots_before": before,
+            "snapshots_expired": stats.old_versions,
+            "snapshots_after": before - stats.old_versions,
+            "bytes_removed": stats.bytes_removed,
+        }
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
