@@ -344,7 +344,8 @@ def delete(name: str, where: str, yes: bool, as_json: bool, connect: Connect) ->
 @json_option
 @client_options
 def optimize(name: str, older_than_seconds: float | None, as_json: bool, connect: Connect) -> None:
-    """Compact vector (Lance) dataset NAME, update its indexes and remove its old versions."""
+    """Compact vector (Lance) dataset NAME, update its indexes and remove its old versions; expire the old
+    snapshots of a Parquet dataset."""
     body: dict[str, Any] = {"dataset": name}
     if older_than_seconds is not None:
         body["older_than_seconds"] = older_than_seconds
