@@ -12,6 +12,11 @@ from flight_lakehouse.errors import Cancelled, InvalidArgument
 from flight_lakehouse.ingest import reading_upload, validated
 from flight_lakehouse.protocol import CallContext
 
+#: Levels of nested types (lists, structs, maps) a column may have. Arrow refuses batches nested deeper
+#: than 64, and the schema alone sent pyiceberg's schema conversion past Python's recursion limit (an
+#: INTERNAL error) from 65 levels; no table needs more than a few.
+MAX_TYPE_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -25,7 +30,14 @@ class Upload:
     def schema(self) -> pa.Schema:
         """The schema the stream announces (a stream without one is refused)."""
         with reading_upload(self.ctx.is_cancelled):
-            return self.reader.schema
+            schema = self.reader.schema
+        for column in schema:
+            if type_depth(column.type) > MAX_TYPE_DEPTH:
+                raise InvalidArgument(
+                    f"column {column.name!r} is nested more than {MAX_TYPE_DEPTH} levels deep "
+                    "(lists, structs or maps within each other); nothing was committed"
+                )
+        return schema
 
     def batches(self, expected_rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """The record batches, each fully validated before anything uses it; malformed IPC is the client's
@@ -55,6 +67,17 @@ class Upload:
             raise Cancelled("upload cancelled by the client; nothing was committed")
         if expected_rows is not None and rows != expected_rows:
             raise InvalidArgument(incomplete(rows, expected_rows, "only"))
+
+
+def type_depth(data_type: pa.DataType) -> int:
+    """Levels of nesting of ``data_type``: 0 for a flat type (walked without recursion)."""
+    depth, level = 0, [data_type]
+    while level:
+        level = [kind.field(i).type for kind in level for i in range(kind.num_fields)]
+        depth += bool(level)
+        if depth > MAX_TYPE_DEPTH:
+            break
+    return depth
 
 
 def incomplete(rows: int, expected_rows: int, how: str) -> str:
