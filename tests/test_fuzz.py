@@ -932,3 +932,20 @@ def test_schema_nested_too_deep_is_invalid_argument(fz: Fuzzed, target: str) -> 
     ok = pa.schema([("id", pa.int64()), vec, ("deep", deep_struct(32))])
     assert raw_stream(fz, method, [flight_data(descriptor, ipc(ok)[0])])
     fz.drop(created)
+
+
+WIDE = pa.schema([(f"column_with_a_long_name_{i}", pa.int8()) for i in range(3000)])
+LONG_NAME = pa.schema([("x" * 6000, pa.int8())])
+
+
+@pytest.mark.parametrize(("dataset", "schema"), [("people", WIDE), ("vecs", LONG_NAME)], ids=["wide", "long"])
+def test_long_refusal_is_cut_to_fit_grpc_trailers(fz: Fuzzed, dataset: str, schema: pa.Schema) -> None:
+    """A schema conflict naming 3,000 columns made a 7.8 KB message, sent twice in the trailers: the client
+    dropped them (over gRPC's 8 KiB) and got RESOURCE_EXHAUSTED "Stream removed", not INVALID_ARGUMENT."""
+    descriptor = varint(1 << 3) + varint(1) + proto_field(3, dataset.encode())
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stream(fz, "DoPut", [flight_data(descriptor, ipc(schema)[0])])
+    details = info.value.details()  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details  # type: ignore[attr-defined]
+    assert dataset in details and "characters cut)" in details, details
+    assert len(details.encode()) < 1200, len(details)
