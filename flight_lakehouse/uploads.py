@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from flight_lakehouse.errors import Cancelled, InvalidArgument
-from flight_lakehouse.ingest import reading_upload, validated
+from flight_lakehouse.ingest import invalid_batch, reading_upload, validated
 from flight_lakehouse.protocol import CallContext
 
 #: Levels of nested types (lists, structs, maps) a column may have. Arrow refuses batches nested deeper
@@ -52,6 +52,10 @@ class Upload:
             if chunk is None:
                 break
             if chunk.data is not None:
+                # nbytes reads the offsets at each column's claimed length: a batch whose header claims more
+                # rows than its buffers hold crashed the server there (segfault), so its sizes are checked
+                # first (cheap: no data is scanned; the full check follows below)
+                shaped(chunk.data)
                 received += chunk.data.nbytes
                 if self.max_bytes and received > self.max_bytes:
                     raise InvalidArgument(
@@ -67,6 +71,14 @@ class Upload:
             raise Cancelled("upload cancelled by the client; nothing was committed")
         if expected_rows is not None and rows != expected_rows:
             raise InvalidArgument(incomplete(rows, expected_rows, "only"))
+
+
+def shaped(batch: pa.RecordBatch) -> None:
+    """Refuse a batch whose buffers are too small for its lengths (Arrow's structural check)."""
+    try:
+        batch.validate()
+    except pa.ArrowException as exc:
+        raise InvalidArgument(invalid_batch(batch, exc)) from None
 
 
 def type_depth(data_type: pa.DataType) -> int:

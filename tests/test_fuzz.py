@@ -709,8 +709,11 @@ def batches(draw: st.DrawFn, schema: pa.Schema) -> pa.RecordBatch:
 
 @st.composite
 def mutated(draw: st.DrawFn, raw: bytes) -> bytes:
-    """``raw`` truncated, with bytes overwritten, or replaced by garbage."""
-    how = draw(st.sampled_from(["keep", "truncate", "flip", "garbage", "extend"]))
+    """``raw`` truncated, with bytes or an 8-byte number overwritten, or replaced by garbage."""
+    how = draw(st.sampled_from(["keep", "truncate", "flip", "huge", "garbage", "extend"]))
+    if how == "huge" and len(raw) >= 8:  # a length or count claiming far more than the buffers hold
+        at = draw(st.integers(0, len(raw) // 8 - 1)) * 8
+        return raw[:at] + (1 << draw(st.integers(20, 40))).to_bytes(8, "little") + raw[at + 8 :]
     if how == "truncate" and raw:
         return raw[: draw(st.integers(0, len(raw) - 1))]
     if how == "flip" and raw:
@@ -949,3 +952,24 @@ def test_long_refusal_is_cut_to_fit_grpc_trailers(fz: Fuzzed, dataset: str, sche
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details  # type: ignore[attr-defined]
     assert dataset in details and "characters cut)" in details, details
     assert len(details.encode()) < 1200, len(details)
+
+
+CLAIMED_ROWS = 13  # a row count no other number in the batch header equals
+
+
+@pytest.mark.parametrize("method", ["DoPut", "DoExchange"])
+def test_batch_claiming_millions_of_rows_over_small_buffers(fz: Fuzzed, method: str) -> None:
+    """A string batch whose header claims 2**24 rows over buffers of 13 segfaulted the server (found by the
+    10,000-input run): the upload's size was read (``nbytes`` reads the offsets at the claimed length) before
+    the batch was checked. Now INVALID_ARGUMENT naming the column, and the server goes on."""
+    batch = pa.record_batch({"vector": [f"n{i}" for i in range(CLAIMED_ROWS)]})
+    header, body = ipc(batch)
+    header = header.replace(CLAIMED_ROWS.to_bytes(8, "little"), (1 << 24).to_bytes(8, "little"))
+    descriptor, method_, _ = descriptor_for(fz, "search" if method == "DoExchange" else "new")
+    messages = [flight_data(descriptor, ipc(batch.schema)[0]), flight_data(header=header, body=body)]
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stream(fz, method_, messages)
+    details = info.value.details()  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details  # type: ignore[attr-defined]
+    assert "'vector'" in details and "not valid Arrow" in details, details
+    fz.assert_intact()
