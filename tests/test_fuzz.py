@@ -973,3 +973,21 @@ def test_batch_claiming_millions_of_rows_over_small_buffers(fz: Fuzzed, method: 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details  # type: ignore[attr-defined]
     assert "'vector'" in details and "not valid Arrow" in details, details
     fz.assert_intact()
+
+
+@pytest.mark.parametrize("target", ["new", "new_lance", "people", "search"])
+@pytest.mark.parametrize("nested", [False, True], ids=["column", "nested"])
+def test_column_name_not_utf8_is_invalid_argument(fz: Fuzzed, target: str, nested: bool) -> None:
+    """A schema whose column name is not UTF-8 (raw IPC) was INTERNAL: reading the name raised
+    UnicodeDecodeError (found by the 10,000-input run)."""
+    kind = pa.struct([("inner_é", pa.int64())]) if nested else pa.int64()
+    schema = pa.schema([("vector", pa.list_(pa.float32(), DIM)), ("outer" if nested else "bad_é", kind)])
+    header = ipc(schema)[0].replace("é".encode(), b"\x8e\x8e")
+    descriptor, method, _ = descriptor_for(fz, target)
+    with pytest.raises(grpc.RpcError) as info:
+        raw_stream(fz, method, [flight_data(descriptor, header)])
+    details = info.value.details()  # type: ignore[attr-defined]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details  # type: ignore[attr-defined]
+    assert "not valid UTF-8" in details, details
+    assert not [line for line in fz.server.log_lines if "internal error" in line]
+    fz.assert_intact()
