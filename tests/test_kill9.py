@@ -4,7 +4,8 @@ restart it on the same root, and check that nothing committed is lost and nothin
 Each round starts one operation in a thread — a Parquet ingest with ``expected_rows`` (small row groups and
 files, so the kill lands between Parquet writes or between them and the Iceberg commit), a Lance append, a
 Lance upsert, ``delete_rows``, ``create_index`` (the build runs in the background after the call returns)
-or ``optimize`` — and kills the server after a random delay within the operation's usual duration. After
+or ``optimize`` — and kills the server after a random batch of a DoPut's stream (a third of the time
+shortly after its end, while the server commits), or a random delay into an action. After
 the restart the rows of both datasets must be exactly the state before the operation or the state after it
 (the state after when the client got its answer), every dataset reads in full, and a vector search answers.
 Each round is classified by what storage shows (committed; files written but nothing committed; nothing
