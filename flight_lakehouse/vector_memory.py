@@ -354,13 +354,17 @@ class ServedTable:
 
         Few candidate rows: an exact scan over them. Otherwise the graph proposes ``REFINE * k``
         candidates (restricted to the allowed slots) and the original vectors rank them exactly.
-        Fewer than k rows found: slot -1 (or fewer columns) in their place.
+        Fewer than k rows found: slot -1 (or fewer columns) in their place. ``allowed`` covers the slots
+        there were when the filter ran: slots added since (a commit caught up meanwhile) are not allowed.
         """
         with self.lock.reading():
             mask = self.alive[: self.size]
             count = self.live
             if allowed is not None:
-                mask = mask & allowed[: self.size]
+                covered = min(len(allowed), self.size)
+                mask = mask.copy()
+                mask[:covered] &= allowed[:covered]
+                mask[covered:] = False
                 count = int(mask.sum())
             if count <= max(EXACT_ROWS, EXACT_SHARE * self.size):
                 return self._exact_scan(queries, np.flatnonzero(mask), k)
@@ -457,9 +461,13 @@ class ServedTable:
 
     def catch_up(self, dataset: lance.LanceDataset, stop: threading.Event | None = None) -> None:
         """Follow ``dataset`` (a later version): add new fragments, tombstone deleted rows. ``stop`` set
-        (the table was dropped) ends it between batches with :class:`BuildStopped`."""
+        (the table was dropped) ends it between batches with :class:`BuildStopped`. A version this copy
+        already covers changes nothing: two commits' catch-ups may arrive in either order, and following the
+        older second would tombstone the newer one's fragments (and put the copy behind the table)."""
         current = {fragment.fragment_id: fragment for fragment in dataset.get_fragments()}
         with self.lock.writing():
+            if dataset.version <= self.version:
+                return
             for fragment_id in [known for known in self.fragments if known not in current]:
                 self._tombstone(fragment_id, None)
             for fragment_id, fragment in current.items():
