@@ -52,6 +52,22 @@ def summary(name: str, dataset: lance.LanceDataset, versions: list[dict[str, Any
     }
 
 
+#: Tries at reading a table's versions while another call's ``optimize`` removes old ones.
+VERSION_READS = 5
+
+
+def versions_of(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
+    """``dataset.versions()``, read again when an old version's manifest went between Lance's listing of
+    the manifests and its reading of them (an ``optimize`` removing old versions meanwhile)."""
+    for attempt in range(VERSION_READS):
+        try:
+            return dataset.versions()
+        except (OSError, ValueError) as exc:
+            if "not found" not in str(exc).lower() or attempt == VERSION_READS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
     """Bytes of the table's current data files and indexes (deleted versions' files not counted)."""
     current = next((v for v in versions if v["version"] == dataset.version), versions[-1])
@@ -264,14 +280,14 @@ class LanceTables(TableFormat):
     def summarise(self, name: str) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
         dataset = self.dataset(name)
-        return summary(name, dataset, dataset.versions())
+        return summary(name, dataset, versions_of(dataset))
 
     def describe(self, name: str) -> dict[str, Any]:
         """Schema, vector columns, versions and indexes (and what the ``on_describe`` listeners add)."""
         dataset = self.dataset(name)
         schema = self.schema(name)
         vectors = vector_columns(schema)
-        versions = dataset.versions()
+        versions = versions_of(dataset)
         facts = summary(name, dataset, versions)
         facts.update(
             {
@@ -293,7 +309,7 @@ class LanceTables(TableFormat):
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """The table's versions, newest first."""
-        versions = self.dataset(name).versions()
+        versions = versions_of(self.dataset(name))
         current = versions[-1]["version"] if versions else None
         return [
             {
@@ -348,7 +364,7 @@ class LanceTables(TableFormat):
     def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
         """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
         before = self.dataset(name)
-        versions = before.versions()
+        versions = versions_of(before)
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
         try:
@@ -360,7 +376,7 @@ class LanceTables(TableFormat):
             raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
         self.committed(name)
         after = self.dataset(name)
-        versions = after.versions()
+        versions = versions_of(after)
         bytes_after = total_bytes(after, versions)
         return {
             "dataset": name,
