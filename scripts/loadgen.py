@@ -388,10 +388,18 @@ def delete_rows(client: Client) -> None:
 
 
 def churn_search(client: Client) -> None:
-    """k-NN on the small vector table being written: the row itself first, every row one of the table."""
-    row_id = client.rng.randrange(SEED_CHURN)
+    """k-NN on the small vector table being written, half of them filtered: the row itself first (a seed
+    row, never deleted), every row one of the table (and passing the filter)."""
+    row_id = client.rng.randrange(SEED_CHURN // 2) * 2
     body = {"dataset": CHURN, "vector": vector_of([row_id])[0].tolist(), "k": K}
-    check_nearest(client.get({"search": body}), row_id, CHURN)
+    if client.rng.random() < 0.5:
+        body["filter"] = "id % 2 = 0"
+    table = client.get({"search": body})
+    check_nearest(table, row_id, CHURN)
+    if "filter" in body:
+        expect(
+            all(i % 2 == 0 for i in table.column("id").to_pylist()), "churn search: a row fails the filter"
+        )
 
 
 def optimize(client: Client) -> None:
