@@ -22,9 +22,10 @@ import pyarrow.fs as pafs
 
 from flight_lakehouse.commands import IngestOptions
 from flight_lakehouse.datasets.base import Batches, Facts, Namespace, TableFormat
-from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
+from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage
+from flight_lakehouse.vector_memory import ReadWriteLock
 from flight_lakehouse.vectors import (
     WRITE_BUFFER_BYTES,
     UploadPlan,
@@ -66,6 +67,15 @@ def versions_of(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
             if "not found" not in str(exc).lower() or attempt == VERSION_READS - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+#: Tries of an ``optimize`` whose commit a concurrent write preempted (it changes no rows: it tries again).
+OPTIMIZE_ATTEMPTS = 5
+
+
+def is_conflict(error: BaseException) -> bool:
+    """Whether :func:`~flight_lakehouse.vectors.lance_error` made ``error`` of a commit conflict."""
+    return isinstance(error, Unavailable) and "a concurrent write won" in str(error)
 
 
 def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
@@ -134,6 +144,9 @@ class LanceTables(TableFormat):
         self._queryable: dict[str, LanceTable] = {}
         self._schemas: dict[str, pa.Schema] = {}
         self._guard = threading.Lock()
+        #: Per table: row changes (deletes, upserts) share it, ``optimize`` holds it alone (a compaction
+        #: that a concurrent delete preempts fails; deletes in a row kept preempting every retry).
+        self._rewrites: dict[str, ReadWriteLock] = {}
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
         #: Called with a table's name after each commit to it by this server, and after it is dropped.
@@ -345,11 +358,17 @@ class LanceTables(TableFormat):
         rest = [info for info in found if not is_manifest(info.path)]
         self.storage.leases.delete_when_unread(name, functools.partial(self.storage.delete_listed, uri, rest))
 
+    def rewrites(self, name: str) -> ReadWriteLock:
+        """The lock ordering row changes of ``name`` and its compaction (see ``_rewrites``)."""
+        with self._guard:
+            return self._rewrites.setdefault(name, ReadWriteLock())
+
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
-        dataset = self.writable(name)
         try:
-            result = dataset.delete(where)
+            with self.rewrites(name).reading():
+                dataset = self.writable(name)
+                result = dataset.delete(where)
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
         self.committed(name, dataset)
@@ -367,14 +386,9 @@ class LanceTables(TableFormat):
         versions = versions_of(before)
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
-        try:
-            dataset = self.writable(name)
-            dataset.optimize.compact_files()
-            dataset.optimize.optimize_indices()  # rows added since an index was built join it
-            dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
-        except Exception as exc:
-            raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
-        self.committed(name)
+        with self.rewrites(name).writing():
+            self._optimize_retrying(name, older_than_seconds)
+            self.committed(name)  # before a delete waiting for the lock takes its handle
         after = self.dataset(name)
         versions = versions_of(after)
         bytes_after = total_bytes(after, versions)
@@ -390,6 +404,26 @@ class LanceTables(TableFormat):
             "bytes_removed": max(0, bytes_before - bytes_after),
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _optimize_retrying(self, name: str, older_than_seconds: float) -> None:
+        """:meth:`_optimize_once`, again when a write by another process preempted its commit."""
+        for attempt in range(1, OPTIMIZE_ATTEMPTS + 1):
+            try:
+                self._optimize_once(name, older_than_seconds)
+                return
+            except Exception as exc:
+                error = lance_error(exc, self.storage.root_uri, f"optimize on {name!r}")
+                if attempt == OPTIMIZE_ATTEMPTS or not is_conflict(error):
+                    raise error from None
+                log.info("optimize on %s preempted by a concurrent write (attempt %d); again", name, attempt)
+
+    def _optimize_once(self, name: str, older_than_seconds: float) -> None:
+        """One try of :meth:`optimize` on the newest version (a concurrent write may preempt it)."""
+        self.refresh_version(name)
+        dataset = self.writable(name)
+        dataset.optimize.compact_files()
+        dataset.optimize.optimize_indices()  # rows added since an index was built join it
+        dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
 
     # -- writes ----------------------------------------------------------------------------------
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
@@ -474,12 +508,13 @@ class LanceTables(TableFormat):
         result: dict[str, Any] = {"created": False}
         try:
             if options.mode == "upsert":
-                merged = (
-                    dataset.merge_insert(options.key)
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute(stream.reader())
-                )
+                with self.rewrites(name).reading():
+                    merged = (
+                        dataset.merge_insert(options.key)
+                        .when_matched_update_all()
+                        .when_not_matched_insert_all()
+                        .execute(stream.reader())
+                    )
                 result.update(
                     rows_inserted=merged["num_inserted_rows"], rows_updated=merged["num_updated_rows"]
                 )
