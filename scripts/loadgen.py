@@ -522,6 +522,7 @@ class Sample:
     threads: int
     from_memory: bool | None = None
     version_lag: int | None = None
+    state: str | None = None
 
 
 class Sampler:
@@ -567,6 +568,7 @@ class Sampler:
             return sample
         serving = facts.get("serving", {})
         sample.from_memory = serving.get("from") == "memory"
+        sample.state = serving.get("state")
         if "version" in serving:
             sample.version_lag = int(facts["version"]) - int(serving["version"])
         return sample
@@ -767,9 +769,10 @@ class LoadReport:
         share = self.served_share()
         if share is not None:
             lags = [s.version_lag for s in self.samples if s.version_lag is not None]
+            states = Counter(s.state for s in self.samples if s.state is not None)
             facts.append(
                 f"- `{CHURN}` served from memory in {share:.0%} of the samples (version lag max "
-                f"{max(lags, default=0)})"
+                f"{max(lags, default=0)}; states {dict(states)})"
             )
         facts.append("- problems: " + ("; ".join(self.problems()) or "none"))
         return [fact for fact in facts if fact]
