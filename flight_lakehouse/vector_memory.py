@@ -112,6 +112,10 @@ class BuildStopped(Exception):
     """A build or catch-up given up because its table is gone."""
 
 
+class StaleFilter(Exception):
+    """A search filter's result no longer covers every slot (rows were added since it ran)."""
+
+
 class VectorFile:
     """Fixed-size float32 rows by slot in an unlinked temporary file (in ``TMPDIR``; gone with the file
     handle, even after a kill): written where a slot is added, read by position."""
@@ -354,17 +358,17 @@ class ServedTable:
 
         Few candidate rows: an exact scan over them. Otherwise the graph proposes ``REFINE * k``
         candidates (restricted to the allowed slots) and the original vectors rank them exactly.
-        Fewer than k rows found: slot -1 (or fewer columns) in their place. ``allowed`` covers the slots
-        there were when the filter ran: slots added since (a commit caught up meanwhile) are not allowed.
+        Fewer than k rows found: slot -1 (or fewer columns) in their place. :class:`StaleFilter` when
+        ``allowed`` (the filter's result) covers fewer slots than there are: a commit added rows since the
+        filter ran (after a compaction, every live row).
         """
         with self.lock.reading():
             mask = self.alive[: self.size]
             count = self.live
             if allowed is not None:
-                covered = min(len(allowed), self.size)
-                mask = mask.copy()
-                mask[:covered] &= allowed[:covered]
-                mask[covered:] = False
+                if len(allowed) < self.size:
+                    raise StaleFilter(self.name)
+                mask = mask & allowed[: self.size]
                 count = int(mask.sum())
             if count <= max(EXACT_ROWS, EXACT_SHARE * self.size):
                 return self._exact_scan(queries, np.flatnonzero(mask), k)

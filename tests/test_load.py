@@ -109,9 +109,10 @@ def test_one_row_writes_while_searching(tmp_path: Path) -> None:
 
 
 def test_listing_and_optimize_while_rows_change(tmp_path: Path) -> None:
-    """list_datasets, describe_dataset and dataset_history while optimize removes old versions, and optimize
-    while rows are appended and deleted: every call answers. (Reading the versions raced with the removal
-    of their manifests: INTERNAL; a compaction preempted by a concurrent delete: UNAVAILABLE.)"""
+    """list_datasets, describe_dataset, dataset_history and filtered searches while optimize compacts and
+    removes old versions, and optimize while rows are appended and deleted: every call answers, right.
+    (Reading the versions raced with the removal of their manifests: INTERNAL; a compaction preempted by a
+    concurrent delete: UNAVAILABLE.)"""
     with load_server(tmp_path / "root") as server:
         server.put("pruned", loadgen.churn_table(list(range(200))), mode="create", metric="cosine")
         stop = threading.Event()
@@ -135,8 +136,26 @@ def test_listing_and_optimize_while_rows_change(tmp_path: Path) -> None:
                     list(client.do_action(flight.Action("delete_rows", body)))
                 return 200
 
-        with ThreadPoolExecutor(2) as pool:
-            optimized, deleted = pool.submit(optimize), pool.submit(delete)
+        def search() -> int:
+            """Filtered searches: k rows every time (a compaction caught up between the filter's evaluation
+            and the graph search left no allowed live row: 0 rows)."""
+            searches = 0
+            with flight.connect(server.location) as client:
+                while not stop.is_set():
+                    body = {
+                        "dataset": "pruned",
+                        "vector": [1.0] * loadgen.DIM,
+                        "k": 5,
+                        "filter": "id % 2 = 0",
+                    }
+                    ticket = flight.Ticket(json.dumps({"search": body}).encode())
+                    found = client.do_get(ticket).read_all()
+                    assert found.num_rows == 5 and all(i % 2 == 0 for i in found.column("id").to_pylist())
+                    searches += 1
+            return searches
+
+        with ThreadPoolExecutor(3) as pool:
+            optimized, deleted, searched = pool.submit(optimize), pool.submit(delete), pool.submit(search)
             deadline = time.monotonic() + 8
             try:
                 while time.monotonic() < deadline:
@@ -145,7 +164,7 @@ def test_listing_and_optimize_while_rows_change(tmp_path: Path) -> None:
                     server.action("dataset_history", {"dataset": "pruned"})
             finally:
                 stop.set()
-            assert optimized.result() > 3 and deleted.result() > 10
+            assert optimized.result() > 3 and deleted.result() > 10 and searched.result() > 10
 
 
 def test_result_cache_counts_what_its_results_hold(tmp_path: Path) -> None:
