@@ -667,13 +667,13 @@ class LoadReport:
 
     @property
     def steady(self) -> list[Sample]:
-        """The samples after the warm-up."""
-        if not self.samples:
+        """The samples after the warm-up, while the clients were running (not while they wound down)."""
+        ends = [max(values) for values in self.outcomes.ends.values() if values]
+        if not self.samples or not ends:
             return []
-        start = self.samples[0].time + self.limits.warmup_share * (
-            self.samples[-1].time - self.samples[0].time
-        )
-        return [sample for sample in self.samples if sample.time >= start]
+        first, last = self.samples[0].time, max(ends)
+        start = first + self.limits.warmup_share * (last - first)
+        return [sample for sample in self.samples if start <= sample.time <= last]
 
     def rss_slope(self) -> float:
         """RSS growth after the warm-up, MB per minute (least squares)."""
@@ -684,9 +684,13 @@ class LoadReport:
         return float(np.polyfit(minutes - minutes[0], np.array([s.rss for s in steady]) / 1e6, 1)[0])
 
     def growth(self, attribute: str) -> int:
-        """How much ``files`` or ``threads`` rose after the warm-up (last minus first steady sample)."""
-        steady = self.steady
-        return getattr(steady[-1], attribute) - getattr(steady[0], attribute) if steady else 0
+        """How much ``files`` or ``threads`` rose after the warm-up: the median of the last fifth of the
+        steady samples minus that of the first fifth."""
+        values = [getattr(sample, attribute) for sample in self.steady]
+        if not values:
+            return 0
+        fifth = max(1, len(values) // 5)
+        return int(np.median(values[-fifth:]) - np.median(values[:fifth]))
 
     def problems(self) -> list[str]:
         """Everything that fails the run's checks (empty: it passed)."""
@@ -756,8 +760,9 @@ class LoadReport:
             f"{self.rss_slope():+.2f} MB/min"
             if rss
             else "- no samples of the server",
-            f"- open files {steady[0].files} -> {steady[-1].files}, threads {steady[0].threads} -> "
-            f"{steady[-1].threads} after the warm-up (max {max(s.files for s in self.samples)} files, "
+            f"- open files {steady[0].files} -> {steady[-1].files} (growth {self.growth('files'):+d}), "
+            f"threads {steady[0].threads} -> {steady[-1].threads} (growth {self.growth('threads'):+d}) "
+            f"after the warm-up (max {max(s.files for s in self.samples)} files, "
             f"{max(s.threads for s in self.samples)} threads)"
             if steady
             else "",
