@@ -96,7 +96,7 @@ SHORT_LIMITS = loadgen.Limits(warmup_share=0.3, rss_mb_per_min=600.0, files_grow
 def test_mixed_load(tmp_path: Path) -> None:
     """Every scenario of the mix at small concurrency: no error but intended limits, every answer right,
     every dataset holding exactly what the clients committed, no file-descriptor or thread growth."""
-    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=15, mix="mixed")
+    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=12, mix="mixed")
     report, _ = run_plan(tmp_path / "root", plan, SHORT_LIMITS)
     assert report.problems() == [], report.markdown()
     ran = {name for name, latencies in report.outcomes.latencies.items() if latencies}
@@ -107,7 +107,7 @@ def test_one_row_writes_while_searching(tmp_path: Path) -> None:
     """One-row appends and deletes into a small vector table while other clients search it (filtered and
     not): no crash, every result row one of the table with its own vector, the row searched for first,
     and the table served from memory when the writes stop."""
-    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=10, mix="churn")
+    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=8, mix="churn")
     report, described = run_plan(tmp_path / "root", plan, SHORT_LIMITS, max_concurrent_ingests="8")
     assert report.problems() == [], report.markdown()
     facts = described["serving"]
