@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.errors import NotFound, Unavailable
+from flight_lakehouse.limits import OnePerKey
 from flight_lakehouse.schema_types import storage_schema
 from flight_lakehouse.storage import Storage
 
@@ -69,6 +70,7 @@ class DatasetCatalog:
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait
         #: Bumped by every commit and drop of this process; a listing is reused only within one.
         self._generation = 0
         self._listed: tuple[int, float, dict[str, str]] | None = None
@@ -129,12 +131,16 @@ class DatasetCatalog:
         cached = self._snapshot_cache.get(key)
         if cached is not None:
             return cached
-        table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
-        result = files_of(table, snapshot_id)
-        if len(self._snapshot_cache) > 4096:
-            self._snapshot_cache.clear()
-        self._snapshot_cache[key] = result
-        return result
+        with self._planning.held(key):
+            cached = self._snapshot_cache.get(key)  # planned while this call waited
+            if cached is not None:
+                return cached
+            table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
+            result = files_of(table, snapshot_id)
+            if len(self._snapshot_cache) > 4096:
+                self._snapshot_cache.clear()
+            self._snapshot_cache[key] = result
+            return result
 
     # -- catalog actions -------------------------------------------------------------------------
     def list_datasets(self) -> list[dict[str, Any]]:

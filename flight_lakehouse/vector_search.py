@@ -28,7 +28,7 @@ from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.sandbox import checked_predicate, column_references
 from flight_lakehouse.semantic import TextEmbedding, embedding_records, text_column
 from flight_lakehouse.vector_cache import VectorCache
-from flight_lakehouse.vector_memory import ServedTable
+from flight_lakehouse.vector_memory import ServedTable, StaleFilter
 from flight_lakehouse.vectors import lance_error, problem_rows, table_metric, vector_columns
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ OneQuery = tuple["SearchPlan", np.ndarray]
 BATCHES_AT_ONCE = 2
 #: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
 MAX_EXCHANGE_ROWS = 1_000_000
+#: Evaluations of a search filter on the in-memory rows before Lance answers instead (rows added meanwhile).
+FILTER_TRIES = 3
 DISTANCE = "_distance"
 SCORE = "_score"
 QUERY_INDEX = "_query_index"
@@ -326,13 +328,20 @@ class VectorSearch:
         served = self._served(plan)
         if served is None:
             return None
-        allowed = None
-        if plan.request.filter is not None:
+        for _ in range(FILTER_TRIES):
+            allowed = None
+            if plan.request.filter is not None:
+                try:
+                    allowed = self.cache.allowed(served, plan.request.filter)
+                except duckdb.Error:  # e.g. a predicate on the vector column: Lance evaluates it
+                    return None
             try:
-                allowed = self.cache.allowed(served, plan.request.filter)
-            except duckdb.Error:  # e.g. a predicate on the vector column: Lance evaluates it
-                return None
-        slots, distances = served.search(queries, plan.request.k, allowed, plan.request.ef)
+                slots, distances = served.search(queries, plan.request.k, allowed, plan.request.ef)
+                break
+            except StaleFilter:  # rows were added while the filter ran: run it again
+                continue
+        else:
+            return None  # rows keep coming: Lance answers
         found = slots >= 0
         rows = served.rows(slots[found], plan.columns)
         rows = rows.append_column(DISTANCE, pa.array(distances[found], pa.float32()))
