@@ -23,8 +23,10 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from flight_lakehouse import flight_sql_pb2 as sql
 from flight_lakehouse.embeddings import BUILTIN_MODEL, BUILTIN_TOKENIZER, OnnxEmbedder
 from flight_lakehouse.errors import Unavailable
+from flight_lakehouse.protocol import pack
 from tests.conftest import (
     ServerProcess,
     assert_refusal,
@@ -145,6 +147,38 @@ def test_flight_sql_ingest_and_search_by_text(builtin: ServerProcess) -> None:
         cursor.adbc_ingest("adbc_docs", docs_table(3, DOCS[3:]), mode="append")  # embedded on the way
         cursor.execute(f"SELECT id FROM vector_search('adbc_docs', '{PARAPHRASES[5]}', 1)")
         assert cursor.fetchall() == [(5,)]
+
+
+def flight_sql_ingest(server: ServerProcess, dataset: str, table: pa.Table, options: dict[str, str]) -> None:
+    """CommandStatementIngest (create or append) with bulk-ingest ``options``, through raw Flight."""
+    definition = sql.CommandStatementIngest.TableDefinitionOptions(
+        if_not_exist=sql.CommandStatementIngest.TableDefinitionOptions.TABLE_NOT_EXIST_OPTION_CREATE,
+        if_exists=sql.CommandStatementIngest.TableDefinitionOptions.TABLE_EXISTS_OPTION_APPEND,
+    )
+    command = sql.CommandStatementIngest(table=dataset, table_definition_options=definition, options=options)
+    writer, reader = server.client.do_put(flight.FlightDescriptor.for_command(pack(command)), table.schema)
+    with writer:
+        writer.write_table(table)
+        writer.done_writing()
+        reader.read()
+
+
+def test_flight_sql_ingest_option_embed(builtin: ServerProcess) -> None:
+    """The bulk-ingest option ``embed`` = ``FROM:INTO`` creates an embedded dataset, as DoPut's ``embed``;
+    another option or a malformed value is refused and commits nothing."""
+    flight_sql_ingest(builtin, "fsql_docs", docs_table(texts=DOCS), {"embed": "body:vec"})
+    assert builtin.action("describe_dataset", {"dataset": "fsql_docs"})["embedding"]["into"] == "vec"
+    assert nearest_ids(builtin, "fsql_docs", PARAPHRASES[2]) == [2]
+    for options, fragment in [
+        ({"embed": "body"}, "FROM:INTO"),
+        ({"embed": "body:"}, "FROM:INTO"),
+        ({"embed": "missing:vec"}, "missing"),
+        ({"compression": "zstd"}, "only 'embed'"),
+    ]:
+        with pytest.raises(REFUSED) as exc:
+            flight_sql_ingest(builtin, "fsql_refused", docs_table(texts=DOCS[:1]), options)
+        assert_refusal(exc, builtin, fragment)
+    assert "fsql_refused" not in {entry["name"] for entry in builtin.action("list_datasets")}
 
 
 def test_search_by_text_on_every_path(builtin: ServerProcess) -> None:
