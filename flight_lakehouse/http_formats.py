@@ -65,57 +65,55 @@ class Encoder(ABC):
         return b""
 
 
-class ArrowEncoder(Encoder):
+class WriterEncoder(Encoder):
+    """An encoder over a pyarrow batch writer (IPC stream, CSV) writing into a :class:`Chunks` sink."""
+
+    def __init__(self) -> None:
+        self._sink = Chunks()
+        self._writer: pa.ipc.RecordBatchStreamWriter | pacsv.CSVWriter | None = None
+
+    @abstractmethod
+    def open_writer(
+        self, sink: Chunks, schema: pa.Schema
+    ) -> pa.ipc.RecordBatchStreamWriter | pacsv.CSVWriter:
+        """The format's writer of ``schema`` into ``sink``."""
+
+    def start(self, schema: pa.Schema) -> bytes | bytearray:
+        self._writer = self.open_writer(self._sink, schema)
+        return self._sink.take()
+
+    def batch(self, batch: pa.RecordBatch) -> bytes | bytearray:
+        assert self._writer is not None
+        self._writer.write_batch(batch)
+        return self._sink.take()
+
+    def finish(self) -> bytes | bytearray:
+        assert self._writer is not None
+        self._writer.close()
+        return self._sink.take()
+
+
+class ArrowEncoder(WriterEncoder):
     """An Arrow IPC stream (schema, record batches, end-of-stream marker), as Flight DoGet sends it."""
 
     media_type = ARROW_STREAM
 
-    def __init__(self) -> None:
-        self._sink = Chunks()
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
-
-    def start(self, schema: pa.Schema) -> bytes | bytearray:
-        self._writer = pa.ipc.new_stream(self._sink, schema)
-        return self._sink.take()
-
-    def batch(self, batch: pa.RecordBatch) -> bytes | bytearray:
-        assert self._writer is not None
-        self._writer.write_batch(batch)
-        return self._sink.take()
-
-    def finish(self) -> bytes | bytearray:
-        assert self._writer is not None
-        self._writer.close()
-        return self._sink.take()
+    def open_writer(self, sink: Chunks, schema: pa.Schema) -> pa.ipc.RecordBatchStreamWriter:
+        return pa.ipc.new_stream(sink, schema)
 
 
-class CsvEncoder(Encoder):
+class CsvEncoder(WriterEncoder):
     """CSV with a header line (pyarrow's writer: RFC 4180 quoting, ISO timestamps)."""
 
     media_type = CSV
 
-    def __init__(self) -> None:
-        self._sink = Chunks()
-        self._writer: pacsv.CSVWriter | None = None
-
-    def start(self, schema: pa.Schema) -> bytes | bytearray:
+    def open_writer(self, sink: Chunks, schema: pa.Schema) -> pacsv.CSVWriter:
         try:
-            self._writer = pacsv.CSVWriter(self._sink, schema)
+            return pacsv.CSVWriter(sink, schema)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise InvalidArgument(
                 f"the result cannot be sent as CSV ({first_line(exc)}); ask for Arrow"
             ) from None
-        return self._sink.take()
-
-    def batch(self, batch: pa.RecordBatch) -> bytes | bytearray:
-        assert self._writer is not None
-        self._writer.write_batch(batch)
-        return self._sink.take()
-
-    def finish(self) -> bytes | bytearray:
-        assert self._writer is not None
-        self._writer.close()
-        return self._sink.take()
 
 
 class JsonLinesEncoder(Encoder):
