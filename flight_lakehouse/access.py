@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cachetools
 import pyarrow.flight as flight
@@ -31,6 +32,9 @@ import pyarrow.flight as flight
 from flight_lakehouse.audit import AuditLog, CallRecord
 from flight_lakehouse.auth import INVALID_CREDENTIALS, Authenticator, Identity, Role
 from flight_lakehouse.errors import PermissionDenied, Unauthenticated
+
+if TYPE_CHECKING:
+    from flight_lakehouse.metrics import Metrics
 
 #: The caller of the call running on this thread (None: authentication is off, everything is visible).
 CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("lakehouse_caller", default=None)
@@ -267,14 +271,19 @@ def basic_credentials(credentials: str) -> tuple[str, str]:
 
 
 class AccessMiddleware(flight.ServerMiddleware):
-    """One call's caller, the bearer token its answer carries, and its audit record."""
+    """One call's caller, the bearer token its answer carries, and its record (audit log, metrics)."""
 
     def __init__(
-        self, caller: Authenticated | None, record: CallRecord | None, audit: AuditLog | None
+        self,
+        caller: Authenticated | None,
+        record: CallRecord | None,
+        audit: AuditLog | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.caller = caller
         self.record = record
         self._audit = audit
+        self._metrics = metrics
 
     @property
     def identity(self) -> Identity | None:
@@ -288,34 +297,42 @@ class AccessMiddleware(flight.ServerMiddleware):
         return {"authorization": f"Bearer {self.caller.bearer}"}
 
     def call_completed(self, exception: BaseException | None) -> None:
-        """Write the call's audit line."""
-        if self._audit is not None and self.record is not None:
+        """Write the call's audit line and count it in the metrics."""
+        if self.record is None:
+            return
+        if self._audit is not None:
             self._audit.write(self.record, exception)
+        if self._metrics is not None:
+            self._metrics.observe(self.record, exception)
 
 
 class AccessMiddlewareFactory(flight.ServerMiddlewareFactory):
-    """Authenticates every call (when there is a :class:`Gatekeeper`) and starts its audit record."""
+    """Authenticates every call (when there is a :class:`Gatekeeper`) and starts its record (for the
+    audit log and the metrics)."""
 
-    def __init__(self, gatekeeper: Gatekeeper | None, audit: AuditLog | None) -> None:
+    def __init__(
+        self, gatekeeper: Gatekeeper | None, audit: AuditLog | None, metrics: Metrics | None = None
+    ) -> None:
         self.gatekeeper = gatekeeper
         self.audit = audit
+        self.metrics = metrics
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> AccessMiddleware:
         """The call's middleware, or UNAUTHENTICATED (logged) for bad or missing credentials."""
-        record = CallRecord(rpc=RPC_NAMES.get(info.method, str(info.method))) if self.audit else None
+        recorded = self.audit is not None or self.metrics is not None
+        record = CallRecord(rpc=RPC_NAMES.get(info.method, str(info.method))) if recorded else None
         if self.gatekeeper is None:
-            return AccessMiddleware(None, record, self.audit)
+            return AccessMiddleware(None, record, self.audit, self.metrics)
         values = headers.get("authorization") or [None]
         try:
             header = str(values[0]) if values[0] is not None else None
             caller = self.gatekeeper.authenticate(header, login=info.method == flight.FlightMethod.HANDSHAKE)
         except Unauthenticated as exc:
-            if self.audit is not None and record is not None:
-                self.audit.write(record, exc)
+            AccessMiddleware(None, record, self.audit, self.metrics).call_completed(exc)
             raise
         if record is not None:
             record.user = caller.identity.name
-        return AccessMiddleware(caller, record, self.audit)
+        return AccessMiddleware(caller, record, self.audit, self.metrics)
 
 
 class HandshakeByHeaders(flight.ServerAuthHandler):

@@ -12,10 +12,14 @@ from flight_lakehouse.commands import (
     DatasetRef,
     DeleteRows,
     DropDataset,
+    EmbedTexts,
     EmptyBody,
+    ExpireSnapshots,
     Optimize,
+    Reembed,
     SearchRequest,
 )
+from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.protocol import ActionRouter, ActionSpec, CallContext
 from flight_lakehouse.services import Services
@@ -61,6 +65,18 @@ class Actions:
                     "reader",
                     self.vector_search,
                 ),
+                "embed": ActionSpec(
+                    EmbedTexts,
+                    "Embed texts with the server's model: Arrow IPC stream bytes, one column 'vector'.",
+                    "reader",
+                    self.embed,
+                ),
+                "reembed": ActionSpec(
+                    Reembed,
+                    "Embed a text column again with the server's model, into a new column or dataset.",
+                    "writer",
+                    self.reembed,
+                ),
                 "create_index": ActionSpec(
                     CreateIndex,
                     "Build an ivf_pq, ivf_hnsw_sq, fts, btree or bitmap index on a Lance table.",
@@ -75,9 +91,15 @@ class Actions:
                 ),
                 "optimize": ActionSpec(
                     Optimize,
-                    "Compact a Lance table, update its indexes, remove old versions.",
+                    "Lance: compact, update indexes, remove old versions; Parquet: expire old snapshots.",
                     "writer",
                     self.optimize,
+                ),
+                "expire_snapshots": ActionSpec(
+                    ExpireSnapshots,
+                    "Let go of old snapshots (Lance: versions) but the newest keep_last and younger ones.",
+                    "writer",
+                    self.expire_snapshots,
                 ),
             }
         )
@@ -90,6 +112,7 @@ class Actions:
             "storage": self.s.storage.public_facts(),
             "datasets": len(self.s.datasets.names()),
             "result_cache": self.s.engine.results.facts(),
+            "embedder": self.s.texts.facts(),
         }
 
     def list_datasets(self, ctx: CallContext, _: EmptyBody) -> list[dict[str, Any]]:
@@ -116,6 +139,17 @@ class Actions:
             writer.write_table(result)
         return sink.getvalue().to_pybytes()
 
+    def embed(self, ctx: CallContext, body: EmbedTexts) -> bytes:
+        """The ``embed`` action: the vectors as Arrow IPC stream bytes."""
+        return self.s.texts.embed_action(body)
+
+    def reembed(self, ctx: CallContext, body: Reembed) -> dict[str, Any]:
+        """The ``reembed`` action."""
+        try:
+            return self.s.texts.reembed(body)
+        finally:
+            large_work_finished()
+
     def create_index(self, ctx: CallContext, body: CreateIndex) -> dict[str, Any]:
         """The ``create_index`` action."""
         self.s.datasets.vector_table(body.dataset, "create_index")
@@ -128,9 +162,22 @@ class Actions:
         return tables.delete_rows(body.dataset, body.where)
 
     def optimize(self, ctx: CallContext, body: Optimize) -> dict[str, Any]:
-        """The ``optimize`` action."""
-        tables = self.s.datasets.vector_table(body.dataset, "optimize")
+        """The ``optimize`` action: Lance tables are compacted and cleaned up, Iceberg snapshots expired."""
+        datasets = self.s.datasets
+        if datasets.table_format(body.dataset) is not datasets.lance:
+            return datasets.expire(
+                body.dataset, Retention(self.s.settings.snapshot_keep_last, body.older_than_seconds)
+            )
         try:
-            return tables.optimize(body.dataset, body.older_than_seconds)
+            return datasets.lance.optimize(body.dataset, body.older_than_seconds)
         finally:
             large_work_finished()
+
+    def expire_snapshots(self, ctx: CallContext, body: ExpireSnapshots) -> dict[str, Any]:
+        """The ``expire_snapshots`` action."""
+        settings = self.s.settings
+        retention = Retention(
+            body.keep_last or settings.snapshot_keep_last,
+            settings.snapshot_keep_seconds if body.older_than_seconds is None else body.older_than_seconds,
+        )
+        return self.s.datasets.expire(body.dataset, retention)

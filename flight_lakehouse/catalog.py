@@ -23,9 +23,12 @@ from pyiceberg.exceptions import (
 )
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
+from pyiceberg.table.update.snapshot import ExpireSnapshots
 from sqlalchemy import select
 
+from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.errors import NotFound, Unavailable
+from flight_lakehouse.limits import OnePerKey
 from flight_lakehouse.schema_types import storage_schema
 from flight_lakehouse.storage import Storage
 
@@ -52,8 +55,12 @@ class SnapshotFiles:
 class DatasetCatalog:
     """Datasets as Iceberg tables; the single place that talks to the pyiceberg catalog."""
 
-    def __init__(self, storage: Storage, catalog_uri: str | None = None) -> None:
+    def __init__(
+        self, storage: Storage, catalog_uri: str | None = None, retention: Retention | None = None
+    ) -> None:
         self.storage = storage
+        #: Applied at every commit, so that repeated overwrites reach a steady disk use (with ``gc``).
+        self.retention = retention or Retention()
         self.iceberg = SqlCatalog(
             CATALOG_NAME,
             uri=catalog_uri or storage.default_catalog_uri(),
@@ -63,6 +70,7 @@ class DatasetCatalog:
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait
         #: Bumped by every commit and drop of this process; a listing is reused only within one.
         self._generation = 0
         self._listed: tuple[int, float, dict[str, str]] | None = None
@@ -123,12 +131,16 @@ class DatasetCatalog:
         cached = self._snapshot_cache.get(key)
         if cached is not None:
             return cached
-        table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
-        result = files_of(table, snapshot_id)
-        if len(self._snapshot_cache) > 4096:
-            self._snapshot_cache.clear()
-        self._snapshot_cache[key] = result
-        return result
+        with self._planning.held(key):
+            cached = self._snapshot_cache.get(key)  # planned while this call waited
+            if cached is not None:
+                return cached
+            table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
+            result = files_of(table, snapshot_id)
+            if len(self._snapshot_cache) > 4096:
+                self._snapshot_cache.clear()
+            self._snapshot_cache[key] = result
+            return result
 
     # -- catalog actions -------------------------------------------------------------------------
     def list_datasets(self) -> list[dict[str, Any]]:
@@ -232,14 +244,53 @@ class DatasetCatalog:
             with tx.update_snapshot().fast_append() as append:
                 for data_file in new_files:
                     append.append_data_file(data_file)
+        expire(tx, self.retention)
+        table = self._commit(name, tx)
+        snapshot = table.current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+
+    def _commit(self, name: str, tx: Transaction) -> Table:
         try:
-            table = tx.commit_transaction()
+            return tx.commit_transaction()
         except CommitFailedException:
             raise Unavailable(f"dataset {name!r} changed during the commit; retry") from None
         finally:
             self._changed()
-        snapshot = table.current_snapshot()
-        return snapshot.snapshot_id if snapshot else None
+
+    def expire_snapshots(self, name: str, retention: Retention) -> dict[str, Any]:
+        """Expire the snapshots ``retention`` lets go (the caller holds the dataset's write lock); their
+        files no snapshot uses any more become garbage for ``gc``, after its grace period."""
+        started = time.monotonic()
+        tx = self.load(name).transaction()
+        before = len(tx.table_metadata.snapshots)
+        expired = expire(tx, retention)
+        if expired:
+            self._commit(name, tx)
+        return {
+            "dataset": name,
+            "snapshots_before": before,
+            "snapshots_expired": len(expired),
+            "snapshots_after": before - len(expired),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+
+
+def expire(tx: Transaction, retention: Retention) -> list[int]:
+    """Add the expiry of the snapshots ``retention`` lets go to ``tx`` (never a branch or tag head, such as
+    the current snapshot); returns their ids."""
+    metadata = tx.table_metadata
+    heads = {ref.snapshot_id for ref in metadata.refs.values()}
+    in_order = sorted(
+        metadata.snapshots, key=lambda snapshot: (snapshot.sequence_number or 0, snapshot.timestamp_ms)
+    )
+    expired = [
+        snapshot_id
+        for snapshot_id in retention.expired([(s.snapshot_id, s.timestamp_ms) for s in in_order])
+        if snapshot_id not in heads
+    ]
+    if expired:
+        ExpireSnapshots(tx).by_ids(expired).commit()
+    return expired
 
 
 def evolve_schema(tx: Transaction, schema: pa.Schema, drop_absent: bool) -> None:

@@ -10,7 +10,6 @@ from flight_lakehouse import process
 process.before_pyarrow()
 
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -18,102 +17,31 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.flight as flight
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flight_lakehouse.auth import AuthFile, AuthFileError, Role, check_grants, check_name, check_password
-from flight_lakehouse.client import DEFAULT_SERVER, LakehouseClient
+from flight_lakehouse.cli_datasets import COMMANDS as DATASET_COMMANDS
+from flight_lakehouse.cli_options import Connect, client_options, json_option
+from flight_lakehouse.cli_options import call as _call
+from flight_lakehouse.local_files import LocalFileError, ReadOptions, open_upload
 from flight_lakehouse.settings import SettingsError, load_settings
-from flight_lakehouse.tls import client_tls_options, warn_if_clear_text
+from flight_lakehouse.terminal import FORMATS, Rows, check_format, show_rows
+from flight_lakehouse.tls import warn_if_clear_text
 
 if TYPE_CHECKING:
+    from flight_lakehouse.http_port import HttpPort
     from flight_lakehouse.server import LakehouseServer
-
-server_option = click.option(
-    "--server", envvar="LAKEHOUSE_SERVER", default=DEFAULT_SERVER, show_default=True, help="Flight location."
-)
-Connect = Callable[[], LakehouseClient]  # what a client command gets from its flags (client_options)
-CONNECTION_OPTIONS = [
-    server_option,
-    click.option(
-        "--tls-ca",
-        envvar="LAKEHOUSE_TLS_CA",
-        default=None,
-        metavar="FILE",
-        help="PEM CA certificates to trust for a grpc+tls server (default: the system's).",
-    ),
-    click.option(
-        "--tls-cert",
-        envvar="LAKEHOUSE_TLS_CLIENT_CERT",
-        default=None,
-        metavar="FILE",
-        help="Client certificate (PEM), for mTLS.",
-    ),
-    click.option(
-        "--tls-key",
-        envvar="LAKEHOUSE_TLS_CLIENT_KEY",
-        default=None,
-        metavar="FILE",
-        help="Key of --tls-cert.",
-    ),
-    click.option(
-        "--user",
-        envvar="LAKEHOUSE_USER",
-        default=None,
-        help="Log in as USER (password: LAKEHOUSE_PASSWORD or a prompt); else LAKEHOUSE_TOKEN is sent.",
-    ),
-]
-
-
-def client_options(command):  # type: ignore[no-untyped-def]
-    """``--server`` with the TLS and credential flags; the command gets ``connect``, which opens the client
-    they describe."""
-
-    @functools.wraps(command)
-    def run(**params: Any) -> Any:
-        flags = [params.pop(name) for name in ("server", "tls_ca", "tls_cert", "tls_key", "user")]
-        return command(connect=functools.partial(_connect, *flags), **params)
-
-    for option in reversed(CONNECTION_OPTIONS):
-        run = option(run)
-    return run
-
-
-def _connect(
-    server: str, tls_ca: str | None, tls_cert: str | None, tls_key: str | None, user: str | None
-) -> LakehouseClient:
-    """A client of ``server`` (``host:port``: TLS when a TLS file is given) with its credentials: ``user``
-    logged in once (password from LAKEHOUSE_PASSWORD or a prompt), else LAKEHOUSE_TOKEN if set."""
-    tls = bool(tls_ca or tls_cert or tls_key)
-    if "://" not in server:
-        server = f"{'grpc+tls' if tls else 'grpc'}://{server}"
-    if tls and not server.startswith("grpc+tls://"):
-        raise click.UsageError(f"--tls-ca/--tls-cert/--tls-key need a grpc+tls:// server, not {server}")
-    try:
-        options = client_tls_options(tls_ca, tls_cert, tls_key)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-    client: LakehouseClient = _call(lambda: LakehouseClient(server, **options))
-    token = os.environ.get("LAKEHOUSE_TOKEN")
-    if user:
-        password = os.environ.get("LAKEHOUSE_PASSWORD") or click.prompt(
-            f"Password of {user}", hide_input=True, err=True
-        )
-        _call(lambda: client.login(user, password))
-    elif token:
-        client.use_token(token)
-    return client
+    from flight_lakehouse.settings import Settings
 
 
 def storage_options(command):  # type: ignore[no-untyped-def]
@@ -133,6 +61,12 @@ def main() -> None:
 @main.command()
 @click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8815; 0 picks a free one).")
+@click.option(
+    "--http-port",
+    type=int,
+    default=None,
+    help="HTTP port: probes, metrics, Arrow over HTTP (default 8816; 0 picks a free one; -1: none).",
+)
 @storage_options
 @click.option(
     "--create-bucket", is_flag=True, default=None, help="Create the S3 bucket of the root if missing."
@@ -156,6 +90,13 @@ def main() -> None:
 @click.option(
     "--vector-cache-mb", type=int, default=None, help="Memory for in-memory vector search (0: Lance only)."
 )
+@click.option(
+    "--embedder",
+    default=None,
+    metavar="SPEC",
+    help="What embeds text: builtin, onnx:DIR, openai:URL or none (default builtin with the embed extra).",
+)
+@click.option("--embedder-model", default=None, help="The model an openai:URL embedder runs.")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 def serve(**options: object) -> None:
     """Run the server until SIGINT/SIGTERM."""
@@ -181,14 +122,20 @@ def serve(**options: object) -> None:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
         hint = "port in use, or a certificate gRPC cannot load?" if settings.tls_cert else "port in use?"
         _refuse(f"cannot start on {settings.location} ({hint}): {reason}")
+    http = _start_http(server, settings)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     where = f"{settings.scheme}://{settings.host}:{server.port}"
+    if http is not None:  # after the Flight address: scripts read "ready at grpc://HOST:PORT"
+        where += f", http {http.url}"
     logging.getLogger("flight_lakehouse").info("ready at %s, root %s", where, settings.root)
     while not stop.wait(0.5):
         pass
-    _shutdown(server, settings.shutdown_grace_seconds)
+    if http is not None:
+        http.unready()  # /readyz answers 503 while both ports still take calls, then both drain
+        time.sleep(settings.shutdown_unready_seconds)
+    _shutdown(server, settings.shutdown_grace_seconds, http)
 
 
 def _refuse(message: str) -> NoReturn:
@@ -199,17 +146,39 @@ def _refuse(message: str) -> NoReturn:
     os._exit(1)
 
 
-def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
-    """Stop taking calls, let running ones finish within the grace period, then exit 0."""
+def _start_http(server: LakehouseServer, settings: Settings) -> HttpPort | None:
+    """The HTTP port, started (None when ``http_port`` is -1); a port it cannot bind stops the server."""
+    if settings.http_port < 0:
+        return None
+    from flight_lakehouse.http_port import HttpPort
+
+    try:
+        return HttpPort(server).start()
+    except OSError as exc:
+        server.shutdown()
+        reason = exc.strerror or str(exc).splitlines()[0]
+        _refuse(
+            f"cannot start the HTTP port on {settings.host}:{settings.http_port} (port in use? "
+            f"--http-port -1 turns it off): {reason}"
+        )
+
+
+def _shutdown(server: LakehouseServer, grace_seconds: float, http: HttpPort | None = None) -> None:
+    """Stop taking calls (on both ports), let running ones finish within the grace period, then exit 0."""
     log = logging.getLogger("flight_lakehouse")
     log.info("shutting down (waiting up to %g s for running calls)", grace_seconds)
-    done = threading.Thread(target=server.shutdown, daemon=True)
-    done.start()
-    done.join(grace_seconds)
-    if done.is_alive():
+    stops = [server.shutdown, *([http.stop] if http is not None else [])]
+    threads = [threading.Thread(target=stop, daemon=True) for stop in stops]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + grace_seconds
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in threads):
         server.engine.stop_all()  # what still runs gets its error instead of a cut connection
-        done.join(min(grace_seconds, 1.0))
-    if done.is_alive():
+        for thread in threads:
+            thread.join(min(grace_seconds, 1.0))
+    if any(thread.is_alive() for thread in threads):
         log.warning("running calls did not finish in %g s; exiting anyway", grace_seconds)
     server.storage.leases.flush()  # files of dropped tables kept for the queries just ended
     server.engine.close()
@@ -218,55 +187,156 @@ def _shutdown(server: LakehouseServer, grace_seconds: float) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", metavar="PATH")
 @click.option("--dataset", required=True, help="Target dataset name.")
 @click.option(
     "--mode", type=click.Choice(["append", "create", "overwrite"]), default="append", show_default=True
 )
 @click.option("--schema-mode", type=click.Choice(["strict", "evolve"]), default="strict", show_default=True)
 @click.option("--batch-rows", type=int, default=65_536, show_default=True)
+@click.option(
+    "--delimiter", default=None, help="CSV field separator: one character or \\t (default , or for .tsv tab)."
+)
+@click.option(
+    "--null-values",
+    default=None,
+    metavar="A,B,...",
+    help="CSV: strings read as null in every column, string columns too (and empty fields), e.g. NA,NULL.",
+)
+@click.option(
+    "--types",
+    default=None,
+    metavar="COL=TYPE,...",
+    help="Column types (Arrow names), e.g. id=int64,day=date32,at=timestamp[us],price=decimal128(10,2).",
+)
+@click.option(
+    "--header/--no-header",
+    default=None,
+    help="CSV: whether the first line names the columns (default yes; without: column_1, column_2, ...).",
+)
+@click.option(
+    "--column-names",
+    default=None,
+    metavar="A,B,...",
+    help="CSV: column names (replace the header line, if any).",
+)
+@click.option(
+    "--embed",
+    default=None,
+    metavar="TEXT:VECTOR",
+    help="Embed text column TEXT into a new vector column VECTOR with the server's model (e.g. body:vec).",
+)
 @client_options
-def ingest(file: Path, dataset: str, mode: str, schema_mode: str, batch_rows: int, connect: Connect) -> None:
-    """Stream a CSV, Parquet or Arrow IPC (Feather) FILE into DATASET through DoPut.
+def ingest(
+    file: str,
+    dataset: str,
+    mode: str,
+    schema_mode: str,
+    batch_rows: int,
+    delimiter: str | None,
+    null_values: str | None,
+    types: str | None,
+    header: bool | None,
+    column_names: str | None,
+    embed: str | None,
+    connect: Connect,
+) -> None:
+    """Stream PATH into DATASET through one DoPut: a file, a directory (its files) or a quoted glob
+    ('data/*.csv.gz'), all of one schema. Formats by suffix: .csv, .txt, .tsv, .jsonl, .ndjson (each also
+    .gz or .zst), .parquet, .pq, .arrow, .feather, .ipc.
 
-    The upload states its row count (read from the file's metadata, or counted in a first pass over a CSV),
-    so the server commits only the whole file. Ctrl-C or SIGTERM ends the process at once, which cancels
-    the call: nothing is committed, exit code 130 (143 for SIGTERM)."""
+    The upload states its row count (read from Parquet and IPC metadata, or counted in a first pass over the
+    other formats), so the server commits only the whole upload. Ctrl-C or SIGTERM ends the process at
+    once, which cancels the call: nothing is committed, exit code 130 (143 for SIGTERM)."""
     console = Console(stderr=True)
     columns = (
         TextColumn("{task.description}"),
         TextColumn("{task.fields[rows]:,} rows"),
+        TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("{task.fields[rate]:.1f} MB/s"),
         TimeElapsedColumn(),
     )
     progress = Progress(*columns, console=console)
     with _abort_on_signals(progress) as sent_all:
-        schema, rows, batches = _read_file(file, batch_rows)
+        try:
+            flags = {"delimiter": delimiter, "null_values": null_values, "types": types, "header": header}
+            options = ReadOptions.from_flags(**flags, column_names=column_names, batch_rows=batch_rows)
+            upload = open_upload(file, options)  # checked and counted
+        except LocalFileError as exc:
+            raise click.ClickException(str(exc)) from None
+        schema, rows = upload.schema, upload.rows
         client = connect()
         with progress:
-            task = progress.add_task(f"ingest {file.name}", rows=0, rate=0.0)
+            task = progress.add_task(f"ingest {upload.paths[0].name}", total=rows, rows=0, rate=0.0)
             started, sent = time.monotonic(), [0, 0]
+
+            def show_file(number: int, path: Path) -> None:
+                if len(upload.paths) > 1:
+                    progress.update(task, description=f"ingest {path.name} ({number}/{len(upload.paths)})")
 
             def counted() -> Iterator[pa.RecordBatch]:
                 try:
-                    for batch in batches:
+                    for batch in upload.batches(show_file):
                         yield batch
                         sent[0] += batch.num_rows
                         sent[1] += batch.nbytes
                         elapsed = max(time.monotonic() - started, 1e-6)
-                        progress.update(task, rows=sent[0], rate=sent[1] / elapsed / 1e6)
+                        progress.update(task, completed=sent[0], rows=sent[0], rate=sent[1] / elapsed / 1e6)
                 except Exception as exc:  # reading the file failed: cut the call off (see _abort)
                     _abort(progress, f"Error: {_first_line(exc)}; nothing was committed", 1)
                 sent_all.set()  # from here on, an interrupt may come too late
 
             result = _call(
                 lambda: client.ingest(
-                    dataset, schema, counted(), expected_rows=rows, mode=mode, schema_mode=schema_mode
+                    dataset,
+                    schema,
+                    counted(),
+                    expected_rows=rows,
+                    mode=mode,
+                    schema_mode=schema_mode,
+                    embed=_embed_option(embed),
                 )
             )
     click.echo(
         f"{result['rows_written']} rows into {result['dataset']} "
-        f"(snapshot {result['snapshot_id']}, {time.monotonic() - started:.1f} s)"
+        f"(snapshot {result.get('snapshot_id', result.get('version'))}, {time.monotonic() - started:.1f} s)"
+    )
+
+
+def _embed_option(value: str | None) -> dict[str, str] | None:
+    """``--embed body:vec`` as the ingest command's ``embed`` object."""
+    if value is None:
+        return None
+    source, _, into = value.partition(":")
+    if not source or not into:
+        raise click.ClickException(f"--embed {value!r}: give TEXT:VECTOR, e.g. body:vec")
+    return {"from": source, "into": into}
+
+
+@main.command()
+@click.argument("dataset")
+@click.option("--from", "source", default=None, help="The text column (default: the one embedded before).")
+@click.option("--into", default=None, help="The vector column to write (a new one, or the target's).")
+@click.option("--target-dataset", default=None, help="Write a new dataset instead of a new column.")
+@click.option("--model", default=None, help="Refuse unless the server embeds with this model.")
+@client_options
+def reembed(
+    dataset: str,
+    source: str | None,
+    into: str | None,
+    target_dataset: str | None,
+    model: str | None,
+    connect: Connect,
+) -> None:
+    """Embed DATASET's text column again with the server's model, into a new column of DATASET or into a
+    new dataset (--target-dataset), in one commit."""
+    fields = {"dataset": dataset, "from": source, "into": into, "target_dataset": target_dataset}
+    body = {key: value for key, value in {**fields, "model": model}.items() if value is not None}
+    client = connect()
+    result = _call(lambda: client.action("reembed", body))
+    click.echo(
+        f"{result['rows']} rows embedded with {result['model']} into {result['dataset']}.{result['into']} "
+        f"({result['seconds']:.1f} s)"
     )
 
 
@@ -338,103 +408,27 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).split(". Detail:")[0].splitlines() or [type(exc).__name__])[0]
 
 
-def _read_file(file: Path, batch_rows: int) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
-    """The schema, the row count and a lazy batch iterator of a CSV, Parquet or Arrow IPC file.
-
-    The count comes from the file's metadata, or for a CSV from a first pass with the very options of the
-    second (so both agree, and a value that does not parse fails before anything is sent): about 1 s for a
-    million rows (176 MB), beside about 2 s for the upload itself."""
-    suffix = file.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            parquet = pq.ParquetFile(file)
-            rows = parquet.metadata.num_rows
-            return parquet.schema_arrow, rows, parquet.iter_batches(batch_size=batch_rows)
-        if suffix in (".arrow", ".feather", ".ipc"):
-            ipc = pa.ipc.open_file(pa.memory_map(str(file)))
-            rows = ipc.count_rows()  # from the batches' headers, without decompressing them
-            batches = (ipc.get_batch(i) for i in range(ipc.num_record_batches))
-            return ipc.schema, rows, rechunk(batches, batch_rows)
-        if suffix in (".csv", ".tsv", ".txt"):
-            rows = sum(batch.num_rows for batch in _open_csv(file))
-            reader = _open_csv(file)
-            return reader.schema, rows, rechunk(reader, batch_rows)
-    except (pa.ArrowException, OSError) as exc:
-        raise click.ClickException(f"{file.name}: {_first_line(exc)}") from None
-    kinds = ".csv/.tsv/.txt, .parquet/.pq or .arrow/.feather/.ipc"
-    raise click.BadParameter(f"{file.name}: expected a {kinds} file", param_hint="FILE")
-
-
-def _open_csv(file: Path) -> pacsv.CSVStreamingReader:
-    """A streaming reader of a CSV (or, named ``.tsv``, tab-separated) file: types inferred by pyarrow."""
-    delimiter = "\t" if file.suffix.lower() == ".tsv" else ","
-    return pacsv.open_csv(
-        file,
-        read_options=pacsv.ReadOptions(block_size=16 << 20),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter),
-    )
-
-
-def rechunk(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """Slice batches to at most ``rows`` rows each (zero-copy)."""
-    for batch in batches:
-        for offset in range(0, batch.num_rows, rows):
-            yield batch.slice(offset, rows)
-
-
 @main.command()
 @click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "parquet"]), default="table", show_default=True
-)
-@click.option(
-    "--output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE."
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write to FILE."
 )
 @click.option("--max-rows", type=int, default=100, show_default=True, help="Rows shown by --format table.")
+@click.option("--vertical", is_flag=True, help="--format table: one field per line.")
+@json_option
 @client_options
-def query(sql: str, fmt: str, output: Path | None, max_rows: int, connect: Connect) -> None:
-    """Run SQL on the server and print or save the streamed result."""
-    if fmt == "parquet" and output is None:
-        raise click.BadParameter("--format parquet needs --output FILE", param_hint="--output")
+def query(
+    sql: str, fmt: str, output: Path | None, max_rows: int, vertical: bool, as_json: bool, connect: Connect
+) -> None:
+    """Run SQL on the server and print or save the streamed result (``--json``: JSON lines)."""
+    fmt = "json" if as_json else fmt
+    check_format(fmt, output)
     client = connect()
-    reader = _call(lambda: client.query(sql))
-    rows = _call(lambda: _write_result(reader, fmt, output, max_rows))
+    reader = _call(lambda: client.query(sql), client.location)
+    rows = _call(lambda: show_rows(Rows.of(reader), fmt, output, max_rows, vertical), client.location)
     if output is not None:
         click.echo(f"{rows} rows written to {output}", err=True)
-
-
-def _write_result(reader: flight.FlightStreamReader, fmt: str, output: Path | None, max_rows: int) -> int:
-    if fmt == "table":
-        return _print_table(reader, max_rows)
-    sink = pa.OSFile(str(output), "wb") if output else pa.PythonFile(sys.stdout.buffer, mode="w")
-    writer = (
-        pq.ParquetWriter(sink, reader.schema, compression="zstd")
-        if fmt == "parquet"
-        else pacsv.CSVWriter(sink, reader.schema)
-    )
-    rows = 0
-    with writer:
-        for chunk in reader:
-            writer.write_batch(chunk.data)
-            rows += chunk.data.num_rows
-    sink.flush()
-    return rows
-
-
-def _print_table(reader: flight.FlightStreamReader, max_rows: int) -> int:
-    table = Table(*reader.schema.names)
-    rows = 0
-    for chunk in reader:
-        for row in chunk.data.slice(0, max_rows - rows).to_pylist():
-            table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
-        rows += min(chunk.data.num_rows, max_rows - rows)
-        if rows >= max_rows:
-            reader.cancel()  # the server stops the query; no need to read what is not shown
-            break
-    Console().print(table)
-    if rows >= max_rows:
-        click.echo(f"(first {max_rows} rows shown)", err=True)
-    return rows
 
 
 def open_catalog(**options: object):  # type: ignore[no-untyped-def]
@@ -500,7 +494,6 @@ grants_option = click.option(
     metavar="PATTERN",
     help="Limit to these datasets: names or patterns like sales_* (repeatable; default all).",
 )
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -675,21 +668,5 @@ def tokens_revoke(name_or_id: str, auth_file: Path) -> None:
     click.echo(f"revoked token {token_id}")
 
 
-@main.command()
-@client_options
-def datasets(connect: Connect) -> None:
-    """List the datasets on the server."""
-    client = connect()
-    rows = _call(lambda: client.action("list_datasets"))
-    table = Table("name", "format", "rows", "bytes", "updated_at")
-    for row in rows:
-        table.add_row(row["name"], row["format"], f"{row['rows']:,}", f"{row['bytes']:,}", row["updated_at"])
-    Console().print(table)
-
-
-def _call(function):  # type: ignore[no-untyped-def]
-    """Run a client call; Flight errors become one-line CLI errors."""
-    try:
-        return function()
-    except (flight.FlightError, pa.ArrowException) as exc:
-        raise click.ClickException(str(exc).split(". Detail:")[0].splitlines()[0]) from None
+for command in DATASET_COMMANDS:
+    main.add_command(command)

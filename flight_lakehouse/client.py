@@ -11,16 +11,28 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 DEFAULT_SERVER = "grpc://127.0.0.1:8815"
+#: How long a connection attempt may take (TCP, TLS and HTTP/2 handshakes) before a call fails: gRPC's own
+#: default is 20 s, a long wait for a wrong address (a port that accepts but never answers).
+CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 class LakehouseClient:
     """Talks to a running flight-lakehouse server over Arrow Flight."""
 
-    def __init__(self, location: str = DEFAULT_SERVER, **connect_options: Any) -> None:
+    def __init__(
+        self,
+        location: str = DEFAULT_SERVER,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        **connect_options: Any,
+    ) -> None:
         """Connect to ``location`` (``grpc+tls://`` for TLS); ``connect_options`` go to ``flight.connect``
-        (the TLS ones: :func:`flight_lakehouse.tls.client_tls_options`)."""
+        (the TLS ones: :func:`flight_lakehouse.tls.client_tls_options`). A connection attempt that takes
+        longer than ``connect_timeout`` seconds fails the call that made it (UNAVAILABLE)."""
         self.location = location
-        self.flight = flight.connect(location, **connect_options)
+        # gRPC's minimum reconnect backoff is also the deadline of each connection attempt
+        timeout = ("grpc.min_reconnect_backoff_ms", max(1, round(connect_timeout * 1000)))
+        generic = [*(connect_options.pop("generic_options", None) or ()), timeout]
+        self.flight = flight.connect(location, generic_options=generic, **connect_options)
         self.options = flight.FlightCallOptions()  # of every call: the credentials, once given
 
     def use_token(self, token: str) -> None:
@@ -82,6 +94,12 @@ class LakehouseClient:
     def query(self, sql: str) -> flight.FlightStreamReader:
         """Run SQL; the reader yields the result batch by batch."""
         return self.flight.do_get(flight.Ticket(json.dumps({"sql": sql}).encode()), self.options)
+
+    def search(self, request: dict[str, Any]) -> flight.FlightStreamReader:
+        """Run a vector, text or hybrid search (the ``vector_search`` body) as a DoGet ``{"search"}`` ticket;
+        the reader yields the nearest rows with ``_distance`` (``_score`` for text and hybrid)."""
+        ticket = flight.Ticket(json.dumps({"search": request}).encode())
+        return self.flight.do_get(ticket, self.options)
 
     def query_batches(self, sql: str) -> Iterator[pa.RecordBatch]:
         """The result batches of ``sql``."""

@@ -36,6 +36,14 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class EmbedSpec(Command):
+    """``"embed": {"from": "body", "into": "vec"}``: embed the text column ``from`` into the vector column
+    ``into`` with the server's embedder."""
+
+    from_: ColumnName = Field(alias="from")
+    into: ColumnName
+
+
 class IngestOptions(Command):
     """How a DoPut stream is written."""
 
@@ -51,6 +59,8 @@ class IngestOptions(Command):
     #: The upload's size: it commits only when exactly this many rows arrived (a client that gave up
     #: midway ends its stream as cleanly as one that finished).
     expected_rows: int | None = Field(default=None, ge=0)
+    #: Embed a text column into a vector column with the server's embedder (the dataset remembers it).
+    embed: EmbedSpec | None = None
 
 
 class IngestCommand(Command):
@@ -77,6 +87,8 @@ class ScanRequest(Command):
 
 MAX_SEARCH_K = 10_000
 MAX_QUERY_DIMENSION = 65_536
+MAX_QUERY_TEXT = 100_000
+MAX_EMBED_TEXTS = 10_000
 Positive = Annotated[int, Field(ge=1, le=1_000_000)]
 
 
@@ -92,6 +104,8 @@ class SearchRequest(Command):
     filter: SqlText | None = None
     columns: list[ColumnName] | None = Field(default=None, max_length=10_000)
     text: Annotated[str, StringConstraints(min_length=1, max_length=10_000)] | None = None
+    #: Free text embedded with the dataset's model, in place of ``vector``.
+    query: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_TEXT)] | None = None
     nprobes: Positive | None = None
     refine_factor: Annotated[int, Field(ge=1, le=1000)] | None = None
     ef: Positive | None = None
@@ -117,6 +131,27 @@ class CreateIndex(Command):
     replace: bool = False
 
 
+class EmbedTexts(Command):
+    """Body of ``embed``: texts to embed (with the model of ``dataset``, when given)."""
+
+    texts: list[Annotated[str, StringConstraints(max_length=MAX_QUERY_TEXT)]] = Field(
+        min_length=1, max_length=MAX_EMBED_TEXTS
+    )
+    dataset: DatasetName | None = None
+
+
+class Reembed(Command):
+    """Body of ``reembed``: embed the text column ``from`` of a dataset again with the server's embedder,
+    into a new column ``into`` of the same dataset or into a new dataset ``target_dataset``."""
+
+    dataset: DatasetName
+    from_: ColumnName | None = Field(default=None, alias="from")
+    into: ColumnName | None = None
+    #: The model the caller expects the server to embed with (refused when it embeds with another).
+    model: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = None
+    target_dataset: DatasetName | None = None
+
+
 class DeleteRows(Command):
     """Body of ``delete_rows``."""
 
@@ -125,10 +160,20 @@ class DeleteRows(Command):
 
 
 class Optimize(Command):
-    """Body of ``optimize``: compaction, index update, and removal of versions older than the retention."""
+    """Body of ``optimize``: compaction, index update, and removal of versions older than the retention
+    (Lance); expiry of the snapshots older than it beyond the newest ``snapshot_keep_last`` (Iceberg)."""
 
     dataset: DatasetName
     older_than_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] = 7 * 86_400.0
+
+
+class ExpireSnapshots(Command):
+    """Body of ``expire_snapshots``: keep the newest ``keep_last`` snapshots (Lance: versions) and those
+    newer than ``older_than_seconds``, let go of the others; the server's settings where absent."""
+
+    dataset: DatasetName
+    keep_last: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    older_than_seconds: Annotated[float, Field(ge=0, le=10 * 365 * 86_400)] | None = None
 
 
 class EmptyBody(Command):
@@ -163,6 +208,9 @@ PUBLISHED_MODELS: dict[str, type[Command]] = {
     "create_index": CreateIndex,
     "delete_rows": DeleteRows,
     "optimize": Optimize,
+    "embed_texts": EmbedTexts,
+    "reembed": Reembed,
+    "expire_snapshots": ExpireSnapshots,
 }
 
 

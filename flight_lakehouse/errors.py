@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import re
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -84,18 +85,63 @@ class PermissionDenied(flight.FlightUnauthorizedError):
 
 
 _CLIENT_FACING = (ClientError, flight.FlightError)
+#: UTF-8 bytes of a refusal's message. gRPC sends it twice in the trailers (``grpc-message``, percent-encoded,
+#: and Arrow's own copy), and a client drops trailers over 8 KiB: a schema conflict naming thousands of
+#: columns reached the client as RESOURCE_EXHAUSTED "Stream removed" instead of its INVALID_ARGUMENT.
+MAX_MESSAGE_BYTES = 1000
 
 
 def to_client_error(exc: BaseException) -> BaseException:
-    """``exc`` if client-facing, else UNAVAILABLE for storage faults, else INTERNAL (logged)."""
+    """``exc`` if client-facing (its message cut to :data:`MAX_MESSAGE_BYTES`), else UNAVAILABLE for storage
+    and catalog faults (a locked or full SQLite file), else INTERNAL (logged)."""
     if isinstance(exc, _CLIENT_FACING):
-        return exc
+        return shortened(exc)
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | IsADirectoryError):
         log.warning("storage fault: %s", exc)
         return Unavailable(f"storage is unavailable ({storage_fault(exc)}); retry later")
+    fault = catalog_fault(exc)
+    if fault:
+        log.warning("catalog fault: %s", fault)
+        return Unavailable(f"the catalog is unavailable ({fault}); retry later")
     incident = uuid.uuid4().hex[:12]
     log.error("internal error %s", incident, exc_info=exc)
     return flight.FlightInternalError(f"internal error (incident {incident}); see the server log")
+
+
+def shortened(exc: BaseException) -> BaseException:
+    """``exc``, or the same error with the middle of its message cut when longer than
+    :data:`MAX_MESSAGE_BYTES` (its end often names the dataset)."""
+    message = str(exc)
+    encoded = message.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return exc
+    head = encoded[: MAX_MESSAGE_BYTES * 2 // 3].decode("utf-8", "ignore")
+    tail = encoded[-(MAX_MESSAGE_BYTES // 4) :].decode("utf-8", "ignore")
+    try:
+        return type(exc)(f"{head} ... ({len(message) - len(head) - len(tail):,} characters cut) ... {tail}")
+    except Exception:  # an error class that takes other arguments: keep it whole
+        return exc
+
+
+#: What SQLite says when its file cannot be written now (locked by another process, disk full, read-only):
+#: faults of the moment, not bugs (SQLite's messages name no path).
+CATALOG_FAULTS = (
+    "database is locked",
+    "database table is locked",
+    "disk I/O error",
+    "database or disk is full",
+    "attempt to write a readonly database",
+    "unable to open database file",
+)
+
+
+def catalog_fault(exc: BaseException) -> str | None:
+    """SQLite's message when ``exc`` (or the driver error SQLAlchemy wraps) is a fault of the catalog file."""
+    driver_error = getattr(exc, "orig", exc)
+    if isinstance(driver_error, sqlite3.OperationalError):
+        message = str(driver_error)
+        return next((fault for fault in CATALOG_FAULTS if fault in message), None)
+    return None
 
 
 def storage_fault(exc: OSError) -> str:

@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.flight as flight
 from google.protobuf.message import DecodeError, Message
-from pydantic import StringConstraints
+from pydantic import StringConstraints, ValidationError
 
 from flight_lakehouse import __version__
 from flight_lakehouse import flight_sql_metadata as metadata
@@ -34,8 +34,10 @@ from flight_lakehouse import flight_sql_pb2 as sql
 from flight_lakehouse.access import caller_name
 from flight_lakehouse.commands import (
     Command,
+    EmbedSpec,
     IngestOptions,
     SqlText,
+    describe_validation_error,
     parse_body,
     parse_model,
     validate_dataset_name,
@@ -527,8 +529,11 @@ class FlightSqlHandlers:
 
     # -- bulk ingest -----------------------------------------------------------------------------
     def put_ingest(self, ctx: CallContext, command: sql.CommandStatementIngest, upload: Upload) -> bytes:
-        """``adbc_ingest``: the upload through the same path and atomic commit as DoPut."""
-        result = self.s.datasets.write(self.ingest_options(command), upload.schema(), upload.batches())
+        """``adbc_ingest``: the upload through the same path and atomic commit as DoPut (a dataset with
+        columns embedded from text gets them embedded, as by DoPut)."""
+        options = self.ingest_options(command)
+        schema, batches = self.s.texts.for_upload(options, upload.schema(), upload.batches())
+        result = self.s.datasets.write(options, schema, batches)
         return sql.DoPutUpdateResult(record_count=int(result.get("rows_written", 0))).SerializeToString()
 
     def ingest_options(self, command: sql.CommandStatementIngest) -> IngestOptions:
@@ -537,8 +542,7 @@ class FlightSqlHandlers:
         if command.temporary:
             raise InvalidArgument("temporary tables are not supported; ingest into a dataset")
         check_location(optional(command, "catalog"), optional(command, "schema"))
-        if command.options:
-            raise InvalidArgument(f"ingest options are not supported: {sorted(command.options)[:5]}")
+        embed = ingest_embed_option(dict(command.options))
         name = validate_dataset_name(command.table)
         definition = command.table_definition_options
         exists = self.s.datasets.format_of(name) is not None
@@ -551,8 +555,27 @@ class FlightSqlHandlers:
             raise NotFound(f"dataset {name!r} not found")
         if definition.if_exists == IfExists.TABLE_EXISTS_OPTION_REPLACE:
             # overwrite takes the upload's columns in both formats (Lance refuses schema_mode 'evolve')
-            return IngestOptions(dataset=name, mode="overwrite")
-        return IngestOptions(dataset=name, mode="append" if exists else "create")
+            return IngestOptions(dataset=name, mode="overwrite", embed=embed)
+        return IngestOptions(dataset=name, mode="append" if exists else "create", embed=embed)
+
+
+def ingest_embed_option(options: dict[str, str]) -> EmbedSpec | None:
+    """The one bulk-ingest option the server reads, ``embed`` = ``FROM:INTO`` (the DoPut command's
+    ``"embed": {"from", "into"}``, as the CLI's ``--embed`` writes it); any other option is refused."""
+    unknown = sorted(set(options) - {"embed"})
+    if unknown:
+        raise InvalidArgument(f"ingest options are not supported: {unknown[:5]} (only 'embed' is)")
+    if "embed" not in options:
+        return None
+    source, _, target = options["embed"].partition(":")
+    if not source or not target:
+        raise InvalidArgument(
+            f"ingest option 'embed' must be FROM:INTO (text column:vector column), not {options['embed']!r}"
+        )
+    try:
+        return EmbedSpec.model_validate({"from": source, "into": target})
+    except ValidationError as exc:
+        raise InvalidArgument(f"ingest option 'embed': {describe_validation_error(exc)}") from None
 
 
 def with_type_names(connection: duckdb.DuckDBPyConnection, schema: pa.Schema) -> pa.Schema:

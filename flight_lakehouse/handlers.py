@@ -95,7 +95,10 @@ class Handlers:
 
     def ingest(self, ctx: CallContext, options: IngestOptions, upload: Upload) -> dict[str, Any]:
         """Write one upload as one commit, in the format the registry decides."""
-        return self.s.datasets.write(options, upload.schema(), upload.batches(options.expected_rows))
+        schema, batches = self.s.texts.for_upload(
+            options, upload.schema(), upload.batches(options.expected_rows)
+        )
+        return self.s.datasets.write(options, schema, batches)
 
     # -- DoGet -----------------------------------------------------------------------------------
     def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:

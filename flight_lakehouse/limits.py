@@ -4,7 +4,7 @@ never queued, so that a burst of clients cannot pile up memory and threads behin
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 
 from flight_lakehouse.errors import Unavailable
@@ -43,3 +43,26 @@ class Slots:
             yield
         finally:
             self.give_back()
+
+
+class OnePerKey:
+    """At most one holder per key at once; the others wait (then find what the first one made, e.g. a
+    cached value, instead of making it again: a new snapshot read by 40 queries at once was planned 40
+    times over, each reading every manifest)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Hashable, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def held(self, key: Hashable) -> Iterator[None]:
+        """Hold ``key`` for the block."""
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                if self._locks.get(key) is lock and not lock.locked():
+                    del self._locks[key]

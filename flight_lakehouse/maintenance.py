@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 import time
 from dataclasses import dataclass
@@ -165,4 +166,20 @@ def collect_garbage(catalog: DatasetCatalog, grace_seconds: float, apply: bool) 
         for item in found:
             if item.upload_id is not None:
                 storage.abort_upload(item.uri, item.upload_id)
+        remove_emptied_folders(catalog, [item.uri for item in found])
     return found
+
+
+def remove_emptied_folders(catalog: DatasetCatalog, deleted: list[str]) -> None:
+    """Remove the folders the deletion of ``deleted`` left empty, deepest first, up to ``tables/`` and
+    ``lance/`` (kept): a dropped table's leftovers leave no empty tree behind."""
+    storage = catalog.storage
+    tops = {storage.fs_path(storage.uri(top)) for top in ("tables", "lance")}
+    folders: set[str] = set()
+    for uri in deleted:
+        folder = posixpath.dirname(storage.fs_path(uri))
+        while any(folder.startswith(top + "/") for top in tops):
+            folders.add(folder)
+            folder = posixpath.dirname(folder)
+    for folder in sorted(folders, key=len, reverse=True):
+        storage.remove_empty_dir(folder)

@@ -40,7 +40,7 @@ from flight_lakehouse.commands import ScanRequest
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import Cancelled, ClientError, InvalidArgument, NotFound, TimedOut, Unavailable
 from flight_lakehouse.file_cache import NOTHING_HELD, Hold, QueryFiles
-from flight_lakehouse.limits import Slots
+from flight_lakehouse.limits import OnePerKey, Slots
 from flight_lakehouse.partitions import Part, parts, row_local
 from flight_lakehouse.result_cache import ResultCache, parameters_key, repeatable
 from flight_lakehouse.sandbox import (
@@ -683,6 +683,7 @@ class QueryEngine:
         #: Where DuckDB reads the data files (an S3 root's: local copies, see ``file_cache.py``).
         self.files = self.catalog.storage.query_files(settings)
         self._databases: dict[frozenset[tuple[Any, ...]], SnapshotDatabase] = {}
+        self._building = OnePerKey()
         self._guard = threading.Lock()
         self._closing = threading.Lock()
         self._watchdog = Watchdog()
@@ -752,11 +753,18 @@ class QueryEngine:
             database = self._databases.get(key)
         if database is not None:
             return database
-        views = {name: self._snapshot(name, listing.locations[name]) for name in names if name not in lance}
-        database = self._build(views, lance)
-        with self._guard:
-            self._forget_stale(listing)
-            return self._databases.setdefault(key, database)
+        with self._building.held(key):  # queries of a new snapshot wait for one build of its database
+            with self._guard:
+                database = self._databases.get(key)
+            if database is not None:
+                return database
+            views = {
+                name: self._snapshot(name, listing.locations[name]) for name in names if name not in lance
+            }
+            database = self._build(views, lance)
+            with self._guard:
+                self._forget_stale(listing)
+                return self._databases.setdefault(key, database)
 
     def _forget_stale(self, listing: Listing) -> None:
         """Drop cached databases of superseded snapshots, and the oldest beyond the cache's size."""

@@ -23,8 +23,16 @@ from flight_lakehouse.commands import IngestCommand
 from flight_lakehouse.errors import client_safe, client_safe_iter
 from flight_lakehouse.flight_sql import FlightSqlHandlers
 from flight_lakehouse.handlers import FlightFacts, Handlers
+from flight_lakehouse.metrics import Metrics
 from flight_lakehouse.process import hide_client_tracebacks
-from flight_lakehouse.protocol import CallContext, JsonCodec, Router
+from flight_lakehouse.protocol import (
+    FLIGHT_SQL_MESSAGES,
+    REQUEST_NAMES,
+    ActionRouter,
+    CallContext,
+    JsonCodec,
+    Router,
+)
 from flight_lakehouse.query import QueryEngine, QueryStream
 from flight_lakehouse.services import Services, build_services
 from flight_lakehouse.settings import Settings
@@ -56,16 +64,30 @@ def counted(batches: Iterator[pa.RecordBatch], ctx: CallContext) -> Iterator[pa.
         yield batch
 
 
-def middleware(settings: Settings) -> dict[str, flight.ServerMiddlewareFactory]:
-    """The access middleware, when authentication or the audit log is on."""
-    if settings.auth_file is None and settings.audit_log is None:
+def middleware(
+    settings: Settings, metrics: Metrics | None = None
+) -> dict[str, flight.ServerMiddlewareFactory]:
+    """The access middleware, when authentication, the audit log or the metrics are on."""
+    if settings.auth_file is None and settings.audit_log is None and metrics is None:
         return {}
     gatekeeper = None
     if settings.auth_file:
         authenticator = Authenticator(settings.auth_file, bearer_ttl_seconds=settings.auth_token_ttl_seconds)
         gatekeeper = Gatekeeper(authenticator, settings.sessions_per_user)
     audit = AuditLog(settings.audit_log) if settings.audit_log else None
-    return {"access": AccessMiddlewareFactory(gatekeeper, audit)}
+    return {"access": AccessMiddlewareFactory(gatekeeper, audit, metrics)}
+
+
+def server_metrics(settings: Settings, services: Services, actions: ActionRouter) -> Metrics | None:
+    """The server's metrics, when its HTTP port (which serves them) is on; the call names they count."""
+    if settings.http_port < 0:
+        return None
+    names = {
+        *REQUEST_NAMES.values(),
+        *actions.specs,
+        *(url.rsplit(".", 1)[-1] for url in FLIGHT_SQL_MESSAGES),
+    }
+    return Metrics(services, names)
 
 
 class LakehouseServer(flight.FlightServerBase):
@@ -81,7 +103,11 @@ class LakehouseServer(flight.FlightServerBase):
         self.actions = Actions(self.services).router()
         self.flight_sql = FlightSqlHandlers(self.services)
         self.flight_sql.register(self.routes, self.actions)
-        server_options.setdefault("middleware", middleware(settings))
+        #: Calls and state for Prometheus (None: the HTTP port is off)
+        self.metrics = server_metrics(settings, self.services, self.actions)
+        server_options.setdefault("middleware", middleware(settings, self.metrics))
+        #: The access middleware (authentication, audit log, metrics), shared with the HTTP port
+        self.access: AccessMiddlewareFactory | None = server_options["middleware"].get("access")
         server_options.update(server_tls_options(settings))
         if settings.auth_file is not None:
             server_options.setdefault("auth_handler", HandshakeByHeaders())

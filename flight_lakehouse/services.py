@@ -6,12 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flight_lakehouse.catalog import DatasetCatalog
+from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.datasets.registry import Datasets
+from flight_lakehouse.embeddings import open_embedder
+from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.limits import Slots
 from flight_lakehouse.query import QueryEngine
-from flight_lakehouse.settings import Settings
+from flight_lakehouse.semantic import TextEmbedding
+from flight_lakehouse.settings import Settings, SettingsError
 from flight_lakehouse.sql_search import SqlSearch
 from flight_lakehouse.storage import Storage, open_storage
 from flight_lakehouse.vector_cache import VectorCache
@@ -30,16 +34,25 @@ class Services:
     searcher: VectorSearch
     indexes: IndexBuilder
     engine: QueryEngine
+    texts: TextEmbedding
 
 
 def build_services(settings: Settings) -> Services:
     """Open the storage and build the services on it."""
     storage = open_storage(settings)
-    iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri), settings)
+    retention = Retention(settings.snapshot_keep_last, settings.snapshot_keep_seconds)
+    iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri, retention), settings)
     ingests = Slots(settings.max_concurrent_ingests, "uploads", "max_concurrent_ingests")
     datasets = Datasets(iceberg, LanceTables(storage, settings), ingests)
     cache = VectorCache(datasets.lance, settings)
-    searcher = VectorSearch(datasets, cache)
+    try:
+        embedder = open_embedder(
+            settings.embedder, settings.embedder_model, settings.embedder_timeout_seconds
+        )
+    except InvalidArgument as exc:
+        raise SettingsError(str(exc)) from None
+    texts = TextEmbedding(embedder, datasets)
+    searcher = VectorSearch(datasets, cache, texts)
     return Services(
         settings=settings,
         storage=storage,
@@ -48,4 +61,5 @@ def build_services(settings: Settings) -> Services:
         searcher=searcher,
         indexes=IndexBuilder(datasets.lance, settings),
         engine=QueryEngine(datasets, settings, SqlSearch(searcher)),
+        texts=texts,
     )

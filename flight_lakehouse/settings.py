@@ -45,6 +45,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8815, ge=0, le=65535)
+    http_port: int = Field(
+        default=8816,
+        ge=-1,
+        le=65535,
+        description="HTTP side port (probes, metrics, Arrow over HTTP) on the same host; 0 = free, -1 = off",
+    )
     root: str = "./lakehouse-data"
     catalog_uri: str | None = None
     s3_endpoint: str | None = None
@@ -116,6 +122,25 @@ class Settings(BaseSettings):
     row_group_rows: int = Field(default=1 << 20, ge=1024)
     max_batch_mb: int = Field(default=256, ge=1)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    shutdown_unready_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description=(
+            "after SIGTERM, how long /readyz answers 503 while both ports still take calls (for a load "
+            "balancer to stop sending them) before the server drains"
+        ),
+    )
+    snapshot_keep_last: int = Field(
+        default=100,
+        ge=1,
+        description="snapshots of an Iceberg dataset always kept, newest first (expiry keeps these)",
+    )
+    snapshot_keep_seconds: float = Field(
+        default=7 * 86_400.0,
+        ge=0,
+        description="snapshots newer than this are kept too; older ones beyond snapshot_keep_last expire",
+    )
     lance_refresh_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -167,6 +192,17 @@ class Settings(BaseSettings):
             "fetches them in parallel); 0 = twice the CPU count, 1 = never split"
         ),
     )
+    embedder: str | None = Field(
+        default=None,
+        description=(
+            "what embeds text into vectors: builtin, onnx:DIR, openai:URL or none; "
+            "unset: builtin when the embed extra is installed, else none"
+        ),
+    )
+    embedder_model: str | None = Field(default=None, description="the model an openai:URL embedder runs")
+    embedder_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="time limit of one request to an openai:URL embedder"
+    )
     log_level: str = "INFO"
 
     @field_validator("vector_graph_code_bits")
@@ -201,6 +237,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """An empty value (``LAKEHOUSE_S3_ACCESS_KEY_ID=``) means unset: the AWS chain applies."""
         return None if value == "" else value
+
+    @field_validator("embedder")
+    @classmethod
+    def _known_embedder(cls, spec: str | None) -> str | None:
+        if spec is None or spec in ("builtin", "none"):
+            return spec
+        kind, _, target = spec.partition(":")
+        if kind not in ("onnx", "openai") or not target:
+            raise ValueError(f"unknown embedder {spec!r} (builtin, onnx:DIR, openai:URL or none)")
+        return spec
 
     @field_validator("log_level")
     @classmethod

@@ -8,7 +8,9 @@ Signature (the fields of the ``vector_search`` action's body, ``commands.SearchR
 ``dataset``, ``vector`` and ``k`` may be given by position, every parameter by name (``name := value`` or
 ``name => value``; ``"column"`` quoted, as ``column`` is an SQL keyword). A NULL argument is left out of
 the request (its default applies), so ``vector_search('docs', NULL, 10, text := 'free text')`` is a
-full-text search and ``vector_search('docs', [0.1, ...], 10, text := 'free text')`` a hybrid one. Each
+full-text search and ``vector_search('docs', [0.1, ...], 10, text := 'free text')`` a hybrid one. A text in
+place of the vector (``vector_search('docs', 'free text', 10)``, or ``query := 'free text'``) is embedded
+with the dataset's model (a search by meaning; the server's embedder, see ``semantic.py``). Each
 argument is a constant expression (literals, casts, functions of them): no column, subquery or query
 parameter.
 
@@ -177,6 +179,8 @@ def search_request(cursor: duckdb.DuckDBPyConnection, call: SearchCall) -> Searc
     values = {
         name: plain(value) for name, value in zip(relation.columns, rows[0], strict=True) if value is not None
     }
+    if isinstance(values.get("vector"), str):  # vector_search('docs', 'free text', 10): text to embed
+        values["query"] = values.pop("vector")
     return parse_model(SearchRequest, values)
 
 

@@ -285,6 +285,16 @@ class VectorCache:
         if fresh.version != self.tables.version(name) or self._needs_rebuild(fresh):
             self.track(name)
 
+    def usage(self) -> tuple[int, dict[str, int]]:
+        """Bytes the in-memory tables hold, and how many tables are in each state (``warm``: served from
+        memory), for the metrics."""
+        with self._guard:
+            entries = list(self._entries.values())
+        states: dict[str, int] = {}
+        for entry in entries:
+            states[entry.state] = states.get(entry.state, 0) + 1
+        return sum(entry.served.nbytes for entry in entries if entry.served is not None), states
+
     def _used(self, excluding: str) -> int:
         with self._guard:
             entries = [entry for name, entry in self._entries.items() if name != excluding]

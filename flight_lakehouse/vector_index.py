@@ -86,6 +86,8 @@ class IndexBuilder:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-build")
         self._builds: dict[tuple[str, str], IndexBuild] = {}
         self._guard = threading.Lock()
+        #: Builds that failed since the server started (the metrics count them).
+        self.failures = 0
         tables.on_drop.append(self.forget)
         tables.on_describe.append(self.describe)
 
@@ -130,6 +132,7 @@ class IndexBuilder:
                 exc, self.tables.storage.root_uri, f"index {build.name!r} on {build.dataset!r}"
             )
             build.error = str(error)
+            self.failures += 1
             logging.getLogger(__name__).warning("index build failed: %s", build.error)
             return
         finally:
@@ -146,6 +149,11 @@ class IndexBuilder:
         """Builds of ``dataset`` not finished, and failed ones."""
         with self._guard:
             return [build.facts() for (name, _), build in self._builds.items() if name == dataset]
+
+    def running(self) -> int:
+        """Builds queued or running (not failed)."""
+        with self._guard:
+            return sum(build.error is None for build in self._builds.values())
 
     def forget(self, dataset: str) -> None:
         """Drop the records of a dataset's builds (the dataset was dropped)."""

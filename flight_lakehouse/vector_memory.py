@@ -112,6 +112,10 @@ class BuildStopped(Exception):
     """A build or catch-up given up because its table is gone."""
 
 
+class StaleFilter(Exception):
+    """A search filter's result no longer covers every slot (rows were added since it ran)."""
+
+
 class VectorFile:
     """Fixed-size float32 rows by slot in an unlinked temporary file (in ``TMPDIR``; gone with the file
     handle, even after a kill): written where a slot is added, read by position."""
@@ -354,12 +358,16 @@ class ServedTable:
 
         Few candidate rows: an exact scan over them. Otherwise the graph proposes ``REFINE * k``
         candidates (restricted to the allowed slots) and the original vectors rank them exactly.
-        Fewer than k rows found: slot -1 (or fewer columns) in their place.
+        Fewer than k rows found: slot -1 (or fewer columns) in their place. :class:`StaleFilter` when
+        ``allowed`` (the filter's result) covers fewer slots than there are: a commit added rows since the
+        filter ran (after a compaction, every live row).
         """
         with self.lock.reading():
             mask = self.alive[: self.size]
             count = self.live
             if allowed is not None:
+                if len(allowed) < self.size:
+                    raise StaleFilter(self.name)
                 mask = mask & allowed[: self.size]
                 count = int(mask.sum())
             if count <= max(EXACT_ROWS, EXACT_SHARE * self.size):
@@ -457,9 +465,13 @@ class ServedTable:
 
     def catch_up(self, dataset: lance.LanceDataset, stop: threading.Event | None = None) -> None:
         """Follow ``dataset`` (a later version): add new fragments, tombstone deleted rows. ``stop`` set
-        (the table was dropped) ends it between batches with :class:`BuildStopped`."""
+        (the table was dropped) ends it between batches with :class:`BuildStopped`. A version this copy
+        already covers changes nothing: two commits' catch-ups may arrive in either order, and following the
+        older second would tombstone the newer one's fragments (and put the copy behind the table)."""
         current = {fragment.fragment_id: fragment for fragment in dataset.get_fragments()}
         with self.lock.writing():
+            if dataset.version <= self.version:
+                return
             for fragment_id in [known for known in self.fragments if known not in current]:
                 self._tombstone(fragment_id, None)
             for fragment_id, fragment in current.items():

@@ -26,8 +26,9 @@ from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.sandbox import checked_predicate, column_references
+from flight_lakehouse.semantic import TextEmbedding, embedding_records, text_column
 from flight_lakehouse.vector_cache import VectorCache
-from flight_lakehouse.vector_memory import ServedTable
+from flight_lakehouse.vector_memory import ServedTable, StaleFilter
 from flight_lakehouse.vectors import lance_error, problem_rows, table_metric, vector_columns
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ OneQuery = tuple["SearchPlan", np.ndarray]
 BATCHES_AT_ONCE = 2
 #: Result rows one DoExchange lancedb query may produce (query vectors x k); larger batches are split.
 MAX_EXCHANGE_ROWS = 1_000_000
+#: Evaluations of a search filter on the in-memory rows before Lance answers instead (rows added meanwhile).
+FILTER_TRIES = 3
 DISTANCE = "_distance"
 SCORE = "_score"
 QUERY_INDEX = "_query_index"
@@ -101,8 +104,10 @@ class SearchPlan:
 class VectorSearch:
     """Runs search requests on the Lance tables."""
 
-    def __init__(self, datasets: Datasets, cache: VectorCache) -> None:
+    def __init__(self, datasets: Datasets, cache: VectorCache, texts: TextEmbedding | None = None) -> None:
         self.datasets = datasets
+        #: The server's text embedding (searches by ``query`` text; DoExchange streams of texts).
+        self.texts = texts
         self.tables = datasets.lance
         self.cache = cache
         self._parser = duckdb.connect(":memory:", config={"enable_external_access": False})
@@ -112,14 +117,19 @@ class VectorSearch:
     # -- planning --------------------------------------------------------------------------------
     def plan(self, request: SearchRequest, exchange: bool = False) -> SearchPlan:
         """Check ``request`` against its table."""
-        if exchange and (request.vector is not None or request.text is not None):
+        if exchange and (request.vector is not None or request.text is not None or request.query is not None):
             raise InvalidArgument("a DoExchange search takes its query vectors from the stream, not the body")
-        if not exchange and request.vector is None and request.text is None:
-            raise InvalidArgument("a search needs 'vector', 'text' or both")
+        if not exchange and request.vector is None and request.text is None and request.query is None:
+            raise InvalidArgument("a search needs 'vector' or 'query' (text to embed), 'text', or both")
+        if request.vector is not None and request.query is not None:
+            raise InvalidArgument("a search takes 'vector' or 'query' (text to embed), not both")
         name = request.dataset
         self.datasets.vector_table(name, "search")
         schema = self.tables.schema(name)
         vector_column, dimension = self._vector_column(request, schema)
+        if request.query is not None:
+            vector = self._text_embedding().query_vectors(name, schema, vector_column, [request.query])[0]
+            request = request.model_copy(update={"vector": vector.tolist(), "query": None})
         metric = request.metric or table_metric(schema)
         columns = self._columns(request, schema)
         if request.filter is not None:
@@ -129,9 +139,18 @@ class VectorSearch:
             plan.query_vectors(request.vector)
         return plan
 
+    def _text_embedding(self) -> TextEmbedding:
+        if self.texts is None:
+            raise InvalidArgument("this server does not embed text")
+        return self.texts
+
     @staticmethod
     def _vector_column(request: SearchRequest, schema: pa.Schema) -> tuple[str, int]:
         vectors = vector_columns(schema)
+        if request.column is None and request.query is not None:
+            records = embedding_records(schema)
+            if records:  # the column searches by text use: the newest embedded from text
+                return records[-1].into, records[-1].dimension
         if request.column is not None:
             if request.column not in vectors:
                 raise InvalidArgument(
@@ -202,7 +221,7 @@ class VectorSearch:
         """The results of one slice of query vectors, the first being query ``first_row`` of the stream."""
         if batch.num_rows == 0:
             return
-        matrix = plan.query_vectors(query_matrix(batch, plan.dimension), first_row)
+        matrix = plan.query_vectors(self._query_matrix(plan, batch, first_row), first_row)
         in_memory = self._from_memory(plan, matrix)
         if in_memory is not None:
             rows, query_rows = in_memory
@@ -213,6 +232,16 @@ class VectorSearch:
         indexes = pc.add(result.column(LANCE_QUERY_INDEX).cast(pa.int64()), first_row)
         result = result.append_column(QUERY_INDEX, indexes)
         yield from result.select(plan.exchange_schema.names).cast(plan.exchange_schema).to_batches()
+
+    def _query_matrix(self, plan: SearchPlan, batch: pa.RecordBatch, first_row: int) -> np.ndarray:
+        """The query vectors of a DoExchange batch: its vectors, or its texts embedded (a ``query`` column,
+        or the only text column of a batch without list columns)."""
+        texts = text_query_column(batch)
+        if texts is None:
+            return query_matrix(batch, plan.dimension)
+        request = plan.request
+        values = text_column(batch.column(texts), texts, first_row)
+        return self._text_embedding().query_vectors(request.dataset, plan.schema, plan.vector_column, values)
 
     def _nearest(self, plan: SearchPlan, vector: np.ndarray) -> pa.Table:
         """The k nearest rows of one query vector.
@@ -299,13 +328,20 @@ class VectorSearch:
         served = self._served(plan)
         if served is None:
             return None
-        allowed = None
-        if plan.request.filter is not None:
+        for _ in range(FILTER_TRIES):
+            allowed = None
+            if plan.request.filter is not None:
+                try:
+                    allowed = self.cache.allowed(served, plan.request.filter)
+                except duckdb.Error:  # e.g. a predicate on the vector column: Lance evaluates it
+                    return None
             try:
-                allowed = self.cache.allowed(served, plan.request.filter)
-            except duckdb.Error:  # e.g. a predicate on the vector column: Lance evaluates it
-                return None
-        slots, distances = served.search(queries, plan.request.k, allowed, plan.request.ef)
+                slots, distances = served.search(queries, plan.request.k, allowed, plan.request.ef)
+                break
+            except StaleFilter:  # rows were added while the filter ran: run it again
+                continue
+        else:
+            return None  # rows keep coming: Lance answers
         found = slots >= 0
         rows = served.rows(slots[found], plan.columns)
         rows = rows.append_column(DISTANCE, pa.array(distances[found], pa.float32()))
@@ -380,6 +416,18 @@ def check_filter_columns(where: Any, schema: pa.Schema, dataset: str) -> None:
     for parts in column_references(where):
         if not any(part.lower() in known for part in parts[:2]):
             raise InvalidArgument(f"filter names unknown column {'.'.join(parts)!r} of dataset {dataset!r}")
+
+
+def text_query_column(batch: pa.RecordBatch) -> str | None:
+    """The column of query texts of a DoExchange batch, if it sends texts rather than vectors."""
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+    texts = [f.name for f in batch.schema if any(kind(f.type) for kind in kinds)]
+    if "query" in texts:
+        return "query"
+    if "vector" in batch.schema.names or len(texts) != 1:
+        return None
+    lists = [f for f in batch.schema if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type)]
+    return texts[0] if not lists else None
 
 
 def query_matrix(batch: pa.RecordBatch, dimension: int) -> np.ndarray:

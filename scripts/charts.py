@@ -225,11 +225,77 @@ def ann_libraries(figures: Figures) -> Figure:
     return figure
 
 
+def tpch_queries(axes: Axes, section: Figures) -> None:
+    """Per query, the server's time over DuckDB in-process's, through DoGet and through ADBC."""
+    queries = section["queries"]
+    highest = 1.0
+    for offset, (key, color) in enumerate(zip(("doget", "adbc"), MODE_COLORS, strict=True)):
+        x = [index + (offset - 0.5) * 0.4 for index in range(len(queries))]
+        ratios = [query["ratio"].get(key, 0) for query in queries]
+        axes.bar(x, ratios, width=0.4, color=color, label=f"server, {section['engines'][key]}", zorder=2)
+        highest = max(highest, *ratios)
+    reference_line(axes, 1.0, "DuckDB in-process = 1.0", ANCHOR_COLOR)
+    target = section["target_ratio"]
+    reference_line(axes, target, f"target for the total: <= {target:g}x", TARGET_COLOR)
+    axes.set_xticks(range(len(queries)), [f"Q{query['query']}" for query in queries], fontsize=7)
+    axes.set_ylim(0, highest * 1.3)
+    axes.set_ylabel("time through the server / DuckDB in-process (x)")
+    axes.set_title("Per query (lower is better)", fontsize=10)
+    axes.legend(fontsize=7, loc="upper center", ncols=4)
+
+
+def tpch_totals(axes: Axes, section: Figures) -> None:
+    """Sums of the per-query medians: each engine next to DuckDB in-process over the same queries."""
+    totals = section["totals"]
+    duckdb = totals["doget"]["duckdb_seconds"]
+    keys = ["doget", "adbc", "duckdb", *(key for key in totals if key not in ("doget", "adbc"))]
+    seconds = [duckdb if key == "duckdb" else totals[key]["seconds"] for key in keys]
+    texts = [
+        f"{duckdb:.3f} s" if k == "duckdb" else f"{totals[k]['seconds']:.3f} s ({totals[k]['ratio']:.2f}x)"
+        for k in keys
+    ]
+    colors = {"doget": MODE_COLORS[0], "adbc": MODE_COLORS[1], "duckdb": ANCHOR_COLOR}
+    y = list(range(len(keys)))
+    bars = axes.barh(y, seconds, height=0.6, color=[colors.get(k, "tab:green") for k in keys], zorder=2)
+    for text in axes.bar_label(bars, labels=texts, padding=2, fontsize=8):
+        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 1})
+    target = section["target_ratio"]
+    reference_line(axes, target * duckdb, f"target: DoGet <= {target:g}x", TARGET_COLOR, vertical=True)
+    names = [
+        section["engines"][k]
+        if k == "duckdb"
+        else f"{section['engines'][k]}\n({totals[k]['queries']} queries)"
+        for k in keys
+    ]
+    axes.set_yticks(y, names, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlim(duckdb / 3, max(seconds) * 8)
+    axes.set_xlabel("sum of the per-query medians (s, log scale)")
+    axes.set_title("Total (lower is better)", fontsize=10)
+    axes.legend(fontsize=7, loc="upper right")
+
+
+def tpch(figures: Figures) -> Figure:
+    """TPC-H: the 22 queries through the server next to DuckDB in-process, and the totals with ROAPI's."""
+    section = figures["tpch"]
+    figure = Figure(figsize=(12.0, 4.8), dpi=DPI)
+    FigureCanvasAgg(figure)
+    query_axes, total_axes = figure.subplots(1, 2, width_ratios=(2.2, 1))
+    tpch_queries(query_axes, section)
+    tpch_totals(total_axes, section)
+    figure.suptitle(f"TPC-H SF{section['scale']:g} through the server vs DuckDB in-process", fontsize=11)
+    ratio = "ratio = time / DuckDB in-process time, same Parquet files; totals over the queries each answered"
+    footer(figure, [f"{section['command']}, {section['when']}; {section['setup']}", ratio], height=0.09)
+    return figure
+
+
 CHARTS: dict[str, Callable[[Figures], Figure]] = {
     "core_ratios": core_ratios,
     "vector_serving": vector_serving,
     "vector_rss": vector_rss,
     "ann_libraries": ann_libraries,
+    "tpch": tpch,
 }
 
 

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 READY = re.compile(r"ready at (grpc://127\.0\.0\.1:\d+)")
+HTTP_READY = re.compile(r"ready at \S+, http (http://127\.0\.0\.1:\d+),")  # the HTTP port, when on
 RSS_INTERVAL = 0.02
 POLL_SECONDS = 0.25
 BUILD_TIMEOUT = 900.0  # an in-memory copy or an index of a table
@@ -70,6 +71,7 @@ class Server:
     name: str = "server"
     process: subprocess.Popen[bytes] | None = None
     location: str = ""
+    http_url: str = ""  # the HTTP port's base URL ("" when off)
 
     def __enter__(self) -> Server:
         try:
@@ -94,6 +96,7 @@ class Server:
     def command(self) -> list[str]:
         """The command line of the server process (it logs ``ready at grpc://...`` on stderr)."""
         serve = [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(self.root), "--port", "0"]
+        serve += ["--http-port", "0"]  # a free one (the default 8816 collides between servers)
         return [*serve, *self.args]
 
     def start(self, timeout: float = 60.0) -> Server:
@@ -107,6 +110,8 @@ class Server:
             match = READY.search(self.log_text())
             if match:
                 self.location = match.group(1)
+                http = HTTP_READY.search(self.log_text())
+                self.http_url = http.group(1) if http else ""
                 return self
             time.sleep(0.1)
         raise RuntimeError("server did not start:\n" + self.log_tail())

@@ -32,6 +32,8 @@ import pytest
 from tests.seaweedfs import SeaweedFS
 
 READY = re.compile(r"ready at (grpc(?:\+tls)?://127\.0\.0\.1:\d+)")
+#: The HTTP port's address on the ready line (``ready at grpc://..., http http://..., root ...``).
+HTTP_READY = re.compile(r"ready at \S+, http (https?://127\.0\.0\.1:\d+),")
 START_TIMEOUT = 60
 STORAGE_KINDS = ["local", "s3"]
 BUCKET = "lakehouse-test"
@@ -213,6 +215,8 @@ class ServerProcess:
     tls_root: bytes | None = None
     process: subprocess.Popen[str] | None = None
     location: str = ""
+    #: The HTTP port's base URL ("" when it is off)
+    http_url: str = ""
     log_lines: list[str] = field(default_factory=list)
     _client: flight.FlightClient | None = None
 
@@ -227,9 +231,11 @@ class ServerProcess:
             self.root,
             "--port",
             "0",
+            "--http-port",  # a free one: the default 8816 would collide between parallel servers
+            "0",
             *self.extra_args,
         ]
-        self.location = ""
+        self.location = self.http_url = ""
         self.process = subprocess.Popen(
             command,
             stderr=subprocess.PIPE,
@@ -251,6 +257,8 @@ class ServerProcess:
             self.log_lines.append(line.rstrip())
             match = READY.search(line)
             if match:
+                http = HTTP_READY.search(line)
+                self.http_url = http.group(1) if http else ""
                 self.location = match.group(1)
                 ready.set()
         ready.set()

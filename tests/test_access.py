@@ -301,6 +301,7 @@ CALLS: list[tuple[str, str, Callable[[Session, str], object]]] = [
         lambda s, tag: s.action("delete_rows", {"dataset": "vecs", "where": "id > 1000"}),
     ),
     ("optimize", "writer", lambda s, tag: s.action("optimize", {"dataset": "vecs"})),
+    ("expire_snapshots", "writer", lambda s, tag: s.action("expire_snapshots", {"dataset": "vecs"})),
 ]
 
 
@@ -430,13 +431,13 @@ def test_tampered_expired_revoked_and_removed_credentials(secured: Secured) -> N
 
 
 def test_expired_bearer_tokens_are_refused(tmp_path: Path) -> None:
-    """A server whose bearer tokens live 1 s: the token works, then is refused with the one message."""
+    """A server whose bearer tokens live 3 s: the token works, then is refused with the one message."""
     auth = AuthFile(tmp_path / "auth.json")
     auth.add_user("reader", PASSWORDS["reader"], "reader")
     server = ServerProcess(
         str(tmp_path / "lakehouse"),
         ["--auth-file", str(tmp_path / "auth.json")],
-        {"LAKEHOUSE_AUTH_TOKEN_TTL_SECONDS": "1"},
+        {"LAKEHOUSE_AUTH_TOKEN_TTL_SECONDS": "3"},  # 1 s expired before its first use on a loaded machine
     )
     try:
         server.start()
@@ -444,7 +445,7 @@ def test_expired_bearer_tokens_are_refused(tmp_path: Path) -> None:
         header = client.authenticate_basic_token("reader", PASSWORDS["reader"])
         options = flight.FlightCallOptions(headers=[header])
         assert list(client.list_actions(options))
-        time.sleep(2.2)
+        time.sleep(4.2)
         with pytest.raises(flight.FlightUnauthenticatedError, match=INVALID):
             list(client.list_actions(options))
     finally:

@@ -96,7 +96,7 @@ def test_cli_query_errors_are_one_line(server: ServerProcess) -> None:
     ],
 )
 def test_serve_refuses_bad_settings(args: list[str], env: dict[str, str], message: str) -> None:
-    result = cli("serve", *args, timeout=60, env=env)
+    result = cli("serve", "--http-port=-1", *args, timeout=60, env=env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

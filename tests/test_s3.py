@@ -102,7 +102,7 @@ def serve_refused(
 ) -> tuple[str, float]:
     """Run ``serve`` expecting it to refuse to start; return its single stderr line and the time taken."""
     started = time.monotonic()
-    result = cli("serve", "--port", "0", *args, env=env, timeout=timeout, unset=unset)
+    result = cli("serve", "--port", "0", "--http-port=-1", *args, env=env, timeout=timeout, unset=unset)
     elapsed = time.monotonic() - started
     assert result.returncode != 0, result.stderr
     lines = result.stderr.strip().splitlines()

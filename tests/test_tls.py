@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +225,35 @@ def test_mtls_with_a_client_certificate(mtls_server: ServerProcess, pki: Pki) ->
     assert adbc_query(mtls_server.location, db_kwargs, "SELECT 7 AS seven") == [(7,)]
 
 
+def https_get(server: ServerProcess, path: str, context: ssl.SSLContext) -> tuple[int, bytes]:
+    """Status and body of a GET on the server's HTTP port."""
+    with urllib.request.urlopen(f"{server.http_url}{path}", context=context, timeout=10) as answer:
+        return answer.status, answer.read()
+
+
+def test_the_http_port_serves_https_with_the_same_certificate(tls_server: ServerProcess, pki: Pki) -> None:
+    assert tls_server.http_url.startswith("https://127.0.0.1:")
+    trusting = ssl.create_default_context(cafile=pki.path("ca.pem"))
+    assert https_get(tls_server, "/healthz", trusting) == (200, b'{"status": "ok"}')
+    body = json.dumps({"sql": "SELECT 5 AS five"}).encode()
+    request = urllib.request.Request(f"{tls_server.http_url}/v1/query", data=body)
+    with urllib.request.urlopen(request, context=trusting, timeout=10) as answer:
+        assert pa.ipc.open_stream(answer).read_all().column("five").to_pylist() == [5]
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        https_get(tls_server, "/healthz", ssl.create_default_context(cafile=pki.path("rogue-ca.pem")))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # clear text to the TLS port
+        urllib.request.urlopen(tls_server.http_url.replace("https://", "http://") + "/healthz", timeout=10)
+
+
+def test_the_http_port_requires_client_certificates_under_mtls(mtls_server: ServerProcess, pki: Pki) -> None:
+    without = ssl.create_default_context(cafile=pki.path("ca.pem"))
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        https_get(mtls_server, "/healthz", without)
+    with_certificate = ssl.create_default_context(cafile=pki.path("ca.pem"))
+    with_certificate.load_cert_chain(pki.path("client.pem"), pki.path("client.key"))
+    assert https_get(mtls_server, "/healthz", with_certificate)[0] == 200
+
+
 # -- authentication over TLS -----------------------------------------------------------------------------
 
 
@@ -311,7 +343,7 @@ def test_bad_tls_files_refuse_to_start(
 ) -> None:
     """Each exits non-zero with one error line naming the problem: no traceback, no gRPC log noise."""
     paths = [pki.path(arg) if not arg.startswith("--") else arg for arg in args]
-    result = cli("serve", "--root", str(tmp_path / "lakehouse"), "--port", "0", *paths)
+    result = cli("serve", "--root", str(tmp_path / "lakehouse"), "--port", "0", "--http-port=-1", *paths)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: "), result.stderr

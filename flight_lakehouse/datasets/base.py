@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import pyarrow as pa
@@ -14,6 +16,21 @@ from flight_lakehouse.commands import IngestOptions
 Batches = Iterator[pa.RecordBatch]
 #: Facts of a dataset or a commit, as actions and PutResults return them (JSON).
 Facts = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which snapshots (Iceberg) or versions (Lance) of a dataset stay: the newest ``keep_last``, and every
+    one newer than ``keep_seconds``; the others expire."""
+
+    keep_last: int = 100
+    keep_seconds: float = 7 * 86_400.0
+
+    def expired(self, snapshots: list[tuple[int, int]], now: float | None = None) -> list[int]:
+        """The ids this retention lets go among ``snapshots``, (id, epoch ms) pairs oldest first."""
+        cutoff_ms = ((time.time() if now is None else now) - self.keep_seconds) * 1000
+        older = snapshots[: max(0, len(snapshots) - self.keep_last)]
+        return [snapshot_id for snapshot_id, timestamp_ms in older if timestamp_ms < cutoff_ms]
 
 
 class Namespace(Protocol):
@@ -61,6 +78,11 @@ class TableFormat(ABC):
     @abstractmethod
     def history(self, name: str) -> list[dict[str, Any]]:
         """The table's snapshots or versions, newest first."""
+
+    @abstractmethod
+    def expire(self, name: str, retention: Retention) -> Facts:
+        """Let go of the snapshots or versions ``retention`` does not keep (the caller holds the table's
+        write lock); returns ``{"dataset", "snapshots_before", "snapshots_expired", "snapshots_after"}``."""
 
     @abstractmethod
     def drop(self, name: str) -> None:

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, summarise
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.datasets.base import Batches, Facts, Namespace, TableFormat
+from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
 from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.settings import Settings
 
@@ -42,6 +42,10 @@ class IcebergTables(TableFormat):
 
     def drop(self, name: str) -> None:
         self.catalog.drop(name)
+
+    def expire(self, name: str, retention: Retention) -> Facts:
+        """Expired snapshots leave the metadata at once; files only they used are left to ``gc``."""
+        return self.catalog.expire_snapshots(name, retention)
 
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
         """Every upload without a reason to be a Lance table is tabular (the registry asks Lance first)."""

@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.datasets.base import Batches, Facts, Namespace, TableFormat
-from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
+from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
+from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.settings import Settings
 from flight_lakehouse.storage import Storage
+from flight_lakehouse.vector_memory import ReadWriteLock
 from flight_lakehouse.vectors import (
     WRITE_BUFFER_BYTES,
     UploadPlan,
@@ -50,6 +51,33 @@ def summary(name: str, dataset: lance.LanceDataset, versions: list[dict[str, Any
         "bytes": total_bytes(dataset, versions),
         "updated_at": iso(versions[-1]["timestamp"]),
     }
+
+
+#: Bytes of Lance metadata (manifests, fragment metadata of the versions read) kept for all tables.
+LANCE_METADATA_CACHE_BYTES = 64 << 20
+#: Tries at reading a table's versions while another call's ``optimize`` removes old ones.
+VERSION_READS = 5
+
+
+def versions_of(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
+    """``dataset.versions()``, read again when an old version's manifest went between Lance's listing of
+    the manifests and its reading of them (an ``optimize`` removing old versions meanwhile)."""
+    for attempt in range(VERSION_READS):
+        try:
+            return dataset.versions()
+        except (OSError, ValueError) as exc:
+            if "not found" not in str(exc).lower() or attempt == VERSION_READS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+#: Tries of an ``optimize`` whose commit a concurrent write preempted (it changes no rows: it tries again).
+OPTIMIZE_ATTEMPTS = 5
+
+
+def is_conflict(error: BaseException) -> bool:
+    """Whether :func:`~flight_lakehouse.vectors.lance_error` made ``error`` of a commit conflict."""
+    return isinstance(error, Unavailable) and "a concurrent write won" in str(error)
 
 
 def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
@@ -118,6 +146,9 @@ class LanceTables(TableFormat):
         self._queryable: dict[str, LanceTable] = {}
         self._schemas: dict[str, pa.Schema] = {}
         self._guard = threading.Lock()
+        #: Per table: row changes (deletes, upserts) share it, ``optimize`` holds it alone (a compaction
+        #: that a concurrent delete preempts fails; deletes in a row kept preempting every retry).
+        self._rewrites: dict[str, ReadWriteLock] = {}
         #: Bumped whenever a table is created or dropped: query databases are rebuilt when it changes.
         self.generation = 0
         #: Called with a table's name after each commit to it by this server, and after it is dropped.
@@ -135,7 +166,18 @@ class LanceTables(TableFormat):
         """The newest version of ``name``, read from the store."""
         import lance
 
-        return lance.dataset(self._uri(name), storage_options=self.storage.lance_storage_options())
+        return lance.dataset(
+            self._uri(name), storage_options=self.storage.lance_storage_options(), session=self._session
+        )
+
+    @functools.cached_property
+    def _session(self) -> lance.Session:
+        """The caches every table shares, the metadata cache bounded: Lance keeps each version's manifest
+        and fragment metadata in it, and its default let a server grow ~0.3 MB per one-row write (87 MB/min
+        under sustained one-row appends and deletes)."""
+        import lance
+
+        return lance.Session(metadata_cache_size_bytes=LANCE_METADATA_CACHE_BYTES)
 
     @property
     def _connection(self) -> DBConnection:
@@ -247,14 +289,16 @@ class LanceTables(TableFormat):
             self._adopt(name, dataset)
         with self._guard:
             queryable = self._queryable.get(name)
+            self._schemas.pop(name, None)  # a commit may add columns (reembed into a new column)
         if queryable is not None:
             queryable.checkout_latest()
         for listener in self.on_commit:
             listener(name)
 
     def schema(self, name: str) -> pa.Schema:
-        """The table's Arrow schema (with its metric in the metadata), read once: columns are fixed at
-        creation (``check_compatible``), and asking Lance costs ~0.4 ms, a third of an in-memory search."""
+        """The table's Arrow schema (with its metric in the metadata), read once per commit: uploads cannot
+        change columns (``check_compatible``; ``reembed`` adds one), and asking Lance costs ~0.4 ms, a third
+        of an in-memory search."""
         schema = self._schemas.get(name)
         if schema is None:
             schema = self._schemas[name] = self._known(name).schema
@@ -264,14 +308,14 @@ class LanceTables(TableFormat):
     def summarise(self, name: str) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
         dataset = self.dataset(name)
-        return summary(name, dataset, dataset.versions())
+        return summary(name, dataset, versions_of(dataset))
 
     def describe(self, name: str) -> dict[str, Any]:
         """Schema, vector columns, versions and indexes (and what the ``on_describe`` listeners add)."""
         dataset = self.dataset(name)
         schema = self.schema(name)
         vectors = vector_columns(schema)
-        versions = dataset.versions()
+        versions = versions_of(dataset)
         facts = summary(name, dataset, versions)
         facts.update(
             {
@@ -293,7 +337,7 @@ class LanceTables(TableFormat):
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """The table's versions, newest first."""
-        versions = self.dataset(name).versions()
+        versions = versions_of(self.dataset(name))
         current = versions[-1]["version"] if versions else None
         return [
             {
@@ -329,11 +373,36 @@ class LanceTables(TableFormat):
         rest = [info for info in found if not is_manifest(info.path)]
         self.storage.leases.delete_when_unread(name, functools.partial(self.storage.delete_listed, uri, rest))
 
+    def rewrites(self, name: str) -> ReadWriteLock:
+        """The lock ordering row changes of ``name`` and its compaction (see ``_rewrites``)."""
+        with self._guard:
+            return self._rewrites.setdefault(name, ReadWriteLock())
+
+    def expire(self, name: str, retention: Retention) -> Facts:
+        """Remove the versions ``retention`` lets go, and the files only they used (Lance deletes them)."""
+        try:
+            with self.rewrites(name).writing():  # as optimize's clean-up: after running row changes
+                dataset = self.writable(name)
+                before = len(versions_of(dataset))
+                stats = dataset.cleanup_old_versions(
+                    older_than=timedelta(seconds=retention.keep_seconds), retain_versions=retention.keep_last
+                )
+        except Exception as exc:
+            raise lance_error(exc, self.storage.root_uri, f"expiring versions of {name!r}") from None
+        return {
+            "dataset": name,
+            "snapshots_before": before,
+            "snapshots_expired": stats.old_versions,
+            "snapshots_after": before - stats.old_versions,
+            "bytes_removed": stats.bytes_removed,
+        }
+
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
         """Delete the rows matching ``where``."""
-        dataset = self.writable(name)
         try:
-            result = dataset.delete(where)
+            with self.rewrites(name).reading():
+                dataset = self.writable(name)
+                result = dataset.delete(where)
         except Exception as exc:
             raise lance_error(exc, self.storage.root_uri, f"delete_rows on {name!r}") from None
         self.committed(name, dataset)
@@ -348,19 +417,14 @@ class LanceTables(TableFormat):
     def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
         """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
         before = self.dataset(name)
-        versions = before.versions()
+        versions = versions_of(before)
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
-        try:
-            dataset = self.writable(name)
-            dataset.optimize.compact_files()
-            dataset.optimize.optimize_indices()  # rows added since an index was built join it
-            dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
-        except Exception as exc:
-            raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
-        self.committed(name)
+        with self.rewrites(name).writing():
+            self._optimize_retrying(name, older_than_seconds)
+            self.committed(name)  # before a delete waiting for the lock takes its handle
         after = self.dataset(name)
-        versions = after.versions()
+        versions = versions_of(after)
         bytes_after = total_bytes(after, versions)
         return {
             "dataset": name,
@@ -374,6 +438,26 @@ class LanceTables(TableFormat):
             "bytes_removed": max(0, bytes_before - bytes_after),
             "seconds": round(time.monotonic() - started, 3),
         }
+
+    def _optimize_retrying(self, name: str, older_than_seconds: float) -> None:
+        """:meth:`_optimize_once`, again when a write by another process preempted its commit."""
+        for attempt in range(1, OPTIMIZE_ATTEMPTS + 1):
+            try:
+                self._optimize_once(name, older_than_seconds)
+                return
+            except Exception as exc:
+                error = lance_error(exc, self.storage.root_uri, f"optimize on {name!r}")
+                if attempt == OPTIMIZE_ATTEMPTS or not is_conflict(error):
+                    raise error from None
+                log.info("optimize on %s preempted by a concurrent write (attempt %d); again", name, attempt)
+
+    def _optimize_once(self, name: str, older_than_seconds: float) -> None:
+        """One try of :meth:`optimize` on the newest version (a concurrent write may preempt it)."""
+        self.refresh_version(name)
+        dataset = self.writable(name)
+        dataset.optimize.compact_files()
+        dataset.optimize.optimize_indices()  # rows added since an index was built join it
+        dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
 
     # -- writes ----------------------------------------------------------------------------------
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
@@ -430,6 +514,7 @@ class LanceTables(TableFormat):
                 mode="create",
                 data_cache_bytes=WRITE_BUFFER_BYTES,
                 storage_options=self.storage.lance_storage_options(),
+                session=self._session,
             )
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -458,12 +543,13 @@ class LanceTables(TableFormat):
         result: dict[str, Any] = {"created": False}
         try:
             if options.mode == "upsert":
-                merged = (
-                    dataset.merge_insert(options.key)
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute(stream.reader())
-                )
+                with self.rewrites(name).reading():
+                    merged = (
+                        dataset.merge_insert(options.key)
+                        .when_matched_update_all()
+                        .when_not_matched_insert_all()
+                        .execute(stream.reader())
+                    )
                 result.update(
                     rows_inserted=merged["num_inserted_rows"], rows_updated=merged["num_updated_rows"]
                 )
@@ -475,6 +561,7 @@ class LanceTables(TableFormat):
                     mode="overwrite" if options.mode == "overwrite" else "append",
                     data_cache_bytes=WRITE_BUFFER_BYTES,
                     storage_options=self.storage.lance_storage_options(),
+                    session=self._session,
                 )
         except BaseException as exc:
             raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None

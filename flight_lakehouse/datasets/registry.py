@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from flight_lakehouse.access import check_writable, visible
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.datasets.base import TableFormat
+from flight_lakehouse.datasets.base import Retention, TableFormat
 from flight_lakehouse.datasets.iceberg import IcebergTables
 from flight_lakehouse.datasets.lance import LanceTables
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound
@@ -128,6 +128,12 @@ class Datasets:
     def schema(self, name: str) -> pa.Schema:
         """The dataset's current Arrow schema."""
         return self.table_format(name).schema(name)
+
+    def expire(self, name: str, retention: Retention) -> dict[str, Any]:
+        """Let go of the dataset's snapshots or versions that ``retention`` does not keep."""
+        check_writable(name)
+        with self.write_lock(name):
+            return self.table_format(name).expire(name, retention)
 
     def drop(self, name: str, if_exists: bool) -> bool:
         """Drop a dataset; False when it does not exist and ``if_exists`` allows that, else NOT_FOUND."""
