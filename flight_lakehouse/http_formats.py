@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from flight_lakehouse.errors import InvalidArgument
+from flight_lakehouse.text_values import csv_batch, csv_schema
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 NDJSON = "application/x-ndjson"
@@ -103,17 +104,21 @@ class ArrowEncoder(WriterEncoder):
 
 
 class CsvEncoder(WriterEncoder):
-    """CSV with a header line (pyarrow's writer: RFC 4180 quoting, ISO timestamps)."""
+    """CSV with a header line (pyarrow's writer: RFC 4180 quoting, ISO timestamps); lists, structs, maps
+    and vectors as JSON text, binary as base64, as the CLI writes CSV (``text_values``)."""
 
     media_type = CSV
 
     def open_writer(self, sink: Chunks, schema: pa.Schema) -> pacsv.CSVWriter:
         try:
-            return pacsv.CSVWriter(sink, schema)
+            return pacsv.CSVWriter(sink, csv_schema(schema))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise InvalidArgument(
                 f"the result cannot be sent as CSV ({first_line(exc)}); ask for Arrow"
             ) from None
+
+    def batch(self, batch: pa.RecordBatch) -> bytes | bytearray:
+        return super().batch(csv_batch(batch))
 
 
 class JsonLinesEncoder(Encoder):

@@ -294,14 +294,7 @@ def render(report: Report, source: workloads.Source, repeats: int) -> str:
 # -- main ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5_000_000, help="rows to generate (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (default %(default)s)")
-    harness.add_work_arguments(parser, "e.g. LAKEHOUSE_QUERY_THREADS=2")
-    args = parser.parse_args(argv)
-    if args.rows <= 0 or args.repeats <= 0:
-        parser.error("--rows and --repeats must be > 0")
-    return args
+    return harness.rows_and_repeats(__doc__.splitlines()[0], 3, argv)
 
 
 def run(work: Path, rows: int, repeats: int, env: dict[str, str]) -> str:

@@ -496,6 +496,20 @@ def add_work_arguments(parser: argparse.ArgumentParser, env_example: str = "") -
     )
 
 
+def rows_and_repeats(description: str, repeats: int, argv: list[str] | None) -> argparse.Namespace:
+    """``--rows``, ``--repeats`` (both > 0) and the work arguments of a workers benchmark."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rows", type=int, default=5_000_000, help="rows to generate (default %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=repeats, help="runs per measurement (default %(default)s)"
+    )
+    add_work_arguments(parser, "e.g. LAKEHOUSE_QUERY_THREADS=2")
+    args = parser.parse_args(argv)
+    if args.rows <= 0 or args.repeats <= 0:
+        parser.error("--rows and --repeats must be > 0")
+    return args
+
+
 def print_report(args: argparse.Namespace, prefix: str, report: Callable[[Path, dict[str, str]], str]) -> int:
     """Print ``report(work directory, server environment)``: in ``--root``, else in a temp directory."""
     env = dict(getattr(args, "env", []))
