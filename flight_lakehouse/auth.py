@@ -35,7 +35,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import jwt
 from argon2 import Parameters, PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from argon2.profiles import get_default_parameters
@@ -422,6 +421,8 @@ class Authenticator:
             "iat": now,
             "exp": now + max(1, round(self.bearer_ttl_seconds)),
         }
+        import jwt  # on first use: PyJWT (and cryptography) would cost every CLI command ~0.1 s to import
+
         return jwt.encode(claims, self._current().key, algorithm=JWT_ALGORITHM)
 
     def verify_bearer(self, token: str) -> Identity:
@@ -429,6 +430,8 @@ class Authenticator:
         data = self._current()
         if token.startswith(TOKEN_PREFIX):
             return _api_token_identity(data, token)
+        import jwt
+
         try:
             claims = jwt.decode(
                 token,
