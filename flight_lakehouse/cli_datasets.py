@@ -8,6 +8,7 @@ import base64
 import binascii
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,24 @@ def confirm(what: str, yes: bool) -> None:
     click.confirm(f"{what[0].upper()}{what[1:]}?", abort=True, err=True)
 
 
+def show(answer: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    """A command's answer: as JSON with ``--json``, else as ``human`` prints it."""
+    if as_json:
+        print_json(answer)
+    else:
+        human(answer)
+
+
 @click.command()
 @json_option
 @client_options
 def datasets(as_json: bool, connect: Connect) -> None:
     """List the datasets on the server."""
-    client = connect()
-    rows = action(client, "list_datasets", {})
-    if as_json:
-        print_json(rows)
-        return
+    show(action(connect(), "list_datasets", {}), as_json, print_datasets)
+
+
+def print_datasets(rows: list[dict[str, Any]]) -> None:
+    """The datasets as a table."""
     header = ["name", "format", "rows", "bytes", "updated_at"]
     cells = [[r["name"], r["format"], f"{r['rows']:,}", f"{r['bytes']:,}", r["updated_at"]] for r in rows]
     print_table(header, cells)
@@ -77,10 +86,15 @@ def datasets(as_json: bool, connect: Connect) -> None:
 @client_options
 def describe(name: str, as_json: bool, connect: Connect) -> None:
     """Facts, schema and indexes of dataset NAME."""
-    facts = action(connect(), "describe_dataset", {"dataset": name})
-    if as_json:
-        print_json(facts)
-        return
+    show(
+        action(connect(), "describe_dataset", {"dataset": name}),
+        as_json,
+        lambda facts: print_dataset(name, facts),
+    )
+
+
+def print_dataset(name: str, facts: dict[str, Any]) -> None:
+    """What ``describe_dataset`` says: facts, then schema and indexes as tables."""
     print_facts({k: v for k, v in facts.items() if k not in DESCRIBE_TABLES}, title=f"dataset {name}")
     print_table(["column", "type", "nullable"], schema_rows(facts), title="schema")
     print_indexes(name, facts.get("indexes", []))
@@ -110,11 +124,7 @@ def print_indexes(name: str, indexes: list[dict[str, Any]]) -> None:
 @client_options
 def history(name: str, as_json: bool, connect: Connect) -> None:
     """The snapshots (Iceberg) or versions (Lance) of dataset NAME, newest first."""
-    entries = action(connect(), "dataset_history", {"dataset": name})
-    if as_json:
-        print_json(entries)
-    else:
-        print_records(entries)
+    show(action(connect(), "dataset_history", {"dataset": name}), as_json, print_records)
 
 
 @click.command()
@@ -127,10 +137,13 @@ def drop(name: str, if_exists: bool, yes: bool, as_json: bool, connect: Connect)
     """Drop dataset NAME and delete its files (asks first unless --yes)."""
     confirm(f"drop dataset {name} and delete its files", yes)
     answer = action(connect(), "drop_dataset", {"dataset": name, "if_exists": if_exists})
-    if as_json:
-        print_json(answer)
-    else:
-        click.echo(f"dropped {name}" if answer["dropped"] else f"{name} does not exist; nothing dropped")
+    show(
+        answer,
+        as_json,
+        lambda dropped: click.echo(
+            f"dropped {name}" if dropped["dropped"] else f"{name} does not exist; nothing dropped"
+        ),
+    )
 
 
 @click.command()
@@ -277,9 +290,11 @@ def index_create(
     answer = action(client, "create_index", request)
     if wait and answer.get("state") == "building":
         answer = {**answer, **wait_for_index(client, name, answer, timeout)}
-    if as_json:
-        print_json(answer)
-        return
+    show(answer, as_json, lambda built: print_index_state(name, built))
+
+
+def print_index_state(name: str, answer: dict[str, Any]) -> None:
+    """One line: the index, its column and kind, and its state."""
     line = f"index {answer['index']} on {name}.{answer['column']} ({answer['kind']}): {answer['state']}"
     click.echo(line if answer["state"] == "ready" else f"{line}; `index list {name}` shows its progress")
 
@@ -311,10 +326,7 @@ def wait_for_index(client: LakehouseClient, name: str, answer: dict[str, Any], t
 def index_list(name: str, as_json: bool, connect: Connect) -> None:
     """The indexes of dataset NAME with their state (builds in progress and failed ones too)."""
     indexes = action(connect(), "describe_dataset", {"dataset": name}).get("indexes", [])
-    if as_json:
-        print_json(indexes)
-    else:
-        print_indexes(name, indexes)
+    show(indexes, as_json, lambda entries: print_indexes(name, entries))
 
 
 @click.command()
@@ -327,10 +339,13 @@ def delete(name: str, where: str, yes: bool, as_json: bool, connect: Connect) ->
     """Delete the rows of vector (Lance) dataset NAME that match --where (asks first unless --yes)."""
     confirm(f"delete the rows of {name} where {where}", yes)
     answer = action(connect(), "delete_rows", {"dataset": name, "where": where})
-    if as_json:
-        print_json(answer)
-    else:
-        click.echo(f"{answer['rows_deleted']} rows deleted from {name} (version {answer.get('version')})")
+    show(
+        answer,
+        as_json,
+        lambda done: click.echo(
+            f"{done['rows_deleted']} rows deleted from {name} (version {done.get('version')})"
+        ),
+    )
 
 
 @click.command()
@@ -349,11 +364,11 @@ def optimize(name: str, older_than_seconds: float | None, as_json: bool, connect
     body: dict[str, Any] = {"dataset": name}
     if older_than_seconds is not None:
         body["older_than_seconds"] = older_than_seconds
-    facts = action(connect(), "optimize", body)
-    if as_json:
-        print_json(facts)
-    else:
-        print_facts(facts, title=f"optimized {name}")
+    show(
+        action(connect(), "optimize", body),
+        as_json,
+        lambda facts: print_facts(facts, title=f"optimized {name}"),
+    )
 
 
 #: What :mod:`flight_lakehouse.cli` adds to its command group.
