@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.flight as flight
 
 from scripts import harness, workloads
@@ -43,12 +45,32 @@ class Size:
     group_anchor_seconds: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Prefix(workloads.Source):
+    """The first ``rows`` rows of a larger generated input (the generator is deterministic: the first rows
+    of a larger run are the rows of a smaller one), so that the input is generated once, at the largest
+    size."""
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        left = self.rows
+        for batch in super().batches():
+            if left <= 0:
+                return
+            yield batch.slice(0, left)
+            left -= batch.num_rows
+
+
+def prefix(source: workloads.Source, rows: int) -> Prefix:
+    """The first ``rows`` rows of ``source``, with their Arrow size."""
+    head = Prefix(source.path, rows, 0)
+    return Prefix(source.path, rows, sum(batch.nbytes for batch in head.batches()))
+
+
 def measure_size(
-    server: harness.Server, client: flight.FlightClient, work: Path, rows: int, repeats: int
+    server: harness.Server, client: flight.FlightClient, source: workloads.Source, repeats: int
 ) -> Size:
-    """Generate ``rows`` workers, then ingest and query them ``repeats`` times."""
-    harness.log(f"generating {rows:,} rows ...")
-    source = workloads.generate_source(work / f"workers-{rows}.parquet", rows)
+    """Ingest ``source`` and query it ``repeats`` times."""
+    rows = source.rows
     size = Size(rows, source.nbytes / MB)
     root = Path(server.root)
     files: set[Path] = set()
@@ -61,7 +83,6 @@ def measure_size(
         size.ingest_rss_mb.append(rss.peak / MB)
         harness.log(f"{rows:,} rows, ingest #{i + 1}: {seconds:.2f} s, peak RSS {rss.peak / MB:.0f} MB")
     measure_queries(server, sorted(files), size, repeats)
-    os.unlink(source.path)
     return size
 
 
@@ -160,11 +181,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(work: Path, sizes: list[int], repeats: int, env: dict[str, str]) -> str:
     """Measure every size against one server and render the table."""
     work.mkdir(parents=True, exist_ok=True)
-    measured = []
+    harness.log(f"generating {max(sizes):,} rows ...")
+    largest = workloads.generate_source(work / "workers-source.parquet", max(sizes))
     with harness.Server(work / "lakehouse", work / "server.log", {**harness.ENGINE_ENV, **env}) as server:
         harness.log(f"server at {server.location} (pid {server.pid})")
         with flight.connect(server.location) as client:
-            measured = [measure_size(server, client, work, rows, repeats) for rows in sizes]
+            measured = [measure_size(server, client, prefix(largest, rows), repeats) for rows in sizes]
     return render(measured, repeats) + f"- load average at the end: {os.getloadavg()}\n"
 
 
