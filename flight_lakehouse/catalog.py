@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -22,8 +23,10 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
 )
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
+from pyiceberg.schema import assign_fresh_schema_ids
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
+from pyiceberg.types import ListType, MapType, NestedField, StructType
 from sqlalchemy import select
 
 from flight_lakehouse.datasets.base import Retention
@@ -302,6 +305,60 @@ def evolve_schema(tx: Transaction, schema: pa.Schema, drop_absent: bool) -> None
             for name in current:
                 if name not in schema.names:
                     update.delete_column(name)
+
+
+#: The Parquet field metadata key of an Iceberg field id.
+FIELD_ID = b"PARQUET:field_id"
+
+
+def with_field_ids(schema: pa.Schema, table: Table | None, evolve: bool) -> pa.Schema:
+    """``schema`` (of the files an upload writes) with each field's Iceberg field id, as the table will
+    have it once the upload commits: a new table's fresh ids (assigned as its creation assigns them), or
+    the table's, evolved by ``schema`` with ``evolve``. The Iceberg spec wants data files to carry them,
+    and engines that read by id alone (Daft) read nothing else; the commit checks them against the table
+    (a table that changed meanwhile fails the commit rather than mislabel a column).
+
+    ``schema`` as it is when a field has no id in the planned table (files then rely on the table's name
+    mapping, as files written before this did)."""
+    if table is None:
+        planned = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema))
+    elif evolve:
+        planned = table.transaction().update_schema().union_by_name(schema)._apply()
+    else:
+        planned = table.schema()
+    fields = []
+    for field in schema:
+        try:
+            nested = planned.find_field(field.name, case_sensitive=True)
+        except ValueError:
+            return schema
+        fields.append(field_with_id(field, nested))
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def field_with_id(field: pa.Field, nested: NestedField) -> pa.Field:
+    """``field`` with the id of ``nested``, and its children (struct fields, list elements, map keys and
+    values) with theirs."""
+    kind, iceberg = field.type, nested.field_type
+    if pa.types.is_struct(kind) and isinstance(iceberg, StructType):
+        children = {child.name: child for child in iceberg.fields}
+        kind = pa.struct(
+            [
+                field_with_id(child, children[child.name]) if child.name in children else child
+                for child in kind
+            ]
+        )
+    elif pa.types.is_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.list_(field_with_id(kind.value_field, iceberg.element_field))
+    elif pa.types.is_large_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.large_list(field_with_id(kind.value_field, iceberg.element_field))
+    elif pa.types.is_fixed_size_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.list_(field_with_id(kind.value_field, iceberg.element_field), kind.list_size)
+    elif pa.types.is_map(kind) and isinstance(iceberg, MapType):
+        key = field_with_id(kind.key_field, iceberg.key_field)
+        kind = pa.map_(key, field_with_id(kind.item_field, iceberg.value_field), kind.keys_sorted)
+    metadata = {**(field.metadata or {}), FIELD_ID: str(nested.field_id).encode()}
+    return pa.field(field.name, kind, field.nullable, metadata)
 
 
 def data_files(tx: Transaction, files: Iterable[str]) -> list:
