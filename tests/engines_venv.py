@@ -1,6 +1,6 @@
-"""The engines' own virtual environment, ``.venv-engines/`` in the repository root: Daft (and what it reads
-Iceberg and Lance with) needs a pyarrow older than the server's, so it runs as an engine on another
-machine would, in its own Python, on the same tables.
+"""The engines' own virtual environment, ``.venv-engines/`` in the repository root: Daft and Ray Data (and
+what they read Iceberg and Lance with) need a pyarrow older than the server's, so they run as engines on
+another machine would, in their own Python, on the same tables.
 
 ``python -m tests.engines_venv`` creates it (``.ci/run`` does, after the main install); the fixture of
 ``tests/test_engines.py`` creates it too when it is missing or was made for other requirements, so the
@@ -22,6 +22,7 @@ REQUIREMENTS = (
     "pyarrow>=21,<26",
     "pyiceberg[sql-sqlite]==0.12.0",
     "pylance==14.0.2",
+    "ray[data]==2.60.0",
 )
 VENV = Path(__file__).resolve().parents[1] / ".venv-engines"
 #: Written last: the environment is complete and holds exactly these requirements.

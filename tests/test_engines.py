@@ -1,8 +1,9 @@
 """Existing engines on the server's tables, local and on S3: Daft (``read_iceberg`` through the Iceberg REST
-catalog and through the SQL catalog, ``read_lance``, a Daft SQL query) and pyiceberg (both catalogs) read
-every dataset the server wrote, with the settings the README gives, and answer what the server answers.
+catalog and through the SQL catalog, ``read_lance``, a Daft SQL query), Ray Data (``read_iceberg`` through
+the REST catalog, ``read_lance``) and pyiceberg (both catalogs) read every dataset the server wrote, with
+the settings the README gives, and answer what the server answers.
 
-Daft needs a pyarrow older than the server's, so the reads run in the engines' own virtual environment
+Daft and Ray need a pyarrow older than the server's, so the reads run in the engines' own virtual environment
 (:mod:`tests.engines_venv`, created here when missing) by :mod:`tests.engines_runner`, which writes each
 result as an Arrow IPC file compared here with the server's own DoGet answer.
 """
@@ -26,7 +27,9 @@ from tests.conftest import is_s3, running_server, s3_root, vector_array
 
 pytestmark = [
     pytest.mark.parametrize("storage_root", ["local", "s3"], indirect=True),
-    pytest.mark.timeout(900),  # the first run creates the engines' environment (about a minute, more when busy)
+    pytest.mark.timeout(
+        900
+    ),  # the first run creates the engines' environment (about a minute, more when busy)
 ]
 
 RUNNER = Path(__file__).with_name("engines_runner.py")
@@ -121,7 +124,7 @@ def test_daft_and_pyiceberg_read_every_dataset(
     sql_catalog, storage = catalog_settings(storage_root)
     spec = {
         "out": str(tmp_path / "results"),
-        "engines": ["pyiceberg", "daft"],
+        "engines": ["pyiceberg", "daft", "ray"],
         "rest": {"uri": f"{server.http_url}/iceberg", "token": token},
         "sql_catalog": sql_catalog,
         "storage": storage,
@@ -142,16 +145,13 @@ def test_daft_and_pyiceberg_read_every_dataset(
     )
     assert run.returncode == 0, run.stderr[-4000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])["written"]
-    expected = (
-        {
-            f"{engine}-{route}-{name}"
-            for engine in ("pyiceberg", "daft")
-            for route in ("rest", "sql")
-            for name in iceberg
-        }
-        | {f"daft-lance-{name}" for name in lance}
-        | {"daft-sql-by_city"}
-    )
+    routes = {"pyiceberg": ("rest", "sql"), "daft": ("rest", "sql"), "ray": ("rest",)}
+    expected = {
+        f"{engine}-{route}-{name}" for engine, ways in routes.items() for route in ways for name in iceberg
+    }
+    expected |= {f"{engine}-lance-{name}" for engine in ("daft", "ray") for name in lance} | {
+        "daft-sql-by_city"
+    }
     assert set(written) == expected, written
 
     def result(name: str) -> pa.Table:
