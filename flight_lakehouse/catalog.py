@@ -23,7 +23,7 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
 )
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
-from pyiceberg.schema import assign_fresh_schema_ids
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.types import ListType, MapType, NestedField, StructType
@@ -235,6 +235,11 @@ class DatasetCatalog:
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
+        if not field_ids_hold(schema, tx.table_metadata.schema()):
+            raise Unavailable(
+                f"dataset {name!r} changed during the upload (another upload added a column first); "
+                "nothing was written, retry"
+            )
         new_files = data_files(tx, files) if files else []
         if replace:
             replaced = [task.file for task in tx._table.scan().plan_files()]
@@ -326,6 +331,12 @@ def with_field_ids(schema: pa.Schema, table: Table | None, evolve: bool) -> pa.S
         planned = table.transaction().update_schema().union_by_name(schema)._apply()
     else:
         planned = table.schema()
+    return apply_field_ids(schema, planned)
+
+
+def apply_field_ids(schema: pa.Schema, planned: Schema) -> pa.Schema:
+    """``schema`` with the field ids its fields have in ``planned`` (found by name), or as it is when one
+    is not there."""
     fields = []
     for field in schema:
         try:
@@ -334,6 +345,38 @@ def with_field_ids(schema: pa.Schema, table: Table | None, evolve: bool) -> pa.S
             return schema
         fields.append(field_with_id(field, nested))
     return pa.schema(fields, metadata=schema.metadata)
+
+
+def field_ids_hold(schema: pa.Schema, table_schema: Schema) -> bool:
+    """Whether the field ids ``schema``'s files carry (if any) are the ones ``table_schema`` gives the same
+    names (not so when another upload added a column first and took the id this one planned)."""
+    carried = field_ids(schema)
+    return not carried or carried == field_ids(apply_field_ids(schema, table_schema))
+
+
+def field_ids(schema: pa.Schema) -> dict[str, bytes]:
+    """Dotted path -> Parquet field id of every field of ``schema`` that has one (children too)."""
+    found: dict[str, bytes] = {}
+
+    def walk(field: pa.Field, path: str) -> None:
+        value = (field.metadata or {}).get(FIELD_ID)
+        if value is not None:
+            found[path] = value
+        kind = field.type
+        if pa.types.is_struct(kind):
+            children = list(kind)
+        elif pa.types.is_map(kind):
+            children = [kind.key_field, kind.item_field]
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            children = [kind.value_field]
+        else:
+            children = []
+        for child in children:
+            walk(child, f"{path}.{child.name}")
+
+    for field in schema:
+        walk(field, field.name)
+    return found
 
 
 def field_with_id(field: pa.Field, nested: NestedField) -> pa.Field:
