@@ -327,3 +327,10 @@ def test_an_s3_root_with_the_clients_own_keys(storage_root: str) -> None:
         assert by_id(table.scan().to_arrow()) == by_id(server.sql("SELECT * FROM events"))
         for form in root_forms(storage_root)[2:]:  # the server's local state directory is never shown
             assert form not in text
+        # without --auth-file there is no credential to exchange: a clear OAuth2 error, not a dummy token
+        form = b"grant_type=client_credentials&client_id=reader&client_secret=x"
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, _, body = call(f"{server.http_url}/iceberg/v1/oauth/tokens", "POST", headers, form)
+        answer = json.loads(body)
+        assert status == 400 and answer["error"] == "invalid_request", answer
+        assert "authentication is off" in answer["error_description"]
