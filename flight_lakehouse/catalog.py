@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import IcebergTables, SqlCatalog
 from pyiceberg.exceptions import (
     CommitFailedException,
@@ -22,8 +23,10 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
 )
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
+from pyiceberg.types import ListType, MapType, NestedField, StructType
 from sqlalchemy import select
 
 from flight_lakehouse.datasets.base import Retention
@@ -232,6 +235,11 @@ class DatasetCatalog:
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
+        if not field_ids_hold(schema, tx.table_metadata.schema()):
+            raise Unavailable(
+                f"dataset {name!r} changed during the upload (another upload added a column first); "
+                "nothing was written, retry"
+            )
         new_files = data_files(tx, files) if files else []
         if replace:
             replaced = [task.file for task in tx._table.scan().plan_files()]
@@ -302,6 +310,98 @@ def evolve_schema(tx: Transaction, schema: pa.Schema, drop_absent: bool) -> None
             for name in current:
                 if name not in schema.names:
                     update.delete_column(name)
+
+
+#: The Parquet field metadata key of an Iceberg field id.
+FIELD_ID = b"PARQUET:field_id"
+
+
+def with_field_ids(schema: pa.Schema, table: Table | None, evolve: bool) -> pa.Schema:
+    """``schema`` (of the files an upload writes) with each field's Iceberg field id, as the table will
+    have it once the upload commits: a new table's fresh ids (assigned as its creation assigns them), or
+    the table's, evolved by ``schema`` with ``evolve``. The Iceberg spec wants data files to carry them,
+    and engines that read by id alone (Daft) read nothing else; the commit checks them against the table
+    (a table that changed meanwhile fails the commit rather than mislabel a column).
+
+    ``schema`` as it is when a field has no id in the planned table (files then rely on the table's name
+    mapping, as files written before this did)."""
+    if table is None:
+        planned = assign_fresh_schema_ids(Catalog._convert_schema_if_needed(schema))
+    elif evolve:
+        planned = table.transaction().update_schema().union_by_name(schema)._apply()
+    else:
+        planned = table.schema()
+    return apply_field_ids(schema, planned)
+
+
+def apply_field_ids(schema: pa.Schema, planned: Schema) -> pa.Schema:
+    """``schema`` with the field ids its fields have in ``planned`` (found by name), or as it is when one
+    is not there."""
+    fields = []
+    for field in schema:
+        try:
+            nested = planned.find_field(field.name, case_sensitive=True)
+        except ValueError:
+            return schema
+        fields.append(field_with_id(field, nested))
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def field_ids_hold(schema: pa.Schema, table_schema: Schema) -> bool:
+    """Whether the field ids ``schema``'s files carry (if any) are the ones ``table_schema`` gives the same
+    names (not so when another upload added a column first and took the id this one planned)."""
+    carried = field_ids(schema)
+    return not carried or carried == field_ids(apply_field_ids(schema, table_schema))
+
+
+def field_ids(schema: pa.Schema) -> dict[str, bytes]:
+    """Dotted path -> Parquet field id of every field of ``schema`` that has one (children too)."""
+    found: dict[str, bytes] = {}
+
+    def walk(field: pa.Field, path: str) -> None:
+        value = (field.metadata or {}).get(FIELD_ID)
+        if value is not None:
+            found[path] = value
+        kind = field.type
+        if pa.types.is_struct(kind):
+            children = list(kind)
+        elif pa.types.is_map(kind):
+            children = [kind.key_field, kind.item_field]
+        elif pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            children = [kind.value_field]
+        else:
+            children = []
+        for child in children:
+            walk(child, f"{path}.{child.name}")
+
+    for field in schema:
+        walk(field, field.name)
+    return found
+
+
+def field_with_id(field: pa.Field, nested: NestedField) -> pa.Field:
+    """``field`` with the id of ``nested``, and its children (struct fields, list elements, map keys and
+    values) with theirs."""
+    kind, iceberg = field.type, nested.field_type
+    if pa.types.is_struct(kind) and isinstance(iceberg, StructType):
+        children = {child.name: child for child in iceberg.fields}
+        kind = pa.struct(
+            [
+                field_with_id(child, children[child.name]) if child.name in children else child
+                for child in kind
+            ]
+        )
+    elif pa.types.is_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.list_(field_with_id(kind.value_field, iceberg.element_field))
+    elif pa.types.is_large_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.large_list(field_with_id(kind.value_field, iceberg.element_field))
+    elif pa.types.is_fixed_size_list(kind) and isinstance(iceberg, ListType):
+        kind = pa.list_(field_with_id(kind.value_field, iceberg.element_field), kind.list_size)
+    elif pa.types.is_map(kind) and isinstance(iceberg, MapType):
+        key = field_with_id(kind.key_field, iceberg.key_field)
+        kind = pa.map_(key, field_with_id(kind.item_field, iceberg.value_field), kind.keys_sorted)
+    metadata = {**(field.metadata or {}), FIELD_ID: str(nested.field_id).encode()}
+    return pa.field(field.name, kind, field.nullable, metadata)
 
 
 def data_files(tx: Transaction, files: Iterable[str]) -> list:

@@ -383,7 +383,8 @@ def refusal_of_http(exc: web.HTTPException, request: web.Request) -> web.Respons
     """The JSON refusal of an error aiohttp raised (404, 405, 413, ...)."""
     if exc.status == 404:
         message = (
-            f"no endpoint {request.path[:200]!r}; the endpoints are /healthz, /readyz, /metrics, /v1/..."
+            f"no endpoint {request.path[:200]!r}; "
+            "the endpoints are /healthz, /readyz, /metrics, /v1/..., /iceberg/v1/..."
         )
     elif exc.status == 413:
         message = f"request body larger than the limit of {MAX_COMMAND_BYTES} bytes"

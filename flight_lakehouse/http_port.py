@@ -1,7 +1,8 @@
 """The HTTP side port: an aiohttp server on a uvloop event loop, on a thread of the Flight server's process,
-serving :mod:`~flight_lakehouse.http_api` over the same state (catalog, query engine, vector search,
-limits, authentication). It binds the Flight server's host; with TLS configured it serves HTTPS with the
-same certificate and key (and requires client certificates under mTLS)."""
+serving :mod:`~flight_lakehouse.http_api` and the Iceberg REST catalog (:mod:`~flight_lakehouse.iceberg_rest`)
+over the same state (catalog, query engine, vector search, limits, authentication). It binds the Flight
+server's host; with TLS configured it serves HTTPS with the same certificate and key (and requires client
+certificates under mTLS)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uvloop
 from aiohttp import web
 
 from flight_lakehouse.http_api import HttpApi
+from flight_lakehouse.iceberg_rest import IcebergRest
 from flight_lakehouse.settings import Settings
 
 if TYPE_CHECKING:
@@ -55,8 +57,10 @@ class HttpPort:
         return self
 
     async def _start(self) -> int:
+        app = self.api.app()
+        IcebergRest(self.api).add_routes(app)  # the Iceberg REST catalog under /iceberg/
         self._runner = web.AppRunner(
-            self.api.app(),
+            app,
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.settings.shutdown_grace_seconds,

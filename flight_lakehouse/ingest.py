@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from flight_lakehouse.catalog import DatasetCatalog, arrow_schema
+from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, with_field_ids
 from flight_lakehouse.commands import IngestOptions
 from flight_lakehouse.errors import (
     AlreadyExists,
@@ -253,11 +253,15 @@ class IngestSession:
             self.namespace.refuse_taken(options.dataset)
 
     def _plan_file_schema(self) -> pa.Schema:
-        """The schema files are written with: the upload's, checked against and ordered like the table's."""
+        """The schema files are written with: the upload's, checked against and ordered like the table's,
+        with the Iceberg field ids the table will have (:func:`~flight_lakehouse.catalog.with_field_ids`)."""
         if self.base_metadata_location is None:
-            return self.incoming_schema
-        table_schema = arrow_schema(self.catalog.load(self.options.dataset))
-        return reconcile(table_schema, self.incoming_schema, self._schema_mode, self.options.dataset)
+            return with_field_ids(self.incoming_schema, None, evolve=False)
+        table = self.catalog.load(self.options.dataset)
+        planned = reconcile(
+            arrow_schema(table), self.incoming_schema, self._schema_mode, self.options.dataset
+        )
+        return with_field_ids(planned, table, evolve=self._schema_mode == "evolve")
 
     @property
     def _schema_mode(self) -> str:
