@@ -25,6 +25,7 @@ from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.errors import NotFound, Unavailable
@@ -37,7 +38,22 @@ log = logging.getLogger(__name__)
 #: How long a catalog listing is reused while this process changes nothing (see ``metadata_locations``).
 LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
+#: Tries to open the SQL catalog while other servers create its tables (see ``open_sql_catalog``).
+CATALOG_CREATE_TRIES = 5
 NAMESPACE = "lakehouse"
+
+
+def open_sql_catalog(**properties: str) -> SqlCatalog:
+    """The pyiceberg SQL catalog. Servers started at once on a new catalog database race to create its
+    tables (pyiceberg checks, then creates): the losers see "already exists" and open it again."""
+    for attempt in range(CATALOG_CREATE_TRIES):
+        try:
+            return SqlCatalog(CATALOG_NAME, **properties)
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == CATALOG_CREATE_TRIES - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -61,13 +77,13 @@ class DatasetCatalog:
         self.storage = storage
         #: Applied at every commit, so that repeated overwrites reach a steady disk use (with ``gc``).
         self.retention = retention or Retention()
-        self.iceberg = SqlCatalog(
-            CATALOG_NAME,
+        self.iceberg = open_sql_catalog(
             uri=catalog_uri or storage.default_catalog_uri(),
             warehouse=storage.uri("tables"),
             **storage.iceberg_properties(),
         )
-        with contextlib.suppress(NamespaceAlreadyExistsError):
+        # IntegrityError: another server created it between pyiceberg's check and its INSERT
+        with contextlib.suppress(NamespaceAlreadyExistsError, IntegrityError):
             self.iceberg.create_namespace(NAMESPACE)
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
         self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait

@@ -97,6 +97,21 @@ def main() -> None:
     help="What embeds text: builtin, onnx:DIR, openai:URL or none (default builtin with the embed extra).",
 )
 @click.option("--embedder-model", default=None, help="The model an openai:URL embedder runs.")
+@click.option(
+    "--advertise",
+    default=None,
+    metavar="LOCATION",
+    help="Location clients reach this server at, named in other servers' endpoints (default: the bind).",
+)
+@click.option(
+    "--peers",
+    default=None,
+    metavar="LOC,LOC",
+    help="The other servers of the root (default: found in the catalog database by heartbeats).",
+)
+@click.option(
+    "--heartbeat-seconds", type=float, default=None, help="Heartbeat to the catalog database (0: none)."
+)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 def serve(**options: object) -> None:
     """Run the server until SIGINT/SIGTERM."""

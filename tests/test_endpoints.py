@@ -1,0 +1,222 @@
+"""Parallel endpoints over several servers of one root (issue 21, point 3).
+
+Three ``serve`` processes share one local root and one SQLite catalog file; they find each other in the
+catalog's ``lakehouse_servers`` table by heartbeats. GetFlightInfo of a query or scan that reads one
+dataset's files row by row answers one endpoint per part, the parts dealt round-robin over the live servers
+(the answering server first), each endpoint naming its server. Reading every endpoint from its own location
+gives every row exactly once, by pyarrow and by ADBC's ``execute_partitions``; a part ticket is
+self-contained (any server answers it, at the snapshot it names) and checked as hostile on every server; a
+server that stops is dropped from new FlightInfos.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import adbc_driver_flightsql.dbapi as dbapi
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from flight_lakehouse import flight_sql_pb2 as sql
+from flight_lakehouse.protocol import pack
+from tests.conftest import ServerProcess, assert_refusal, wait_until
+
+SERVERS = 3
+FILES = 6
+ROWS_PER_FILE = 2_000
+HEARTBEAT_SECONDS = 0.5
+#: Three heartbeats (a server silent that long is stale), the registry's cache and a margin for a loaded box.
+DROP_BOUND_SECONDS = 3 * HEARTBEAT_SECONDS + 1.0 + 3.0
+
+
+def command(body: dict) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps(body).encode())
+
+
+def statement(query: str) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(pack(sql.CommandStatementQuery(query=query)))
+
+
+def locations(info: flight.FlightInfo) -> list[str]:
+    """The location of each endpoint ('' for none)."""
+    return [endpoint.locations[0].uri.decode() if endpoint.locations else "" for endpoint in info.endpoints]
+
+
+def read_from_locations(info: flight.FlightInfo) -> list[pa.Table]:
+    """Every endpoint read in parallel, each from the server its location names (a client per endpoint)."""
+
+    def read(endpoint: flight.FlightEndpoint) -> pa.Table:
+        with flight.connect(endpoint.locations[0]) as client:
+            return client.do_get(endpoint.ticket).read_all()
+
+    with ThreadPoolExecutor(len(info.endpoints)) as pool:
+        return list(pool.map(read, info.endpoints))
+
+
+def sorted_rows(tables: list[pa.Table]) -> list[tuple]:
+    return sorted(row for table in tables for row in zip(*table.to_pydict().values(), strict=True))
+
+
+def start_cluster(root: str, catalog_uri: str, count: int) -> list[ServerProcess]:
+    """``count`` servers on ``root`` and one catalog, started in parallel."""
+    env = {"LAKEHOUSE_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS), "LAKEHOUSE_QUERY_PARTS_MAX": str(FILES)}
+    servers = [ServerProcess(root, ["--catalog-uri", catalog_uri], env) for _ in range(count)]
+    try:
+        with ThreadPoolExecutor(count) as pool:
+            list(pool.map(ServerProcess.start, servers))
+    except BaseException:
+        stop_all(servers)
+        raise
+    return servers
+
+
+def stop_all(servers: list[ServerProcess]) -> None:
+    for server in servers:
+        server.stop()
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    """Three servers on one root and one SQLite catalog; ``big`` has FILES files (one per DoPut)."""
+    base = tmp_path_factory.mktemp("endpoints")
+    root, catalog = str(base / "lakehouse"), f"sqlite:///{(base / 'catalog.db').as_posix()}"
+    Path(root).mkdir()
+    servers = start_cluster(root, catalog, SERVERS)
+    try:
+        for index in range(FILES):
+            ids = range(index * ROWS_PER_FILE, (index + 1) * ROWS_PER_FILE)
+            servers[index % SERVERS].put(
+                "big", pa.table({"id": pa.array(ids, pa.int64()), "v": [f"v{i}" for i in ids]})
+            )
+        everyone = {server.location for server in servers}
+        for server in servers:
+            path_info = functools.partial(
+                server.client.get_flight_info, flight.FlightDescriptor.for_path("big")
+            )
+            assert wait_until(lambda info=path_info: set(locations(info())) == everyone, timeout=10)
+        yield servers
+    finally:
+        stop_all(servers)
+
+
+QUERIES = [
+    flight.FlightDescriptor.for_path("big"),
+    command({"sql": "select id, upper(v) as v from big where id % 3 <> 0"}),
+    command({"dataset": "big", "columns": ["id"], "filter": "id >= 100"}),
+]
+
+
+@pytest.mark.parametrize("descriptor", QUERIES, ids=["path", "sql", "scan"])
+def test_endpoints_spread_over_every_server(cluster: list[ServerProcess], descriptor) -> None:
+    """On each server, a split path, SQL or scan FlightInfo names every live server, itself first, one part
+    per file; read each from its location, the parts hold exactly the rows of one whole DoGet."""
+    whole = None
+    for server in cluster:
+        info = server.client.get_flight_info(descriptor)
+        found = locations(info)
+        assert len(found) == FILES and found[0] == server.location
+        assert set(found) == {s.location for s in cluster}
+        assert [found.count(s.location) for s in cluster] == [FILES // SERVERS] * SERVERS
+        tables = read_from_locations(info)
+        assert all(table.num_rows and table.schema.equals(info.schema) for table in tables)
+        if whole is None:
+            body = json.loads(info.endpoints[0].ticket.ticket)
+            whole = server.sql(body["sql"])  # the part's query, unsplit, in one DoGet
+        assert sorted_rows(tables) == sorted_rows([whole])
+    assert whole is not None and whole.num_rows > ROWS_PER_FILE
+
+
+def test_adbc_partitions_read_from_every_server(cluster: list[ServerProcess]) -> None:
+    """ADBC ``execute_partitions`` on one server gives a partition per part, naming all three servers;
+    ``read_partition`` fetches each (the driver connects to its location), every row exactly once."""
+    query = "select id, v from lakehouse.main.big where id % 7 <> 1"
+    with dbapi.connect(cluster[1].location) as conn, conn.cursor() as cursor:
+        partitions, _ = cursor.adbc_execute_partitions(query)
+    # a partition is a serialised FlightInfo of one endpoint
+    endpoints = [flight.FlightInfo.deserialize(part).endpoints[0] for part in partitions]
+    assert len(partitions) == FILES and {loc.uri.decode() for e in endpoints for loc in e.locations} == {
+        s.location for s in cluster
+    }
+
+    def read(partition: bytes) -> pa.Table:
+        with dbapi.connect(cluster[1].location) as conn, conn.cursor() as cursor:
+            cursor.adbc_read_partition(partition)
+            return cursor.fetch_arrow_table()
+
+    with ThreadPoolExecutor(len(partitions)) as pool:
+        tables = list(pool.map(read, partitions))
+    ids = sorted(i for table in tables for i in table.column("id").to_pylist())
+    assert ids == [i for i in range(FILES * ROWS_PER_FILE) if i % 7 != 1]
+
+
+def test_a_part_reads_its_snapshot_on_any_server(cluster: list[ServerProcess]) -> None:
+    """A commit on another server after GetFlightInfo is not seen by the parts: each names the snapshot,
+    and every server reads that snapshot's files."""
+    cluster[0].put("pinned", pa.table({"id": pa.array([0, 1], pa.int64())}))
+    cluster[1].put("pinned", pa.table({"id": pa.array([2], pa.int64())}))
+    cluster[2].put("pinned", pa.table({"id": pa.array([3, 4], pa.int64())}))
+    info = cluster[2].client.get_flight_info(statement("select id from pinned"))
+    assert len(info.endpoints) == 3 and set(locations(info)) == {s.location for s in cluster}
+    cluster[0].put("pinned", pa.table({"id": pa.array([5], pa.int64())}))
+    tables = read_from_locations(info)
+    assert sorted(i for table in tables for i in table.column("id").to_pylist()) == [0, 1, 2, 3, 4]
+
+
+def forged(ticket: dict) -> list[dict]:
+    """Tampered copies of a ``{"sql", "part"}`` ticket."""
+    part = ticket["part"]
+    return [
+        {**ticket, "part": {**part, "index": part["count"]}},
+        {**ticket, "part": {**part, "count": FILES + 1, "index": FILES}},
+        {**ticket, "part": {**part, "snapshot_id": part["snapshot_id"] + 1}},
+        {**ticket, "part": {**part, "dataset": "pinned"}},
+        {**ticket, "part": {**part, "extra": 1}},
+        {**ticket, "sql": "select count(*) from big"},
+        {**ticket, "sql": "select * from pinned"},
+        {**ticket, "sql": "select * from read_parquet('/etc/passwd')"},
+    ]
+
+
+def test_forged_part_tickets_are_refused_on_every_server(cluster: list[ServerProcess]) -> None:
+    """A part ticket is not signed but checked in full wherever it is sent: a part that does not fit the
+    snapshot, a snapshot the dataset does not have, another dataset, a query that is not row by row or that
+    reads files outside the root are refused on every server, cleanly."""
+    info = cluster[0].client.get_flight_info(command({"sql": "select * from big"}))
+    ticket = json.loads(info.endpoints[0].ticket.ticket)
+    for server in cluster:
+        for body in forged(ticket):
+            with pytest.raises((pa.ArrowInvalid, pa.ArrowKeyError)) as exc:  # INVALID_ARGUMENT, NOT_FOUND
+                server.ticket(body)
+            assert_refusal(exc, server)
+
+
+def test_a_stopped_server_is_dropped(cluster: list[ServerProcess]) -> None:
+    """A server killed (no goodbye) leaves new FlightInfos within three heartbeats; one stopped cleanly
+    leaves at once. Alone, the last one answers as a single server does: a JSON path FlightInfo is one
+    endpoint, a Flight SQL split keeps its parts without locations. Runs last: it stops the cluster."""
+    first, second, third = cluster
+    descriptor = flight.FlightDescriptor.for_path("big")
+    os.kill(third.pid, signal.SIGKILL)
+    third.process.wait(10)  # type: ignore[union-attr]
+    started = time.monotonic()
+    assert wait_until(
+        lambda: third.location not in locations(first.client.get_flight_info(descriptor)),
+        timeout=DROP_BOUND_SECONDS,
+    )
+    assert time.monotonic() - started < DROP_BOUND_SECONDS
+    info = first.client.get_flight_info(descriptor)
+    assert set(locations(info)) == {first.location, second.location}
+    assert len(sorted_rows(read_from_locations(info))) == FILES * ROWS_PER_FILE
+    second.stop()
+    assert wait_until(lambda: len(first.client.get_flight_info(descriptor).endpoints) == 1, timeout=3)
+    alone = first.client.get_flight_info(statement("select id from big"))
+    assert len(alone.endpoints) == FILES and set(locations(alone)) == {""}
