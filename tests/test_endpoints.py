@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,14 @@ import adbc_driver_flightsql.dbapi as dbapi
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from sqlalchemy import create_engine
 
 from flight_lakehouse import flight_sql_pb2 as sql
+from flight_lakehouse.auth import AuthFile
+from flight_lakehouse.peers import SERVERS as REGISTRY
+from flight_lakehouse.peers import Peers, advertised_location
 from flight_lakehouse.protocol import pack
+from flight_lakehouse.settings import Settings, SettingsError
 from tests.conftest import ServerProcess, assert_refusal, wait_until
 
 SERVERS = 3
@@ -220,3 +226,125 @@ def test_a_stopped_server_is_dropped(cluster: list[ServerProcess]) -> None:
     assert wait_until(lambda: len(first.client.get_flight_info(descriptor).endpoints) == 1, timeout=3)
     alone = first.client.get_flight_info(statement("select id from big"))
     assert len(alone.endpoints) == FILES and set(locations(alone)) == {""}
+
+
+def test_a_token_from_one_server_works_on_the_others(tmp_path: Path) -> None:
+    """Servers sharing one auth file share its signing key: a bearer token from a login on one server
+    fetches the endpoints it named on another, within the caller's grants there too (a part ticket of a
+    dataset the caller cannot see is NOT_FOUND on every server, whoever answered its FlightInfo)."""
+    auth = AuthFile(tmp_path / "auth.json")
+    auth.add_user("writer", "writer-password-1", "writer")
+    auth.add_user("sales", "sales-password-1", "reader", ["sales_*"])
+    root, catalog = str(tmp_path / "lakehouse"), f"sqlite:///{(tmp_path / 'catalog.db').as_posix()}"
+    args = ["--catalog-uri", catalog, "--auth-file", str(tmp_path / "auth.json")]
+    servers = [
+        ServerProcess(root, args, {"LAKEHOUSE_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS)}) for _ in "ab"
+    ]
+    try:
+        for server in servers:
+            server.start()
+        first, second = servers
+        writer, sales = (
+            flight.FlightCallOptions(
+                headers=[first.client.authenticate_basic_token(user, f"{user}-password-1")]
+            )
+            for user in ("writer", "sales")
+        )
+        for name in ("sales_q1", "secret"):
+            for index in range(2):
+                descriptor = flight.FlightDescriptor.for_path(name)
+                put, result = first.client.do_put(descriptor, pa.schema([("id", pa.int64())]), writer)
+                with put:
+                    put.write_table(pa.table({"id": pa.array([2 * index, 2 * index + 1], pa.int64())}))
+                    put.done_writing()
+                    result.read()
+        path = flight.FlightDescriptor.for_path("sales_q1")
+        assert wait_until(lambda: len(set(locations(first.client.get_flight_info(path, sales)))) == 2)
+        info = first.client.get_flight_info(path, sales)
+        ids = [
+            i
+            for endpoint in info.endpoints
+            for i in second.client.do_get(endpoint.ticket, sales).read_all().column("id").to_pylist()
+        ]
+        assert sorted(ids) == [0, 1, 2, 3]
+        hidden = first.client.get_flight_info(flight.FlightDescriptor.for_path("secret"), writer)
+        for server in servers:
+            with pytest.raises(pa.ArrowKeyError) as exc:
+                server.client.do_get(hidden.endpoints[0].ticket, sales).read_all()
+            assert_refusal(exc, server, "secret")
+    finally:
+        stop_all(servers)
+
+
+# -- the registry and the static list, in this process ----------------------------------------------------
+
+
+def peers_of(engine, **settings: object) -> Peers:
+    """A :class:`Peers` over ``engine`` (a SQLAlchemy engine, or None) with ``settings``."""
+    return Peers(Settings(**{"heartbeat_seconds": 0.2, **settings}), engine)  # type: ignore[arg-type]
+
+
+def test_registry_beats_ignores_stale_rows_and_forgets_a_clean_stop(tmp_path: Path) -> None:
+    """Two servers' registries on one SQLite file see each other, themselves first; a row whose heartbeat
+    is older than three intervals (a killed server) is ignored; a clean stop deletes the row."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
+    one = peers_of(engine).start("grpc://127.0.0.1:1001")
+    two = peers_of(engine).start("grpc://127.0.0.1:1002")
+    try:
+        with engine.begin() as connection:  # a server killed long ago
+            connection.execute(
+                REGISTRY.insert().values(location="grpc://dead:1", server_id="x", started=0.0, heartbeat=1.0)
+            )
+        assert one.live_locations() == ["grpc://127.0.0.1:1001", "grpc://127.0.0.1:1002"]
+        assert two.live_locations() == ["grpc://127.0.0.1:1002", "grpc://127.0.0.1:1001"]
+        assert wait_until(lambda: len(rows(engine)) == 2, timeout=3)  # the next beat removed the stale row
+        two.stop()
+        assert wait_until(lambda: one.live_locations() == ["grpc://127.0.0.1:1001"], timeout=3)
+    finally:
+        one.stop()
+        two.stop()
+    assert rows(engine) == []
+
+
+def rows(engine) -> list:
+    """The registry's rows."""
+    with engine.connect() as connection:
+        return connection.execute(REGISTRY.select()).fetchall()
+
+
+def test_static_peers_are_live_while_their_port_answers() -> None:
+    """With ``peers``, no registry: a listed server is live while its port accepts a connection."""
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        up, down = (f"grpc://127.0.0.1:{s.getsockname()[1]}" for s in (listening, closed))
+        peers = peers_of(None, peers=f"{up}, {down},grpc://127.0.0.1:1001").start("grpc://127.0.0.1:1001")
+        try:
+            assert peers.engine is None and peers.live_locations() == ["grpc://127.0.0.1:1001", up]
+        finally:
+            peers.stop()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"peers": "127.0.0.1:1"}, "--peers entry"),
+        ({"peers": "grpc+tls://127.0.0.1:1"}, "--peers entry"),
+        ({"advertise": "http://host:1"}, "--advertise"),
+        ({"advertise": "grpc://host"}, "--advertise"),
+        ({"advertise": "grpc://host:1/path"}, "--advertise"),
+    ],
+)
+def test_bad_locations_are_refused(settings: dict, named: str) -> None:
+    """A peer or advertised location must be ``grpc://HOST:PORT`` (``grpc+tls://`` with TLS)."""
+    with pytest.raises(SettingsError, match=named):
+        peers_of(None, **settings)
+
+
+def test_advertised_location() -> None:
+    """The bound host and port by default; the machine's name for a wildcard bind; ``advertise`` as is."""
+    assert advertised_location(Settings(), 1234) == "grpc://127.0.0.1:1234"
+    wildcard = Settings(host="0.0.0.0", insecure_no_auth=True)
+    assert advertised_location(wildcard, 1) == f"grpc://{socket.gethostname()}:1"
+    assert advertised_location(Settings(advertise="grpc://lake-1:8815"), 1) == "grpc://lake-1:8815"
