@@ -6,11 +6,11 @@ its row when it stops cleanly. A row whose heartbeat is older than :data:`STALE_
 server killed, or cut off from the database) is ignored, and removed by the next server that sees it.
 Written with SQLAlchemy Core only, so it works unchanged on SQLite (servers of one machine) and PostgreSQL.
 
-Alternatively ``peers`` names the other servers (a static list): each is taken as alive while its port
-accepts a TCP connection (checked on the same interval), and the registry is not used.
+Alternatively ``peers`` names the other servers (a static list), and the registry is not used.
 
-:meth:`Peers.live_locations` is what GetFlightInfo asks: this server first, then the others (sorted),
-remembered for a fraction of an interval.
+:meth:`Peers.live_locations` is what GetFlightInfo asks: this server first, then the others (sorted), as
+the heartbeat thread last found them: fresh in the registry (or listed) and accepting a TCP connection on
+their port (a server killed and restarted on another port leaves a fresh row for three intervals).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 #: A server whose heartbeat is older than this many intervals is taken for stopped.
 STALE_HEARTBEATS = 3
-#: How long a TCP check of a static peer may take.
+#: Seconds between probes of a static ``peers`` list when ``heartbeat_seconds`` is 0.
+STATIC_PROBE_SECONDS = 5.0
+#: How long a TCP check of a peer may take.
 PROBE_TIMEOUT_SECONDS = 1.0
 #: Hosts a server may bind to that no client can reach it at: its advertised location names the machine.
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -77,7 +79,8 @@ class Peers:
     """The live servers of this root, as Flight locations (see the module's description)."""
 
     def __init__(self, settings: Settings, engine: Engine | None) -> None:
-        self.interval = settings.heartbeat_seconds
+        #: Seconds between heartbeats (registry), or between probes of a static list
+        self.interval = settings.heartbeat_seconds or STATIC_PROBE_SECONDS
         self.static = [
             check_location(peer.strip(), settings.scheme, "--peers entry")
             for peer in (settings.peers or "").split(",")
@@ -86,13 +89,12 @@ class Peers:
         if settings.advertise:
             check_location(settings.advertise, settings.scheme, "--advertise")
         #: None: no registry (a static list, or heartbeats off)
-        self.engine = engine if self.interval > 0 and not self.static else None
+        self.engine = engine if settings.heartbeat_seconds > 0 and not self.static else None
         self.location = ""
         self.server_id = secrets.token_hex(16)
         self.started = time.time()
-        self._live: list[str] = []
-        self._live_until = 0.0
-        self._reachable: set[str] = set()
+        #: The other live servers, as of the last heartbeat
+        self._others: list[str] = []
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -114,7 +116,7 @@ class Peers:
         """Stop beating and delete this server's row: new FlightInfos of the others stop naming it."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(self.interval + PROBE_TIMEOUT_SECONDS * len(self.static) + 1)
+            self._thread.join(PROBE_TIMEOUT_SECONDS * (len(self.static) + len(self._others)) + 2)
         if self.engine is None or not self.location:
             return
         try:
@@ -128,26 +130,32 @@ class Peers:
             self._beat()
 
     def _beat(self) -> None:
-        """One heartbeat (registry) or one round of TCP checks (static list); errors are logged, not raised:
-        the server keeps serving, and others drop it from their FlightInfos until it beats again."""
-        if self.engine is None:
-            reachable = {peer for peer in self.static if reachable_port(peer)}
-            with self._guard:
-                self._reachable = reachable
-            return
+        """One heartbeat: this server's row written, then the others found (fresh rows of the registry, or
+        the static list) and kept when their port accepts a TCP connection (a server killed and restarted
+        elsewhere leaves a fresh row behind for three intervals). Errors are logged, not raised: the server
+        keeps serving, and the others drop it from their FlightInfos until it beats again."""
+        others = self.static if self.engine is None else self._write_and_read()
+        live = sorted(peer for peer in set(others) - {self.location} if reachable_port(peer))
+        with self._guard:
+            self._others = live
+
+    def _write_and_read(self) -> list[str]:
+        """Write this server's heartbeat, remove stale rows, and read the locations of the fresh ones."""
         now = time.time()
+        stale = now - STALE_HEARTBEATS * self.interval
         try:
-            with self.engine.begin() as connection:
+            with self.engine.begin() as connection:  # type: ignore[union-attr]
                 beat = update(SERVERS).where(self._own_row()).values(heartbeat=now)
                 if connection.execute(beat).rowcount == 0:
                     # first beat, or another process took the location meanwhile: this one serves it now
                     connection.execute(delete(SERVERS).where(SERVERS.c.location == self.location))
                     row = {"server_id": self.server_id, "started": self.started, "heartbeat": now}
                     connection.execute(SERVERS.insert().values(location=self.location, **row))
-                stale = now - STALE_HEARTBEATS * self.interval
                 connection.execute(delete(SERVERS).where(SERVERS.c.heartbeat < stale))
-        except SQLAlchemyError as exc:
+                return [row[0] for row in connection.execute(select(SERVERS.c.location))]
+        except SQLAlchemyError as exc:  # the registry cannot be reached: answer as a server alone
             log.warning("heartbeat to the server registry failed: %s", one_line(exc))
+            return []
 
     def _own_row(self):  # type: ignore[no-untyped-def]
         return (SERVERS.c.location == self.location) & (SERVERS.c.server_id == self.server_id)
@@ -164,32 +172,12 @@ class Peers:
 
     # -- what GetFlightInfo asks -----------------------------------------------------------------
     def live_locations(self) -> list[str]:
-        """The live servers' locations, this server first (just this one when it is alone or not started);
-        remembered for half an interval (at most a second)."""
-        if not self.location or (self.engine is None and not self.static):
-            return [self.location] if self.location else []
-        now = time.monotonic()
-        with self._guard:
-            if now < self._live_until:
-                return list(self._live)
-        others = self._others()
-        live = [self.location, *sorted(set(others) - {self.location})]
-        with self._guard:
-            self._live, self._live_until = live, now + min(self.interval / 2, 1.0)
-        return list(live)
-
-    def _others(self) -> list[str]:
-        if self.engine is None:
-            with self._guard:
-                return sorted(self._reachable)
-        fresh = time.time() - STALE_HEARTBEATS * self.interval
-        try:
-            with self.engine.connect() as connection:
-                rows = connection.execute(select(SERVERS.c.location).where(SERVERS.c.heartbeat >= fresh))
-                return [row[0] for row in rows]
-        except SQLAlchemyError as exc:  # the registry cannot be read: answer as a server alone
-            log.warning("cannot read the server registry: %s", one_line(exc))
+        """The live servers' locations, this server first, the others sorted (as of the last heartbeat:
+        no database query or probe on the call's path); just this one when alone or not started."""
+        if not self.location:
             return []
+        with self._guard:
+            return [self.location, *self._others]
 
 
 def reachable_port(location: str) -> bool:

@@ -11,6 +11,7 @@ server that stops is dropped from new FlightInfos.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -206,8 +207,8 @@ def test_forged_part_tickets_are_refused_on_every_server(cluster: list[ServerPro
 
 
 def test_a_stopped_server_is_dropped(cluster: list[ServerProcess]) -> None:
-    """A server killed (no goodbye) leaves new FlightInfos within three heartbeats; one stopped cleanly
-    leaves at once. Alone, the last one answers as a single server does: a JSON path FlightInfo is one
+    """A server killed (no goodbye) leaves new FlightInfos within three heartbeats (at the next one: its
+    port refuses connections); one stopped cleanly deletes its row. Alone, the last one answers as a single server does: a JSON path FlightInfo is one
     endpoint, a Flight SQL split keeps its parts without locations. Runs last: it stops the cluster."""
     first, second, third = cluster
     descriptor = flight.FlightDescriptor.for_path("big")
@@ -286,24 +287,36 @@ def peers_of(engine, **settings: object) -> Peers:
 
 def test_registry_beats_ignores_stale_rows_and_forgets_a_clean_stop(tmp_path: Path) -> None:
     """Two servers' registries on one SQLite file see each other, themselves first; a row whose heartbeat
-    is older than three intervals (a killed server) is ignored; a clean stop deletes the row."""
+    is older than three intervals (a killed server) is ignored and removed, as is a fresh row whose port
+    does not answer (killed and restarted elsewhere); a clean stop deletes the row."""
     engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
-    one = peers_of(engine).start("grpc://127.0.0.1:1001")
-    two = peers_of(engine).start("grpc://127.0.0.1:1002")
-    try:
-        with engine.begin() as connection:  # a server killed long ago
-            connection.execute(
-                REGISTRY.insert().values(location="grpc://dead:1", server_id="x", started=0.0, heartbeat=1.0)
-            )
-        assert one.live_locations() == ["grpc://127.0.0.1:1001", "grpc://127.0.0.1:1002"]
-        assert two.live_locations() == ["grpc://127.0.0.1:1002", "grpc://127.0.0.1:1001"]
-        assert wait_until(lambda: len(rows(engine)) == 2, timeout=3)  # the next beat removed the stale row
-        two.stop()
-        assert wait_until(lambda: one.live_locations() == ["grpc://127.0.0.1:1001"], timeout=3)
-    finally:
-        one.stop()
-        two.stop()
-    assert rows(engine) == []
+    with listening() as first, listening() as second:
+        one = peers_of(engine).start(first)
+        two = peers_of(engine).start(second)
+        try:
+            with engine.begin() as connection:  # killed long ago, and just now (its port closed)
+                for location, beat in (("grpc://dead:1", 1.0), ("grpc://127.0.0.1:1", time.time() + 60)):
+                    row = {"location": location, "server_id": "x", "started": 0.0, "heartbeat": beat}
+                    connection.execute(REGISTRY.insert().values(**row))
+            assert wait_until(lambda: one.live_locations() == [first, second], timeout=3)
+            assert wait_until(lambda: two.live_locations() == [second, first], timeout=3)
+            assert wait_until(lambda: len(rows(engine)) == 3, timeout=3)  # the stale row removed
+            two.stop()
+            assert wait_until(lambda: one.live_locations() == [first], timeout=3)
+            assert peers_of(engine).live_locations() == []  # not started
+        finally:
+            one.stop()
+            two.stop()
+    assert [row.location for row in rows(engine)] == ["grpc://127.0.0.1:1"]
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[str]:
+    """The location of a loopback port that accepts connections (for the block)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield f"grpc://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def rows(engine) -> list:
@@ -314,14 +327,12 @@ def rows(engine) -> list:
 
 def test_static_peers_are_live_while_their_port_answers() -> None:
     """With ``peers``, no registry: a listed server is live while its port accepts a connection."""
-    with socket.socket() as listening, socket.socket() as closed:
-        listening.bind(("127.0.0.1", 0))
-        listening.listen()
+    with listening() as me, listening() as up, socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
-        up, down = (f"grpc://127.0.0.1:{s.getsockname()[1]}" for s in (listening, closed))
-        peers = peers_of(None, peers=f"{up}, {down},grpc://127.0.0.1:1001").start("grpc://127.0.0.1:1001")
+        down = f"grpc://127.0.0.1:{closed.getsockname()[1]}"
+        peers = peers_of(None, peers=f"{up}, {down},{me}").start(me)
         try:
-            assert peers.engine is None and peers.live_locations() == ["grpc://127.0.0.1:1001", up]
+            assert peers.engine is None and peers.live_locations() == [me, up]
         finally:
             peers.stop()
 
