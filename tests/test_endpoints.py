@@ -15,9 +15,11 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,10 +161,22 @@ def test_adbc_partitions_read_from_every_server(cluster: list[ServerProcess]) ->
             cursor.adbc_read_partition(partition)
             return cursor.fetch_arrow_table()
 
+    before = [statement_gets(server) for server in cluster]
     with ThreadPoolExecutor(len(partitions)) as pool:
         tables = list(pool.map(read, partitions))
     ids = sorted(i for table in tables for i in table.column("id").to_pylist())
     assert ids == [i for i in range(FILES * ROWS_PER_FILE) if i % 7 != 1]
+    # each server answered the partitions naming it (the driver connected to their locations)
+    served = [statement_gets(server) - seen for server, seen in zip(cluster, before, strict=True)]
+    assert served == [FILES // SERVERS] * SERVERS
+
+
+def statement_gets(server: ServerProcess) -> float:
+    """How many Flight SQL statement tickets a server answered (its Prometheus counter)."""
+    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = r'^flight_lakehouse_calls_total\{[^}]*call="TicketStatementQuery"[^}]*rpc="DoGet"[^}]*\} (\S+)$'
+    return sum(float(value) for value in re.findall(pattern, text, re.MULTILINE))
 
 
 def test_a_part_reads_its_snapshot_on_any_server(cluster: list[ServerProcess]) -> None:
@@ -208,8 +222,9 @@ def test_forged_part_tickets_are_refused_on_every_server(cluster: list[ServerPro
 
 def test_a_stopped_server_is_dropped(cluster: list[ServerProcess]) -> None:
     """A server killed (no goodbye) leaves new FlightInfos within three heartbeats (at the next one: its
-    port refuses connections); one stopped cleanly deletes its row. Alone, the last one answers as a single server does: a JSON path FlightInfo is one
-    endpoint, a Flight SQL split keeps its parts without locations. Runs last: it stops the cluster."""
+    port refuses connections); one stopped cleanly deletes its row. Alone, the last one answers as a
+    single server does: a JSON path FlightInfo is one endpoint, a Flight SQL split keeps its parts
+    without locations. Runs last: it stops the cluster."""
     first, second, third = cluster
     descriptor = flight.FlightDescriptor.for_path("big")
     os.kill(third.pid, signal.SIGKILL)
