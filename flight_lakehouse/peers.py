@@ -56,7 +56,7 @@ def advertised_location(settings: Settings, port: int) -> str:
     """The location other clients reach this server at: ``advertise``, else the bound host and ``port`` (the
     machine's name for a wildcard bind), with the server's scheme."""
     if settings.advertise:
-        return settings.advertise
+        return check_location(settings.advertise, settings.scheme, "--advertise")
     host = socket.gethostname() if settings.host in WILDCARD_HOSTS else settings.host
     if ":" in host:  # an IPv6 address
         host = f"[{host}]"
@@ -64,7 +64,10 @@ def advertised_location(settings: Settings, port: int) -> str:
 
 
 def check_location(location: str, scheme: str, what: str) -> str:
-    """``location`` when it is ``scheme://host:port``; else a one-line SettingsError naming ``what``."""
+    """``location`` as ``scheme://host:port`` (``host:port`` gets the server's scheme, as ``--server`` does);
+    else a one-line SettingsError naming ``what``."""
+    if "://" not in location:
+        location = f"{scheme}://{location}"
     parsed = urlparse(location)
     try:
         port = parsed.port
@@ -86,7 +89,7 @@ class Peers:
             for peer in (settings.peers or "").split(",")
             if peer.strip()
         ]
-        if settings.advertise:
+        if settings.advertise:  # refused at start, before the port is bound
             check_location(settings.advertise, settings.scheme, "--advertise")
         #: None: no registry (a static list, or heartbeats off)
         self.engine = engine if settings.heartbeat_seconds > 0 and not self.static else None

@@ -355,7 +355,7 @@ def test_static_peers_are_live_while_their_port_answers() -> None:
 @pytest.mark.parametrize(
     ("settings", "named"),
     [
-        ({"peers": "127.0.0.1:1"}, "--peers entry"),
+        ({"peers": "127.0.0.1"}, "--peers entry"),
         ({"peers": "grpc+tls://127.0.0.1:1"}, "--peers entry"),
         ({"advertise": "http://host:1"}, "--advertise"),
         ({"advertise": "grpc://host"}, "--advertise"),
@@ -374,3 +374,7 @@ def test_advertised_location() -> None:
     wildcard = Settings(host="0.0.0.0", insecure_no_auth=True)
     assert advertised_location(wildcard, 1) == f"grpc://{socket.gethostname()}:1"
     assert advertised_location(Settings(advertise="grpc://lake-1:8815"), 1) == "grpc://lake-1:8815"
+    assert advertised_location(Settings(advertise="lake-1:8815"), 1) == "grpc://lake-1:8815"
+    tls = Settings.model_construct(**{**Settings().model_dump(), "tls_cert": "cert.pem"})
+    assert advertised_location(tls, 1) == "grpc+tls://127.0.0.1:1"  # the scheme of the server's TLS
+    assert peers_of(None, peers="a:1,grpc://b:2").static == ["grpc://a:1", "grpc://b:2"]
