@@ -50,6 +50,12 @@ COMMIT_RETRY_SECONDS = 60.0
 SETUP_ATTEMPTS = 5
 
 
+#: No retries inside pyiceberg's ``commit_transaction``: they rebuild only the snapshot of a transaction,
+#: on the old base's other updates (an overwrite then deletes files another server's overwrite removed
+#: already, and fails). :func:`retry_conflicts` makes the whole change again on the new base instead.
+OWN_RETRIES = {TableProperties.COMMIT_NUM_RETRIES: "0"}
+
+
 class CommitConflict(Unavailable):
     """A commit lost to a concurrent one (or a creation to a concurrent creation): nothing was committed,
     and the change may be applied again on the new base (:func:`retry_conflicts`)."""
@@ -270,7 +276,7 @@ class DatasetCatalog:
                 self.identifier(name),
                 schema=schema,
                 location=self.table_location(name),
-                properties={"write.parquet.compression-codec": "zstd"},
+                properties={"write.parquet.compression-codec": "zstd", **OWN_RETRIES},
             )
             return self._commit_files(name, tx, schema, files, replace=False, evolve=False)
         except TableAlreadyExistsError:  # made by another server since this one looked (or during the commit)
@@ -290,6 +296,8 @@ class DatasetCatalog:
         if tx.table_metadata.name_mapping() is None:
             mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        if not OWN_RETRIES.items() <= tx.table_metadata.properties.items():  # a table made before them
+            tx.set_properties(**OWN_RETRIES)
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
         new_files = data_files(tx, files) if files else []
