@@ -5,8 +5,10 @@ applied again on the new base; Lance commits by conditional put), and every serv
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,6 +134,16 @@ def test_concurrent_appends_through_three_servers_count_exactly(servers: list[Se
     history = servers[1].action("dataset_history", {"dataset": "appends"})
     assert len(history) == 1 + per_client * len(jobs)  # one snapshot per upload
     assert sorted(entry["rows"] for entry in history)[-1] == expected
+    assert sum(commit_retries(server) for server in servers) > 0  # the servers did collide
+
+
+def commit_retries(server: ServerProcess) -> float:
+    """The server's ``flight_lakehouse_commit_retries_total`` (its HTTP port's /metrics)."""
+    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.search(r"^flight_lakehouse_commit_retries_total (\S+)$", text, re.MULTILINE)
+    assert found, "no flight_lakehouse_commit_retries_total"
+    return float(found.group(1))
 
 
 def test_racing_overwrites_leave_exactly_one_upload(servers: list[ServerProcess]) -> None:
