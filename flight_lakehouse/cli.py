@@ -33,6 +33,7 @@ from flight_lakehouse.auth import AuthFile, AuthFileError, Role, check_grants, c
 from flight_lakehouse.cli_datasets import COMMANDS as DATASET_COMMANDS
 from flight_lakehouse.cli_options import Connect, client_options, json_option
 from flight_lakehouse.cli_options import call as _call
+from flight_lakehouse.errors import CATALOG_ERRORS, catalog_problem
 from flight_lakehouse.local_files import LocalFileError, ReadOptions, open_upload
 from flight_lakehouse.settings import SettingsError, load_settings
 from flight_lakehouse.terminal import FORMATS, Rows, check_format, show_rows
@@ -133,6 +134,8 @@ def serve(**options: object) -> None:
         server = LakehouseServer(settings)
     except SettingsError as exc:
         _refuse(str(exc))
+    except CATALOG_ERRORS as exc:
+        _refuse(f"cannot open the catalog: {catalog_problem(exc)}")
     except (OSError, flight.FlightError, pa.ArrowException) as exc:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
         hint = "port in use, or a certificate gRPC cannot load?" if settings.tls_cert else "port in use?"
