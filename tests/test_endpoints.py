@@ -36,7 +36,15 @@ from flight_lakehouse.peers import SERVERS as REGISTRY
 from flight_lakehouse.peers import Peers, advertised_location
 from flight_lakehouse.protocol import pack
 from flight_lakehouse.settings import Settings, SettingsError
-from tests.conftest import ServerProcess, assert_refusal, wait_until
+from tests.conftest import (
+    ServerProcess,
+    assert_refusal,
+    postgres_catalog,
+    register_catalog,
+    register_s3_root,
+    wait_until,
+)
+from tests.seaweedfs import SeaweedFS
 
 SERVERS = 3
 FILES = 6
@@ -74,10 +82,11 @@ def sorted_rows(tables: list[pa.Table]) -> list[tuple]:
     return sorted(row for table in tables for row in zip(*table.to_pydict().values(), strict=True))
 
 
-def start_cluster(root: str, catalog_uri: str, count: int) -> list[ServerProcess]:
-    """``count`` servers on ``root`` and one catalog, started in parallel."""
+def start_cluster(root: str, count: int, *args: str) -> list[ServerProcess]:
+    """``count`` servers on ``root`` and one catalog (``--catalog-uri`` in ``args``, or the root's
+    registered one), started in parallel."""
     env = {"LAKEHOUSE_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS), "LAKEHOUSE_QUERY_PARTS_MAX": str(FILES)}
-    servers = [ServerProcess(root, ["--catalog-uri", catalog_uri], env) for _ in range(count)]
+    servers = [ServerProcess(root, list(args), env) for _ in range(count)]
     try:
         with ThreadPoolExecutor(count) as pool:
             list(pool.map(ServerProcess.start, servers))
@@ -99,22 +108,26 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerPro
     base = tmp_path_factory.mktemp("endpoints")
     root, catalog = str(base / "lakehouse"), f"sqlite:///{(base / 'catalog.db').as_posix()}"
     Path(root).mkdir()
-    servers = start_cluster(root, catalog, SERVERS)
+    servers = start_cluster(root, SERVERS, "--catalog-uri", catalog)
     try:
-        for index in range(FILES):
-            ids = range(index * ROWS_PER_FILE, (index + 1) * ROWS_PER_FILE)
-            servers[index % SERVERS].put(
-                "big", pa.table({"id": pa.array(ids, pa.int64()), "v": [f"v{i}" for i in ids]})
-            )
-        everyone = {server.location for server in servers}
-        for server in servers:
-            path_info = functools.partial(
-                server.client.get_flight_info, flight.FlightDescriptor.for_path("big")
-            )
-            assert wait_until(lambda info=path_info: set(locations(info())) == everyone, timeout=10)
+        fill(servers)
         yield servers
     finally:
         stop_all(servers)
+
+
+def fill(servers: list[ServerProcess]) -> None:
+    """``big``: FILES files (one DoPut each, through the servers in turn), seen by every server with every
+    server live."""
+    for index in range(FILES):
+        ids = range(index * ROWS_PER_FILE, (index + 1) * ROWS_PER_FILE)
+        servers[index % len(servers)].put(
+            "big", pa.table({"id": pa.array(ids, pa.int64()), "v": [f"v{i}" for i in ids]})
+        )
+    everyone = {server.location for server in servers}
+    for server in servers:
+        path_info = functools.partial(server.client.get_flight_info, flight.FlightDescriptor.for_path("big"))
+        assert wait_until(lambda info=path_info: set(locations(info())) == everyone, timeout=10)
 
 
 QUERIES = [
@@ -288,6 +301,38 @@ def test_a_token_from_one_server_works_on_the_others(tmp_path: Path) -> None:
             with pytest.raises(pa.ArrowKeyError) as exc:
                 server.client.do_get(hidden.endpoints[0].ticket, sales).read_all()
             assert_refusal(exc, server, "secret")
+    finally:
+        stop_all(servers)
+
+
+def test_on_postgresql_and_s3(request: pytest.FixtureRequest, seaweedfs: SeaweedFS, tmp_path: Path) -> None:
+    """The same on an S3 root (SeaweedFS) with the catalog on PostgreSQL: the FlightInfo names all three
+    servers, each reads its parts (local copies of its own files only), every row once, by pyarrow and
+    by ADBC; a killed server is dropped."""
+    root = register_s3_root(seaweedfs, tmp_path / "state", "endpoints").url
+    register_catalog(root, postgres_catalog(request))
+    servers = start_cluster(root, SERVERS)
+    query = "select * from big where id % 5 <> 0"
+    try:
+        fill(servers)
+        info = servers[1].client.get_flight_info(command({"sql": query}))
+        assert len(info.endpoints) == FILES and locations(info)[0] == servers[1].location
+        expected = sorted_rows([servers[0].sql(query)])
+        assert sorted_rows(read_from_locations(info)) == expected
+        with dbapi.connect(servers[2].location) as conn, conn.cursor() as cursor:
+            partitions, _ = cursor.adbc_execute_partitions(query)
+        tables = []
+        for partition in partitions:
+            with dbapi.connect(servers[2].location) as conn, conn.cursor() as cursor:
+                cursor.adbc_read_partition(partition)
+                tables.append(cursor.fetch_arrow_table())
+        assert len(partitions) == FILES and sorted_rows(tables) == expected
+        servers[2].kill()
+        path = flight.FlightDescriptor.for_path("big")
+        two = {server.location for server in servers[:2]}
+        assert wait_until(
+            lambda: set(locations(servers[0].client.get_flight_info(path))) == two, timeout=DROP_BOUND_SECONDS
+        )
     finally:
         stop_all(servers)
 
