@@ -259,7 +259,8 @@ def test_a_stopped_server_is_dropped(cluster: list[ServerProcess]) -> None:
 
 def test_a_token_from_one_server_works_on_the_others(tmp_path: Path) -> None:
     """Servers sharing one auth file share its signing key: a bearer token from a login on one server
-    fetches the endpoints it named on another, within the caller's grants there too (a part ticket of a
+    fetches the endpoints it named on another (by pyarrow, and by ADBC logged in on the first), within the
+    caller's grants there too (a part ticket of a
     dataset the caller cannot see is NOT_FOUND on every server, whoever answered its FlightInfo)."""
     auth = AuthFile(tmp_path / "auth.json")
     auth.add_user("writer", "writer-password-1", "writer")
@@ -295,6 +296,21 @@ def test_a_token_from_one_server_works_on_the_others(tmp_path: Path) -> None:
             for endpoint in info.endpoints
             for i in second.client.do_get(endpoint.ticket, sales).read_all().column("id").to_pylist()
         ]
+        assert sorted(ids) == [0, 1, 2, 3]
+        # ADBC logs in on the first server and sends the same credentials to the locations it is given
+        login = {"username": "sales", "password": "sales-password-1"}
+        with dbapi.connect(first.location, db_kwargs=login) as conn, conn.cursor() as cursor:
+            partitions, _ = cursor.adbc_execute_partitions("select id from sales_q1")
+            named = {
+                e.locations[0].uri.decode()
+                for p in partitions
+                for e in flight.FlightInfo.deserialize(p).endpoints
+            }
+            assert named == {first.location, second.location}
+            ids = []
+            for partition in partitions:
+                cursor.adbc_read_partition(partition)
+                ids += cursor.fetch_arrow_table().column("id").to_pylist()
         assert sorted(ids) == [0, 1, 2, 3]
         hidden = first.client.get_flight_info(flight.FlightDescriptor.for_path("secret"), writer)
         for server in servers:
