@@ -98,6 +98,7 @@ class Peers:
         self.started = time.time()
         #: The other live servers, as of the last heartbeat
         self._others: list[str] = []
+        self._table_ready = False
         self._guard = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,8 +109,6 @@ class Peers:
         self.location = location
         if self.engine is None and not self.static:
             return self
-        if self.engine is not None:
-            self._create_table()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="lakehouse-heartbeat", daemon=True)
         self._thread.start()
@@ -147,6 +146,9 @@ class Peers:
         now = time.time()
         stale = now - STALE_HEARTBEATS * self.interval
         try:
+            if not self._table_ready:  # at the first beat, and after a failed one (a catalog rebuilt)
+                self._create_table()
+                self._table_ready = True
             with self.engine.begin() as connection:  # type: ignore[union-attr]
                 beat = update(SERVERS).where(self._own_row()).values(heartbeat=now)
                 if connection.execute(beat).rowcount == 0:
@@ -158,6 +160,7 @@ class Peers:
                 return [row[0] for row in connection.execute(select(SERVERS.c.location))]
         except SQLAlchemyError as exc:  # the registry cannot be reached: answer as a server alone
             log.warning("heartbeat to the server registry failed: %s", one_line(exc))
+            self._table_ready = False
             return []
 
     def _own_row(self):  # type: ignore[no-untyped-def]
@@ -165,6 +168,7 @@ class Peers:
 
     def _create_table(self) -> None:
         """The registry table, created by the first server (several starting at once may race: one wins)."""
+        assert self.engine is not None
         for _ in range(3):
             try:
                 METADATA.create_all(self.engine, tables=[SERVERS], checkfirst=True)

@@ -28,7 +28,7 @@ import adbc_driver_flightsql.dbapi as dbapi
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, inspect, text
 
 from flight_lakehouse import flight_sql_pb2 as sql
 from flight_lakehouse.auth import AuthFile
@@ -364,7 +364,8 @@ def peers_of(engine, **settings: object) -> Peers:
 def test_registry_beats_ignores_stale_rows_and_forgets_a_clean_stop(tmp_path: Path) -> None:
     """Two servers' registries on one SQLite file see each other, themselves first; a row whose heartbeat
     is older than three intervals (a killed server) is ignored and removed, as is a fresh row whose port
-    does not answer (killed and restarted elsewhere); a clean stop deletes the row."""
+    does not answer (killed and restarted elsewhere); a table dropped under them is made again; a clean stop
+    deletes the row."""
     engine = create_engine(f"sqlite:///{tmp_path / 'catalog.db'}")
     with listening() as first, listening() as second:
         one = peers_of(engine).start(first)
@@ -377,13 +378,18 @@ def test_registry_beats_ignores_stale_rows_and_forgets_a_clean_stop(tmp_path: Pa
             assert wait_until(lambda: one.live_locations() == [first, second], timeout=3)
             assert wait_until(lambda: two.live_locations() == [second, first], timeout=3)
             assert wait_until(lambda: len(rows(engine)) == 3, timeout=3)  # the stale row removed
+            with engine.begin() as connection:  # the catalog database rebuilt under running servers
+                connection.execute(text("DROP TABLE lakehouse_servers"))
+            assert wait_until(
+                lambda: inspect(engine).has_table("lakehouse_servers") and len(rows(engine)) == 2
+            )
             two.stop()
             assert wait_until(lambda: one.live_locations() == [first], timeout=3)
             assert peers_of(engine).live_locations() == []  # not started
         finally:
             one.stop()
             two.stop()
-    assert [row.location for row in rows(engine)] == ["grpc://127.0.0.1:1"]
+    assert rows(engine) == []  # both stopped cleanly
 
 
 @contextlib.contextmanager
