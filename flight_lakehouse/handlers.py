@@ -155,7 +155,11 @@ class Handlers:
         database = self.s.engine.scan_database(request)
         sql = self.s.engine.scan_sql(request, database)
         most = self.spread_parts()
-        found = self.s.engine.scan_parts(sql, database, most) if most else []
+        try:
+            found = self.s.engine.scan_parts(sql, database, most) if most else []
+        except BaseException:
+            database.lease.release()  # planning the schema would have released it
+            raise
         schema = self.s.engine.schema(sql, database)
         return FlightFacts.of_parts(schema, part_tickets(sql, found) or [JsonCodec.ticket(request)])
 
