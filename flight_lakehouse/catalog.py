@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import itertools
 import logging
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from pyiceberg.catalog import Catalog
@@ -28,6 +30,7 @@ from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.types import ListType, MapType, NestedField, StructType
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from flight_lakehouse.datasets.base import Retention
 from flight_lakehouse.errors import NotFound, Unavailable
@@ -36,11 +39,51 @@ from flight_lakehouse.schema_types import storage_schema
 from flight_lakehouse.storage import Storage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long a catalog listing is reused while this process changes nothing (see ``metadata_locations``).
 LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
 NAMESPACE = "lakehouse"
+#: How long a commit that lost to a concurrent one (another server's, on a shared catalog) is tried again
+#: on the new base before the upload is refused UNAVAILABLE.
+COMMIT_RETRY_SECONDS = 60.0
+#: Tries at setting up the catalog's tables and namespace while other servers do the same (a fresh
+#: PostgreSQL database: two ``CREATE TABLE`` at once fail one of them).
+SETUP_ATTEMPTS = 5
+
+
+#: No retries inside pyiceberg's ``commit_transaction``: they rebuild only the snapshot of a transaction,
+#: on the old base's other updates (an overwrite then deletes files another server's overwrite removed
+#: already, and fails). :func:`retry_conflicts` makes the whole change again on the new base instead.
+OWN_RETRIES = {TableProperties.COMMIT_NUM_RETRIES: "0"}
+
+
+class CommitConflict(Unavailable):
+    """A commit lost to a concurrent one (or a creation to a concurrent creation): nothing was committed,
+    and the change may be applied again on the new base (:func:`retry_conflicts`)."""
+
+
+def retry_conflicts(what: str, attempt: Callable[[], T], on_retry: Callable[[], None] | None = None) -> T:
+    """``attempt()``, again while it raises :class:`CommitConflict`, for up to :data:`COMMIT_RETRY_SECONDS`
+    with a short random back-off (servers that collided do not collide again in step).
+
+    Safe because a lost Iceberg commit changed nothing: the catalog row moves only by ``UPDATE ... WHERE
+    metadata_location = <the base it was built on>`` (pyiceberg's ``SqlCatalog``), so each try re-reads the
+    current table and applies the change to it: an append adds the same files once, an overwrite replaces
+    whatever is current then."""
+    deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+    for tries in itertools.count(1):
+        try:
+            return attempt()
+        except CommitConflict:
+            if time.monotonic() > deadline:
+                raise
+            if on_retry is not None:
+                on_retry()
+            log.info("commit to %s lost to a concurrent one (try %d); again on the new base", what, tries)
+            time.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(tries, 10))))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -64,14 +107,15 @@ class DatasetCatalog:
         self.storage = storage
         #: Applied at every commit, so that repeated overwrites reach a steady disk use (with ``gc``).
         self.retention = retention or Retention()
-        self.iceberg = SqlCatalog(
-            CATALOG_NAME,
-            uri=catalog_uri or storage.default_catalog_uri(),
-            warehouse=storage.uri("tables"),
-            **storage.iceberg_properties(),
+        uri = catalog_uri or storage.default_catalog_uri()
+        #: A catalog server (PostgreSQL) may restart or drop idle connections: check each one taken from
+        #: the pool (a SQLite file needs no check).
+        ping = {} if uri.startswith("sqlite") else {"pool_pre_ping": "true"}
+        self.iceberg = self._open(
+            uri, {"warehouse": storage.uri("tables"), **ping, **storage.iceberg_properties()}
         )
-        with contextlib.suppress(NamespaceAlreadyExistsError):
-            self.iceberg.create_namespace(NAMESPACE)
+        #: Commits that lost to a concurrent one and were applied again on the new base (a metric).
+        self.commit_retries = 0
         self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
         self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait
         #: Bumped by every commit and drop of this process; a listing is reused only within one.
@@ -83,6 +127,30 @@ class DatasetCatalog:
         self._listing = select(IcebergTables.table_name, IcebergTables.metadata_location).where(
             IcebergTables.catalog_name == CATALOG_NAME, IcebergTables.table_namespace == NAMESPACE
         )
+
+    @staticmethod
+    def _open(uri: str, properties: dict[str, str]) -> SqlCatalog:
+        """The pyiceberg catalog, its tables and the namespace created when missing. Servers starting at once
+        on a fresh shared database race to create them: the losers find them made and try again."""
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            try:
+                catalog = SqlCatalog(CATALOG_NAME, uri=uri, **properties)
+                with contextlib.suppress(NamespaceAlreadyExistsError):
+                    catalog.create_namespace(NAMESPACE)
+                return catalog
+            except (IntegrityError, OperationalError, ProgrammingError) as exc:
+                # SQLite reports a table created meanwhile as an OperationalError; any other one (a catalog
+                # server that cannot be reached) is not a race
+                raced = not isinstance(exc, OperationalError) or "already exists" in str(exc.orig)
+                if attempt == SETUP_ATTEMPTS or not raced:
+                    raise
+                log.info("catalog set up concurrently (%s); again", type(exc.orig).__name__)
+                time.sleep(0.1 * attempt)
+        raise AssertionError("unreachable")
+
+    def retried(self) -> None:
+        """Count a commit applied again after losing to a concurrent one."""
+        self.commit_retries += 1
 
     # -- names ---------------------------------------------------------------------------------
     @staticmethod
@@ -214,11 +282,12 @@ class DatasetCatalog:
                 self.identifier(name),
                 schema=schema,
                 location=self.table_location(name),
-                properties={"write.parquet.compression-codec": "zstd"},
+                properties={"write.parquet.compression-codec": "zstd", **OWN_RETRIES},
             )
-        except TableAlreadyExistsError:
-            raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
-        return self._commit_files(name, tx, schema, files, replace=False, evolve=False)
+            return self._commit_files(name, tx, schema, files, replace=False, evolve=False)
+        except TableAlreadyExistsError:  # made by another server since this one looked (or during the commit)
+            self._changed()
+            raise CommitConflict(f"dataset {name!r} was created concurrently; retry the upload") from None
 
     def add_files(
         self, table: Table, schema: pa.Schema, files: list[str], replace: bool, evolve: bool
@@ -233,6 +302,8 @@ class DatasetCatalog:
         if tx.table_metadata.name_mapping() is None:
             mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        if not OWN_RETRIES.items() <= tx.table_metadata.properties.items():  # a table made before them
+            tx.set_properties(**OWN_RETRIES)
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
         if not field_ids_hold(schema, tx.table_metadata.schema()):
@@ -261,7 +332,7 @@ class DatasetCatalog:
         try:
             return tx.commit_transaction()
         except CommitFailedException:
-            raise Unavailable(f"dataset {name!r} changed during the commit; retry") from None
+            raise CommitConflict(f"dataset {name!r} changed during the commit; retry") from None
         finally:
             self._changed()
 
@@ -269,11 +340,16 @@ class DatasetCatalog:
         """Expire the snapshots ``retention`` lets go (the caller holds the dataset's write lock); their
         files no snapshot uses any more become garbage for ``gc``, after its grace period."""
         started = time.monotonic()
-        tx = self.load(name).transaction()
-        before = len(tx.table_metadata.snapshots)
-        expired = expire(tx, retention)
-        if expired:
-            self._commit(name, tx)
+
+        def attempt() -> tuple[int, list[int]]:
+            tx = self.load(name).transaction()
+            snapshots = len(tx.table_metadata.snapshots)
+            expired = expire(tx, retention)
+            if expired:
+                self._commit(name, tx)
+            return snapshots, expired
+
+        before, expired = retry_conflicts(name, attempt, self.retried)
         return {
             "dataset": name,
             "snapshots_before": before,

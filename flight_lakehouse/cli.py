@@ -33,6 +33,7 @@ from flight_lakehouse.auth import AuthFile, AuthFileError, Role, check_grants, c
 from flight_lakehouse.cli_datasets import COMMANDS as DATASET_COMMANDS
 from flight_lakehouse.cli_options import Connect, client_options, json_option
 from flight_lakehouse.cli_options import call as _call
+from flight_lakehouse.errors import CATALOG_ERRORS, catalog_problem
 from flight_lakehouse.local_files import LocalFileError, ReadOptions, open_upload
 from flight_lakehouse.settings import SettingsError, load_settings
 from flight_lakehouse.terminal import FORMATS, Rows, check_format, show_rows
@@ -97,6 +98,21 @@ def main() -> None:
     help="What embeds text: builtin, onnx:DIR, openai:URL or none (default builtin with the embed extra).",
 )
 @click.option("--embedder-model", default=None, help="The model an openai:URL embedder runs.")
+@click.option(
+    "--advertise",
+    default=None,
+    metavar="LOCATION",
+    help="Location clients reach this server at, named in other servers' endpoints (default: the bind).",
+)
+@click.option(
+    "--peers",
+    default=None,
+    metavar="LOC,LOC",
+    help="The other servers of the root (default: found in the catalog database by heartbeats).",
+)
+@click.option(
+    "--heartbeat-seconds", type=float, default=None, help="Heartbeat to the catalog database (0: none)."
+)
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
 def serve(**options: object) -> None:
     """Run the server until SIGINT/SIGTERM."""
@@ -118,6 +134,8 @@ def serve(**options: object) -> None:
         server = LakehouseServer(settings)
     except SettingsError as exc:
         _refuse(str(exc))
+    except CATALOG_ERRORS as exc:
+        _refuse(f"cannot open the catalog: {catalog_problem(exc)}")
     except (OSError, flight.FlightError, pa.ArrowException) as exc:
         reason = str(exc).split(". Detail:")[0].splitlines()[0]
         hint = "port in use, or a certificate gRPC cannot load?" if settings.tls_cert else "port in use?"

@@ -11,7 +11,7 @@ import reprlib
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from flight_lakehouse.errors import InvalidArgument
 
@@ -28,6 +28,7 @@ DatasetName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
 SqlText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SQL_CHARS)]
 Metric = Literal["cosine", "l2", "dot"]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Command(BaseModel):
@@ -69,10 +70,33 @@ class IngestCommand(Command):
     ingest: IngestOptions
 
 
+class Part(Command):
+    """One part of a split result (see ``partitions.py``): the dataset's files of one snapshot, every
+    ``count``-th from ``index``."""
+
+    dataset: DatasetName
+    snapshot_id: Int64
+    index: Annotated[int, Field(ge=0)]
+    count: Annotated[int, Field(ge=2)]
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Part:
+        if self.index >= self.count:
+            raise ValueError(f"part index {self.index} is not below the part count {self.count}")
+        return self
+
+    def files(self, files: tuple[str, ...]) -> tuple[str, ...]:
+        """This part's share of a snapshot's (sorted) files; the parts of one count are disjoint and
+        together hold every file once."""
+        return files[self.index :: self.count]
+
+
 class SqlQuery(Command):
-    """DoGet ticket or GetFlightInfo command: ``{"sql": "SELECT ..."}``."""
+    """DoGet ticket or GetFlightInfo command: ``{"sql": "SELECT ..."}``; the tickets of a split result name
+    their ``part`` too."""
 
     sql: SqlText
+    part: Part | None = None
 
 
 class ScanRequest(Command):

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class PermissionDenied(flight.FlightUnauthorizedError):
     """An authenticated caller whose role or dataset grants do not allow the call: PERMISSION_DENIED."""
 
 
+#: What opening a catalog raises when its URI, driver or server is wrong (see :func:`catalog_problem`).
+CATALOG_ERRORS = (SQLAlchemyError, ModuleNotFoundError)
 _CLIENT_FACING = (ClientError, flight.FlightError)
 #: UTF-8 bytes of a refusal's message. gRPC sends it twice in the trailers (``grpc-message``, percent-encoded,
 #: and Arrow's own copy), and a client drops trailers over 8 KiB: a schema conflict naming thousands of
@@ -135,13 +138,48 @@ CATALOG_FAULTS = (
 )
 
 
+#: PostgreSQL's SQLSTATE classes (and codes) of faults of the moment, by what the client is told. The
+#: messages are ours: PostgreSQL's name hosts, ports, users and databases.
+POSTGRES_FAULTS = {
+    "08": "PostgreSQL connection failed",
+    "40": "PostgreSQL serialization failure",
+    "53": "PostgreSQL is out of resources",
+    "57": "PostgreSQL is shutting down or restarting",
+    "28": "PostgreSQL refused the credentials",
+}
+
+
 def catalog_fault(exc: BaseException) -> str | None:
-    """SQLite's message when ``exc`` (or the driver error SQLAlchemy wraps) is a fault of the catalog file."""
+    """A short description when ``exc`` (or the driver error SQLAlchemy wraps) is a fault of the catalog of
+    the moment: SQLite's message for its file, or one of :data:`POSTGRES_FAULTS` for a PostgreSQL server."""
     driver_error = getattr(exc, "orig", exc)
     if isinstance(driver_error, sqlite3.OperationalError):
         message = str(driver_error)
         return next((fault for fault in CATALOG_FAULTS if fault in message), None)
+    return postgres_fault(driver_error)
+
+
+def postgres_fault(driver_error: BaseException | None) -> str | None:
+    """What :func:`catalog_fault` says of a psycopg error (no import of psycopg: it is optional)."""
+    if driver_error is None or not type(driver_error).__module__.startswith("psycopg"):
+        return None
+    sqlstate = getattr(driver_error, "sqlstate", None) or ""
+    if sqlstate[:2] in POSTGRES_FAULTS:
+        return POSTGRES_FAULTS[sqlstate[:2]]
+    if type(driver_error).__name__ == "OperationalError":  # no SQLSTATE: the server was not reached
+        return POSTGRES_FAULTS["08"]
     return None
+
+
+def catalog_problem(exc: BaseException) -> str:
+    """One line on why the catalog could not be opened, never its URI (which may hold a password)."""
+    if isinstance(exc, ModuleNotFoundError):
+        return (
+            f"its driver {exc.name!r} is not installed (PostgreSQL: pip install 'flight-lakehouse[postgres]')"
+        )
+    if isinstance(exc, ArgumentError):  # its message quotes the URI
+        return "the catalog URI is not a SQLAlchemy URL of a database SQLAlchemy knows"
+    return catalog_fault(exc) or type(getattr(exc, "orig", None) or exc).__name__
 
 
 def storage_fault(exc: OSError) -> str:

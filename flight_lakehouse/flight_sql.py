@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
-import os
 import secrets
 import threading
 import time
@@ -44,7 +43,7 @@ from flight_lakehouse.commands import (
 )
 from flight_lakehouse.errors import AlreadyExists, Cancelled, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.handlers import FlightFacts, Routes
-from flight_lakehouse.partitions import Part
+from flight_lakehouse.partitions import Part, parts_most
 from flight_lakehouse.protocol import (
     ActionRouter,
     ActionSpec,
@@ -294,7 +293,6 @@ class FlightSqlHandlers:
         self.s = services
         self.prepared = PreparedStatements(services.settings)
         self.cancels = Cancellations()
-        self.parts_max = services.settings.query_parts_max or 2 * (os.cpu_count() or 1)
         timeout_ms = int(services.settings.prepared_statement_idle_seconds * 1000)
         self._sql_info = metadata.default_sql_info(
             sql_keywords(), server_version=__version__, read_only=True, statement_timeout_ms=timeout_ms
@@ -345,11 +343,16 @@ class FlightSqlHandlers:
         )
 
     # -- statements ------------------------------------------------------------------------------
+    def parts_most(self) -> int:
+        """How many parts a statement may split into (split with one server too, at least one part per
+        live server)."""
+        return parts_most(self.s.settings.query_parts_max, len(self.s.peers.live_locations()))
+
     def info_statement(self, ctx: CallContext, command: sql.CommandStatementQuery) -> FlightFacts:
         """A query's result schema, from DuckDB's plan (the query does not run), and its tickets: one per
         part when it reads one dataset's files row by row (a client may fetch them in parallel), else one."""
         check_no_transaction(command.transaction_id)
-        schema, parts = self.s.engine.split(command.query, self.parts_max)
+        schema, parts = self.s.engine.split(command.query, self.parts_most())
         return FlightFacts.of_parts(schema, statement_tickets(command.query, parts))
 
     def get_statement(self, ctx: CallContext, ticket: sql.TicketStatementQuery) -> QueryStream:
@@ -432,7 +435,7 @@ class FlightSqlHandlers:
         schema = statement.dataset_schema
         if statement.parameter_count:
             schema = self.s.engine.schema(statement.query, params=rows[0])
-        parts = [] if statement.parameter_count else self.s.engine.parts(statement.query, self.parts_max)
+        parts = [] if statement.parameter_count else self.s.engine.parts(statement.query, self.parts_most())
         if parts:
             return FlightFacts.of_parts(schema, statement_tickets(statement.query, parts))
         return FlightFacts(schema, pack(command))

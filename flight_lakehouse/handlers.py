@@ -4,12 +4,20 @@ routers that send each typed request to its method."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
-from flight_lakehouse.commands import IngestCommand, IngestOptions, ScanRequest, SearchCommand, SqlQuery
+from flight_lakehouse.commands import (
+    IngestCommand,
+    IngestOptions,
+    Part,
+    ScanRequest,
+    SearchCommand,
+    SqlQuery,
+)
+from flight_lakehouse.partitions import parts_most
 from flight_lakehouse.protocol import CallContext, DatasetPath, JsonCodec, Router
 from flight_lakehouse.query import CallHooks, QueryStream
 from flight_lakehouse.services import Services
@@ -102,8 +110,9 @@ class Handlers:
 
     # -- DoGet -----------------------------------------------------------------------------------
     def get_sql(self, ctx: CallContext, request: SqlQuery) -> QueryStream:
-        """A SQL query, streamed."""
-        return self.s.engine.run(request.sql, CallHooks(ctx.is_cancelled))
+        """A SQL query, streamed; a part reads only its share of the files of the snapshot it names."""
+        pinned = self.s.engine.part_database(request.sql, request.part) if request.part else None
+        return self.s.engine.run(request.sql, CallHooks(ctx.is_cancelled), pinned)
 
     def get_scan(self, ctx: CallContext, request: ScanRequest) -> QueryStream:
         """A scan of one dataset, streamed."""
@@ -128,19 +137,44 @@ class Handlers:
         name = request.dataset
         facts = self.s.datasets.summarise(name)
         info = self.info_scan(ctx, ScanRequest(dataset=name))  # exactly as DoGet streams
-        return FlightFacts(info.schema, info.ticket, facts["rows"], facts["bytes"])
+        return replace(info, rows=facts["rows"], size=facts["bytes"])
 
     def info_sql(self, ctx: CallContext, request: SqlQuery) -> FlightFacts:
-        """A SQL query's result schema, without running it."""
-        return FlightFacts(self.s.engine.schema(request.sql), JsonCodec.ticket(request))
+        """A SQL query's result schema, without running it; with several live servers, one ticket per part
+        when it reads one dataset's files row by row (see ``partitions.py``), for them to share."""
+        most = self.spread_parts()
+        if request.part is not None or not most:
+            return FlightFacts(self.s.engine.schema(request.sql), JsonCodec.ticket(request))
+        schema, found = self.s.engine.split(request.sql, most)
+        return FlightFacts.of_parts(schema, part_tickets(request.sql, found) or [JsonCodec.ticket(request)])
 
     def info_scan(self, ctx: CallContext, request: ScanRequest) -> FlightFacts:
-        """A scan's result schema, without running it."""
+        """A scan's result schema, without running it; with several live servers, the ``{"sql"}`` tickets
+        of its parts when it splits (an Iceberg dataset of several files, no limit), at the snapshot it
+        names."""
         database = self.s.engine.scan_database(request)
-        schema = self.s.engine.schema(self.s.engine.scan_sql(request, database), database)
-        return FlightFacts(schema, JsonCodec.ticket(request))
+        sql = self.s.engine.scan_sql(request, database)
+        most = self.spread_parts()
+        try:
+            found = self.s.engine.scan_parts(sql, database, most) if most else []
+        except BaseException:
+            database.lease.release()  # planning the schema would have released it
+            raise
+        schema = self.s.engine.schema(sql, database)
+        return FlightFacts.of_parts(schema, part_tickets(sql, found) or [JsonCodec.ticket(request)])
+
+    def spread_parts(self) -> int:
+        """How many parts a JSON command's result may split into: none with one live server (its FlightInfo
+        is one endpoint, as it always was), else at least one per server."""
+        servers = len(self.s.peers.live_locations())
+        return parts_most(self.s.settings.query_parts_max, servers) if servers > 1 else 0
 
     def info_search(self, ctx: CallContext, request: SearchCommand) -> FlightFacts:
         """A search's result schema, from its checked plan, without running it."""
         plan = self.s.searcher.plan(request.search)
         return FlightFacts(plan.result_schema, JsonCodec.ticket(request))
+
+
+def part_tickets(sql: str, found: list[Part]) -> list[bytes]:
+    """The ``{"sql", "part"}`` ticket of each part (none when the result is answered whole)."""
+    return [JsonCodec.ticket(SqlQuery(sql=sql, part=part)) for part in found]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, with_field_ids
+from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, retry_conflicts, with_field_ids
 from flight_lakehouse.commands import IngestOptions
 from flight_lakehouse.errors import (
     AlreadyExists,
@@ -303,6 +303,12 @@ class IngestSession:
         return result
 
     def _commit(self, files: list[str]) -> tuple[int | None, bool]:
+        """Commit ``files``; a commit that loses to another server's (shared catalog) is made again on the
+        new base: checked against its schema again, the same files appended or the current ones replaced."""
+        name = self.options.dataset
+        return retry_conflicts(name, lambda: self._commit_once(files), self.catalog.retried)
+
+    def _commit_once(self, files: list[str]) -> tuple[int | None, bool]:
         name = self.options.dataset
         with self.namespace.write_lock(name):
             current = self.catalog.metadata_locations().get(name)

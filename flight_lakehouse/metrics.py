@@ -159,6 +159,12 @@ class StateCollector(Collector):
         yield counter(
             "flight_lakehouse_index_build_failures", "Index builds that failed.", self.s.indexes.failures
         )
+        yield counter(
+            "flight_lakehouse_commit_retries",
+            "Iceberg commits that lost to a concurrent one (another server's, on a shared catalog) and were "
+            "made again on the new base.",
+            self.s.datasets.iceberg.catalog.commit_retries,
+        )
         results = self.s.engine.results.facts()
         yield gauge("flight_lakehouse_result_cache_bytes", "Memory held by cached results.", results["bytes"])
         yield counter(

@@ -5,19 +5,27 @@ projection and filter) gives the same rows whether it runs over all of the snaps
 disjoint subsets of them, one after another. GetFlightInfo then answers one endpoint per part, each ticket
 naming the snapshot and which of its files to read; a client fetches the parts in parallel. Whether a query
 is row-local is read from DuckDB's parse tree (:func:`row_local`); anything else is answered whole.
+
+A part's ticket is self-contained (the SQL, the dataset, the snapshot id, the part's index and count): any
+server of the same catalog and root answers it, so GetFlightInfo spreads the parts over the live servers
+(see ``peers.py``). It is not signed: the server that answers it checks it as it checks any query (the
+sandbox, the caller's grants) and reads only the part's share of the files of that snapshot of that
+dataset, which the caller could read anyway by time travel; a forged part reads nothing more.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
-from typing import Annotated, Any
+from typing import Any
 
 import duckdb
-from pydantic import Field, model_validator
 
-from flight_lakehouse.commands import Command, DatasetName
+from flight_lakehouse.commands import Part
 from flight_lakehouse.sandbox import walk
+
+__all__ = ["Part", "parts", "parts_most", "row_local"]
 
 #: The keys of a SELECT node that a row-local query may have, and those that must be empty when present
 #: (any key DuckDB adds later counts against splitting until it is listed here).
@@ -42,27 +50,13 @@ EMPTY_TABLE_KEYS = frozenset({"sample", "at_clause", "column_name_alias"})
 #: Expression classes that read more than the row at hand.
 SET_WIDE_CLASSES = frozenset({"SUBQUERY", "WINDOW"})
 CALLED = re.compile(r'"?([a-z_][a-z0-9_]*)"?\s*\(')
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
-class Part(Command):
-    """One part of a split result: the dataset's files of one snapshot, every ``count``-th from ``index``."""
-
-    dataset: DatasetName
-    snapshot_id: Int64
-    index: Annotated[int, Field(ge=0)]
-    count: Annotated[int, Field(ge=2)]
-
-    @model_validator(mode="after")
-    def _index_in_range(self) -> Part:
-        if self.index >= self.count:
-            raise ValueError(f"part index {self.index} is not below the part count {self.count}")
-        return self
-
-    def files(self, files: tuple[str, ...]) -> tuple[str, ...]:
-        """This part's share of a snapshot's (sorted) files; the parts of one count are disjoint and
-        together hold every file once."""
-        return files[self.index :: self.count]
+def parts_most(configured: int, servers: int) -> int:
+    """How many parts a result may split into: ``query_parts_max`` (0: twice the CPU count), at least one
+    per live server so that each has a share to serve; 1 (never split) stays 1."""
+    most = configured or 2 * (os.cpu_count() or 1)
+    return most if most == 1 else max(most, servers)
 
 
 def parts(dataset: str, snapshot_id: int, files: int, most: int) -> list[Part]:

@@ -844,6 +844,11 @@ class QueryEngine:
             pinned.lease.release()
             raise
 
+    def scan_parts(self, sql: str, pinned: Pinned, most: int) -> list[Part]:
+        """The parts (at most ``most``) of a scan's ``sql`` over its pinned database (see
+        :meth:`scan_database`: the snapshot it asks for), as :meth:`split` finds them."""
+        return self._parts(sql, pinned.database, most)
+
     def part_database(self, sql: str, part: Part) -> Pinned:
         """The database of one part of a split query: its dataset at the part's snapshot, over the part's
         files only. The part (a client's ticket) is checked against the query and the snapshot."""

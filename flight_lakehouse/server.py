@@ -24,6 +24,7 @@ from flight_lakehouse.errors import client_safe, client_safe_iter
 from flight_lakehouse.flight_sql import FlightSqlHandlers
 from flight_lakehouse.handlers import FlightFacts, Handlers
 from flight_lakehouse.metrics import Metrics
+from flight_lakehouse.peers import advertised_location
 from flight_lakehouse.process import hide_client_tracebacks
 from flight_lakehouse.protocol import (
     FLIGHT_SQL_MESSAGES,
@@ -112,6 +113,15 @@ class LakehouseServer(flight.FlightServerBase):
         if settings.auth_file is not None:
             server_options.setdefault("auth_handler", HandshakeByHeaders())
         super().__init__(settings.location, **server_options)
+        #: The location other clients reach this server at (the port is known once it is bound)
+        self.advertised = advertised_location(settings, self.port)
+        self.services.peers.start(self.advertised)
+
+    def shutdown(self) -> None:
+        """Leave the registry first (new FlightInfos of the other servers stop naming this one), then stop
+        taking calls and let running ones finish."""
+        self.services.peers.stop()
+        super().shutdown()
 
     @property
     def storage(self) -> Storage:
@@ -199,8 +209,8 @@ class LakehouseServer(flight.FlightServerBase):
     def _flight_info(self, ctx: CallContext, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         request = self.codec.descriptor(descriptor, "command")
         facts: FlightFacts = self.dispatch(self.routes.info, request, ctx)(ctx, request)
-        # no locations: each endpoint is fetched from this server (any server of the root can answer it)
-        endpoints = [flight.FlightEndpoint(flight.Ticket(ticket), []) for ticket in facts.tickets]
+        live = self.services.peers.live_locations() if len(facts.tickets) > 1 else []
+        endpoints = spread(facts.tickets, live)
         return flight.FlightInfo(facts.schema, descriptor, endpoints, facts.rows, facts.size)
 
     def upload(self, reader: flight.MetadataRecordBatchReader, ctx: CallContext) -> Upload:
@@ -215,6 +225,18 @@ class LakehouseServer(flight.FlightServerBase):
         handler = router.handler(request)
         require(router.role_of(request), f"send {name} by {router.rpc}")
         return handler
+
+
+def spread(tickets: list[bytes], live: list[str]) -> list[flight.FlightEndpoint]:
+    """One endpoint per ticket. With several live servers (this one first) the tickets are dealt round-robin
+    over them, each endpoint naming its server's location (any server of the root can answer any ticket:
+    they are self-contained); else no location: the client fetches each from this server."""
+    if len(live) < 2:
+        return [flight.FlightEndpoint(flight.Ticket(ticket), []) for ticket in tickets]
+    return [
+        flight.FlightEndpoint(flight.Ticket(ticket), [live[index % len(live)]])
+        for index, ticket in enumerate(tickets)
+    ]
 
 
 def dataset_of(request: object) -> str | None:

@@ -13,6 +13,7 @@ from flight_lakehouse.datasets.registry import Datasets
 from flight_lakehouse.embeddings import open_embedder
 from flight_lakehouse.errors import InvalidArgument
 from flight_lakehouse.limits import Slots
+from flight_lakehouse.peers import Peers
 from flight_lakehouse.query import QueryEngine
 from flight_lakehouse.semantic import TextEmbedding
 from flight_lakehouse.settings import Settings, SettingsError
@@ -35,13 +36,16 @@ class Services:
     indexes: IndexBuilder
     engine: QueryEngine
     texts: TextEmbedding
+    #: The live servers of the root (started by the server once it knows its port)
+    peers: Peers
 
 
 def build_services(settings: Settings) -> Services:
     """Open the storage and build the services on it."""
     storage = open_storage(settings)
     retention = Retention(settings.snapshot_keep_last, settings.snapshot_keep_seconds)
-    iceberg = IcebergTables(DatasetCatalog(storage, settings.catalog_uri, retention), settings)
+    catalog = DatasetCatalog(storage, settings.catalog_uri, retention)
+    iceberg = IcebergTables(catalog, settings)
     ingests = Slots(settings.max_concurrent_ingests, "uploads", "max_concurrent_ingests")
     datasets = Datasets(iceberg, LanceTables(storage, settings), ingests)
     cache = VectorCache(datasets.lance, settings)
@@ -62,4 +66,5 @@ def build_services(settings: Settings) -> Services:
         indexes=IndexBuilder(datasets.lance, settings),
         engine=QueryEngine(datasets, settings, SqlSearch(searcher)),
         texts=texts,
+        peers=Peers(settings, catalog.iceberg.engine),
     )

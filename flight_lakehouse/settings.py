@@ -188,8 +188,31 @@ class Settings(BaseSettings):
         ge=0,
         le=1024,
         description=(
-            "endpoints a Flight SQL query reading one dataset's files row by row is split into (a client "
-            "fetches them in parallel); 0 = twice the CPU count, 1 = never split"
+            "endpoints a query reading one dataset's files row by row is split into (a client fetches them "
+            "in parallel; several servers: at least one each); 0 = twice the CPU count, 1 = never split"
+        ),
+    )
+    advertise: str | None = Field(
+        default=None,
+        description=(
+            "the Flight location clients reach this server at (grpc://HOST:PORT, grpc+tls:// with TLS), "
+            "named in the endpoints other servers answer; default: the bound host and port"
+        ),
+    )
+    peers: str | None = Field(
+        default=None,
+        description=(
+            "the other servers of this root, comma-separated locations (each taken as alive while its "
+            "port answers); unset: they find each other in the catalog database"
+        ),
+    )
+    heartbeat_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description=(
+            "how often this server tells the catalog database it is alive; servers silent for three "
+            "intervals are left out of FlightInfos; 0 = do not register (alone, or --peers)"
         ),
     )
     embedder: str | None = Field(
@@ -228,6 +251,8 @@ class Settings(BaseSettings):
         "s3_access_key_id",
         "s3_secret_access_key",
         "auth_file",
+        "advertise",
+        "peers",
         "tls_cert",
         "tls_key",
         "tls_client_ca",

@@ -242,7 +242,11 @@ class VectorCache:
     def _notice_other_writers(self) -> None:
         """Queue the tables whose Lance version moved without this server (another process wrote)."""
         for name, entry in list(self._entries.items()):
-            if entry.served is not None and entry.served.version != self.tables.refresh_version(name):
+            try:
+                moved = entry.served is not None and entry.served.version != self.tables.refresh_version(name)
+            except NotFound:  # dropped by another server: the tables told :meth:`forget`
+                continue
+            if moved:
                 self.track(name)
 
     def _refresh(self, name: str) -> None:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from tests.postgres import PostgreSQL
 from tests.seaweedfs import SeaweedFS
 
 READY = re.compile(r"ready at (grpc(?:\+tls)?://127\.0\.0\.1:\d+)")
@@ -36,6 +37,10 @@ READY = re.compile(r"ready at (grpc(?:\+tls)?://127\.0\.0\.1:\d+)")
 HTTP_READY = re.compile(r"ready at \S+, http (https?://127\.0\.0\.1:\d+),")
 START_TIMEOUT = 60
 STORAGE_KINDS = ["local", "s3"]
+#: A local root whose Iceberg catalog is a database on the session's PostgreSQL (not SQLite): modules that
+#: test catalog behaviour add it to :data:`STORAGE_KINDS` (:data:`CATALOG_KINDS`).
+POSTGRES_CATALOG = "local+postgres"
+CATALOG_KINDS = [*STORAGE_KINDS, POSTGRES_CATALOG]
 BUCKET = "lakehouse-test"
 
 
@@ -115,17 +120,32 @@ def is_s3(root: str) -> bool:
     return root.startswith("s3://")
 
 
+#: Root -> the catalog URI of a root whose catalog is not the default SQLite file.
+_CATALOGS: dict[str, str] = {}
+
+
+def register_catalog(root: str, uri: str) -> None:
+    """Servers and CLI commands on ``root`` use the catalog ``uri`` (passed in the environment, where no
+    ``ps`` shows its password)."""
+    _CATALOGS[root.rstrip("/")] = uri
+
+
 def storage_env(root: str) -> dict[str, str]:
-    """The environment a server or CLI needs for ``root`` (empty for a local root)."""
-    return s3_root(root).env() if is_s3(root) else {}
+    """The environment a server or CLI needs for ``root`` (empty for a local root on SQLite)."""
+    env = s3_root(root).env() if is_s3(root) else {}
+    catalog = _CATALOGS.get(root.rstrip("/"))
+    return {**env, "LAKEHOUSE_CATALOG_URI": catalog} if catalog else env
 
 
 def root_forms(root: str) -> list[str]:
     """Every spelling of the server's private locations that must never reach a client."""
     if is_s3(root):
         entry = s3_root(root)
-        return [entry.url, f"{entry.bucket}/{entry.prefix}", str(entry.state_dir)]
-    return [root, Path(root).resolve().as_posix()]
+        forms = [entry.url, f"{entry.bucket}/{entry.prefix}", str(entry.state_dir)]
+    else:
+        forms = [root, Path(root).resolve().as_posix()]
+    password = urlparse(_CATALOGS.get(root.rstrip("/"), "")).password
+    return [*forms, password] if password else forms
 
 
 def stored_files(root: str) -> dict[str, int]:
@@ -343,10 +363,28 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield s3
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgreSQL]:
+    """One PostgreSQL server for the session (started on first use); tests make a database each."""
+    with PostgreSQL() as server:
+        yield server
+
+
+def postgres_catalog(request: pytest.FixtureRequest) -> str:
+    """The URI of a fresh, empty database on the session's PostgreSQL."""
+    server: PostgreSQL = request.getfixturevalue("postgres")
+    return server.create_database(f"catalog_{uuid.uuid4().hex[:12]}")
+
+
 def make_root(request: pytest.FixtureRequest, kind: str, base: Path, label: str) -> str:
-    """A fresh data root of ``kind``: ``base/lakehouse``, or a unique prefix in the session bucket."""
+    """A fresh data root of ``kind``: ``base/lakehouse`` (with its catalog on PostgreSQL for
+    :data:`POSTGRES_CATALOG`), or a unique prefix in the session bucket."""
     if kind == "local":
         return str(base / "lakehouse")
+    if kind == POSTGRES_CATALOG:
+        root = str(base / "lakehouse")
+        register_catalog(root, postgres_catalog(request))
+        return root
     if kind == "s3":
         s3: SeaweedFS = request.getfixturevalue("seaweedfs")
         return register_s3_root(s3, base / "state", label).url

@@ -12,6 +12,7 @@ import pytest
 
 from flight_lakehouse import __version__
 from tests.conftest import (
+    CATALOG_KINDS,
     ServerProcess,
     assert_no_root,
     assert_refusal,
@@ -19,6 +20,9 @@ from tests.conftest import (
     root_listing,
     stored_files,
 )
+
+#: Every test on both catalogs: SQLite (on both storages) and PostgreSQL.
+pytestmark = pytest.mark.parametrize("storage_root", CATALOG_KINDS, indirect=True)
 
 CATALOG_ACTIONS = ("health", "list_datasets", "describe_dataset", "dataset_history", "drop_dataset")
 

@@ -156,6 +156,10 @@ class LanceTables(TableFormat):
         self.on_drop: list[Callable[[str], None]] = []
         #: Called with a table's name and its ``describe_dataset`` facts, to add their own.
         self.on_describe: list[Callable[[str, dict[str, Any]], None]] = []
+        #: When the folders were last listed (tables created and dropped by other servers), and the lock
+        #: that lets one thread list them at a time.
+        self._listed_at = time.monotonic()
+        self._listing = threading.Lock()
         for name, dataset in self._stored_tables().items():
             self._adopt(name, dataset, new=True)
 
@@ -192,20 +196,78 @@ class LanceTables(TableFormat):
             )
         return self._db
 
-    def _stored_tables(self) -> dict[str, lance.LanceDataset]:
-        """Tables with at least one version (an object store may keep the folder of a dropped one).
-        Lance (a second of imports) loads only when there is one."""
+    def _folders(self) -> list[str]:
+        """The names of the ``<name>.lance`` folders under the root (one listing)."""
         selector = pafs.FileSelector(self.storage.fs_path(self.storage.lance_uri), allow_not_found=True)
+        return [
+            info.base_name.removesuffix(".lance")
+            for info in self.storage.filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and info.base_name.endswith(".lance")
+        ]
+
+    def _stored_tables(self, among: list[str] | None = None) -> dict[str, lance.LanceDataset]:
+        """Tables with at least one version (an object store may keep the folder of a dropped one), of
+        every folder or of those ``among``. Lance (a second of imports) loads only when there is one."""
         tables = {}
-        for info in self.storage.filesystem.get_file_info(selector):
-            if info.type != pafs.FileType.Directory or not info.base_name.endswith(".lance"):
-                continue
-            name = info.base_name.removesuffix(".lance")
-            try:
-                tables[name] = self._open(name)
-            except Exception:  # no manifest: an empty folder left behind
-                log.debug("skipping %s: not a Lance table", name, exc_info=True)
+        for name in self._folders() if among is None else among:
+            dataset = self._try_open(name)
+            if dataset is not None:
+                tables[name] = dataset
         return tables
+
+    def _try_open(self, name: str) -> lance.LanceDataset | None:
+        """The newest version of ``name``, or None when its folder holds no table."""
+        try:
+            return self._open(name)
+        except Exception:  # no manifest: an empty folder left behind, or no folder
+            log.debug("skipping %s: not a Lance table", name, exc_info=True)
+            return None
+
+    def _notice_other_servers(self, force: bool = False) -> None:
+        """Adopt the tables other servers (sharing the root) created, forget those whose folder went: by
+        one listing of the folders, at most every ``lance_refresh_seconds`` unless ``force``. A table
+        dropped elsewhere whose folder is still there (files kept for queries) goes when its versions
+        are read (:meth:`refresh_version`)."""
+        if not force and time.monotonic() - self._listed_at < self.settings.lance_refresh_seconds:
+            return
+        if not self._listing.acquire(blocking=force):
+            return  # another thread is listing
+        try:
+            self._listed_at = time.monotonic()
+            with self._guard:  # before the listing: a table created meanwhile is not taken for dropped
+                known = set(self._datasets)
+            folders = set(self._folders())
+            for name, dataset in self._stored_tables(sorted(folders - known)).items():
+                self._found(name, dataset)
+            for name in known - folders:
+                self._forget(name, "its folder is gone")
+        except Exception:  # storage unreachable: the tables known stay as they are
+            log.warning("cannot list the Lance tables", exc_info=True)
+        finally:
+            self._listing.release()
+
+    def _found(self, name: str, dataset: lance.LanceDataset) -> None:
+        """Adopt a table another server created, and tell the listeners (the vector cache serves it)."""
+        with self._guard:
+            if name in self._datasets:
+                return
+        self._adopt(name, dataset, new=True)
+        log.info("found Lance table %s (created by another server)", name)
+        for listener in self.on_commit:
+            listener(name)
+
+    def _forget(self, name: str, why: str) -> None:
+        """Forget a table another server dropped (its files are that server's to delete)."""
+        with self._guard:
+            if self._datasets.pop(name, None) is None:
+                return
+            self._queryable.pop(name, None)
+            self._schemas.pop(name, None)
+            self._checked.pop(name, None)
+            self.generation += 1
+        log.info("Lance table %s dropped by another server (%s)", name, why)
+        for listener in self.on_drop:
+            listener(name)
 
     def _adopt(self, name: str, dataset: lance.LanceDataset, new: bool = False) -> None:
         """Make ``dataset`` the known newest version of ``name`` (never going back to an older one).
@@ -222,12 +284,15 @@ class LanceTables(TableFormat):
 
     # -- names -----------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        """Every Lance table, sorted."""
+        """Every Lance table, sorted (those of other servers sharing the root within
+        ``lance_refresh_seconds``)."""
+        self._notice_other_servers()
         with self._guard:
             return sorted(self._datasets)
 
     def exists(self, name: str) -> bool:
         """Whether the Lance table ``name`` exists."""
+        self._notice_other_servers()
         with self._guard:
             return name in self._datasets
 
@@ -274,8 +339,11 @@ class LanceTables(TableFormat):
         known = self._known(name)
         try:
             latest = known.latest_version
-        except Exception:  # dropped by another process: its last version stays readable until noticed
-            log.debug("cannot read the versions of %s", name, exc_info=True)
+        except Exception as exc:
+            if is_missing(exc):  # dropped by another server: its manifests went first
+                self._forget(name, "its versions are gone")
+                raise NotFound(f"dataset {name!r} not found") from None
+            log.debug("cannot read the versions of %s", name, exc_info=True)  # storage: try again later
             return known.version
         self._adopt(name, known if latest == known.version else known.checkout_version(latest))
         return self._known(name).version
@@ -304,18 +372,32 @@ class LanceTables(TableFormat):
             schema = self._schemas[name] = self._known(name).schema
         return schema
 
+    def _versions(self, name: str, dataset: lance.LanceDataset) -> list[dict[str, Any]]:
+        """The table's versions, or NOT_FOUND when there are none left: another server dropped it (its
+        manifests go first) since this one last looked."""
+        try:
+            versions = versions_of(dataset)
+        except Exception as exc:
+            if not is_missing(exc):
+                raise
+            versions = []
+        if not versions:
+            self._forget(name, "its versions are gone")
+            raise NotFound(f"dataset {name!r} not found")
+        return versions
+
     # -- catalog actions -------------------------------------------------------------------------
     def summarise(self, name: str) -> dict[str, Any]:
         """The ``list_datasets`` entry of one Lance table."""
         dataset = self.dataset(name)
-        return summary(name, dataset, versions_of(dataset))
+        return summary(name, dataset, self._versions(name, dataset))
 
     def describe(self, name: str) -> dict[str, Any]:
         """Schema, vector columns, versions and indexes (and what the ``on_describe`` listeners add)."""
         dataset = self.dataset(name)
         schema = self.schema(name)
         vectors = vector_columns(schema)
-        versions = versions_of(dataset)
+        versions = self._versions(name, dataset)
         facts = summary(name, dataset, versions)
         facts.update(
             {
@@ -337,7 +419,7 @@ class LanceTables(TableFormat):
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """The table's versions, newest first."""
-        versions = versions_of(self.dataset(name))
+        versions = self._versions(name, self.dataset(name))
         current = versions[-1]["version"] if versions else None
         return [
             {
@@ -481,6 +563,8 @@ class LanceTables(TableFormat):
         if options.mode != "upsert" and options.key is not None:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
+        if not self.exists(name):  # another server may have created it since the last listing
+            self._notice_other_servers(force=True)
         if self.exists(name):
             result, dataset = self._write_existing(options, schema, batches)
         else:
@@ -567,6 +651,12 @@ class LanceTables(TableFormat):
             raise stream.failure(exc, self.storage.root_uri, f"write to {name!r}") from None
         result.update(rows_written=stream.rows, version=dataset.version)
         return result, dataset
+
+
+def is_missing(error: BaseException) -> bool:
+    """Whether Lance's ``error`` says the table's files are gone (not a fault of the storage)."""
+    text = str(error).lower()
+    return isinstance(error, FileNotFoundError) or "not found" in text or "does not exist" in text
 
 
 def is_manifest(path: str) -> bool:

@@ -1,0 +1,80 @@
+"""The catalog on PostgreSQL when PostgreSQL is not there: one-line refusals, never its password.
+
+(Everything the catalog does is tested on PostgreSQL too: tests/test_catalog.py runs on both catalogs, and
+tests/test_several_servers.py shares one PostgreSQL catalog between three servers.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from flight_lakehouse.errors import Unavailable, catalog_fault, to_client_error
+from tests.conftest import register_catalog, running_server
+from tests.postgres import PostgreSQL
+from tests.seaweedfs import free_port
+
+PASSWORD = "Sekret-Catalog-Pw-1234"
+
+
+def test_unreachable_catalog_is_refused_at_start_in_one_line(tmp_path: Path) -> None:
+    uri = f"postgresql+psycopg://lakehouse:{PASSWORD}@127.0.0.1:{free_port()}/catalog"
+    started = subprocess.run(
+        [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(tmp_path), "--port", "0"],
+        env={**os.environ, "LAKEHOUSE_CATALOG_URI": uri, "LAKEHOUSE_HTTP_PORT": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode != 0
+    output = started.stdout + started.stderr
+    assert "cannot open the catalog: PostgreSQL connection failed" in output, output
+    assert PASSWORD not in output and "Traceback" not in output, output
+
+
+def test_a_uri_that_is_no_url_is_not_echoed(tmp_path: Path) -> None:
+    started = subprocess.run(
+        [sys.executable, "-m", "flight_lakehouse", "serve", "--root", str(tmp_path), "--port", "0"],
+        env={**os.environ, "LAKEHOUSE_CATALOG_URI": f"nonsense {PASSWORD}", "LAKEHOUSE_HTTP_PORT": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = started.stdout + started.stderr
+    assert started.returncode != 0 and "the catalog URI is not a SQLAlchemy URL" in output, output
+    assert PASSWORD not in output and "Traceback" not in output, output
+
+
+def test_postgres_driver_errors_map_to_unavailable() -> None:
+    import psycopg
+    import psycopg.errors
+
+    with pytest.raises(psycopg.OperationalError) as refused:
+        psycopg.connect(f"host=127.0.0.1 port={free_port()} user=x password={PASSWORD}", connect_timeout=5)
+    assert catalog_fault(refused.value) == "PostgreSQL connection failed"
+    assert catalog_fault(psycopg.errors.SerializationFailure("x")) == "PostgreSQL serialization failure"
+    assert catalog_fault(psycopg.errors.UniqueViolation("x")) is None  # a bug, not a fault of the moment
+    error = to_client_error(refused.value)
+    assert isinstance(error, Unavailable)
+    assert PASSWORD not in str(error)
+
+
+def test_catalog_server_gone_is_unavailable(tmp_path: Path) -> None:
+    """PostgreSQL stopping under a running server: calls are refused UNAVAILABLE in one line, and neither
+    the refusal nor the server's log shows the password."""
+    with PostgreSQL() as pg:
+        root = str(tmp_path / "lakehouse")
+        register_catalog(root, pg.create_database("gone"))
+        with running_server(root) as server:
+            server.put("kept", pa.table({"x": [1, 2]}))
+            pg.stop()
+            with pytest.raises(pa.ArrowException) as refused:
+                server.action("list_datasets")
+            message = str(refused.value)
+            assert "PostgreSQL connection failed" in message and "retry later" in message, message
+            assert pg.password not in message and "Traceback" not in message, message
+            assert all(pg.password not in line for line in server.log_lines)
