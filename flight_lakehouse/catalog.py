@@ -107,7 +107,9 @@ class DatasetCatalog:
         uri = catalog_uri or storage.default_catalog_uri()
         #: A catalog server (PostgreSQL) may restart or drop idle connections: check each one taken from
         #: the pool (a SQLite file needs no check).
-        ping = {} if uri.startswith("sqlite") else {"pool_pre_ping": "true"}
+        #: The catalog is a server (not a SQLite file): a commit whose answer is lost may have landed.
+        self.remote = not uri.startswith("sqlite")
+        ping = {"pool_pre_ping": "true"} if self.remote else {}
         self.iceberg = self._open(
             uri, {"warehouse": storage.uri("tables"), **ping, **storage.iceberg_properties()}
         )

@@ -77,4 +77,6 @@ def test_catalog_server_gone_is_unavailable(tmp_path: Path) -> None:
             message = str(refused.value)
             assert "PostgreSQL connection failed" in message and "retry later" in message, message
             assert pg.password not in message and "Traceback" not in message, message
+            with pytest.raises(pa.ArrowException, match="PostgreSQL connection failed"):
+                server.put("kept", pa.table({"x": [3]}))
             assert all(pg.password not in line for line in server.log_lines)

@@ -39,18 +39,24 @@ DIMENSION = 4
 def servers(
     request: pytest.FixtureRequest, seaweedfs: SeaweedFS, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[ServerProcess]]:
-    """Three servers on one S3 root and one PostgreSQL catalog (each its own local state), stopped by pid."""
+    """Three servers on one S3 root and one PostgreSQL catalog (each its own local state), started at once
+    on the empty database (they race to set up the catalog's tables), stopped by pid."""
     base = tmp_path_factory.mktemp("several")
     root = register_s3_root(seaweedfs, base / "state", "several").url
     register_catalog(root, postgres_catalog(request))
-    started: list[ServerProcess] = []
-    try:
-        for number in range(SERVERS):
-            env = {
+    started = [
+        ServerProcess(
+            root,
+            [],
+            {
                 "LAKEHOUSE_STATE_DIR": str(Path(base, f"state-{number}")),
                 "LAKEHOUSE_LANCE_REFRESH_SECONDS": str(LANCE_REFRESH_SECONDS),
-            }
-            started.append(ServerProcess(root, [], env).start())
+            },
+        )
+        for number in range(SERVERS)
+    ]
+    try:
+        run_concurrently([server.start for server in started])
         yield started
     finally:
         for server in started:
