@@ -105,10 +105,10 @@ class DatasetCatalog:
         #: Applied at every commit, so that repeated overwrites reach a steady disk use (with ``gc``).
         self.retention = retention or Retention()
         uri = catalog_uri or storage.default_catalog_uri()
-        #: A catalog server (PostgreSQL) may restart or drop idle connections: check each one taken from
-        #: the pool (a SQLite file needs no check).
         #: The catalog is a server (not a SQLite file): a commit whose answer is lost may have landed.
         self.remote = not uri.startswith("sqlite")
+        # a catalog server (PostgreSQL) may restart or drop idle connections: each one taken from the pool
+        # is checked first (a SQLite file needs no check)
         ping = {"pool_pre_ping": "true"} if self.remote else {}
         self.iceberg = self._open(
             uri, {"warehouse": storage.uri("tables"), **ping, **storage.iceberg_properties()}

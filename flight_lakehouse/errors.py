@@ -138,7 +138,7 @@ CATALOG_FAULTS = (
 )
 
 
-#: PostgreSQL's SQLSTATE classes (and codes) of faults of the moment, by what the client is told. The
+#: The SQLSTATE classes of PostgreSQL faults of the moment, with what the client is told of each. The
 #: messages are ours: PostgreSQL's name hosts, ports, users and databases.
 POSTGRES_FAULTS = {
     "08": "PostgreSQL connection failed",
