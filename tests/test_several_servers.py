@@ -152,6 +152,21 @@ def commit_retries(server: ServerProcess) -> float:
     return float(found.group(1))
 
 
+def test_first_uploads_racing_on_three_servers_create_the_dataset_once(servers: list[ServerProcess]) -> None:
+    """Every server appends to a dataset none has yet: one creates it, the others' commits (which lost the
+    creation) are made again as appends."""
+    run_concurrently(
+        [
+            lambda s=server, n=number: put(s.location, "born", rows(10 * n, 10))
+            for number, server in enumerate(servers)
+        ]
+    )
+    for server in servers:
+        assert count(server, "born", "count(DISTINCT id)") == 10 * SERVERS
+    history = servers[0].action("dataset_history", {"dataset": "born"})
+    assert len(history) == SERVERS
+
+
 def test_racing_overwrites_leave_exactly_one_upload(servers: list[ServerProcess]) -> None:
     servers[0].put("snapshot", rows(0, 10, "first"), mode="create")
 
