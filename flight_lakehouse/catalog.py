@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +27,7 @@ from pyiceberg.exceptions import (
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from flight_lakehouse.datasets.base import Retention
@@ -48,6 +49,8 @@ COMMIT_RETRY_SECONDS = 60.0
 #: Tries at setting up the catalog's tables and namespace while other servers do the same (a fresh
 #: PostgreSQL database: two ``CREATE TABLE`` at once fail one of them).
 SETUP_ATTEMPTS = 5
+#: How long a server waits for another's hold of a dataset's lock (``server_lock``) before UNAVAILABLE.
+SERVER_LOCK_SECONDS = 60.0
 
 
 #: No retries inside pyiceberg's ``commit_transaction``: they rebuild only the snapshot of a transaction,
@@ -143,6 +146,28 @@ class DatasetCatalog:
                 log.info("catalog set up concurrently (%s); again", type(exc.orig).__name__)
                 time.sleep(0.1 * attempt)
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def server_lock(self, name: str) -> Iterator[None]:
+        """Hold dataset ``name``'s lock across the servers sharing a PostgreSQL catalog (a session advisory
+        lock, keyed by the name in lower case; PostgreSQL lets it go if the holder's connection dies),
+        waiting up to :data:`SERVER_LOCK_SECONDS`. Servers then create, commit to and drop a dataset one at
+        a time, as one server's threads do: Lance makes a second concurrent creation of a table an
+        overwrite of the first (its rows lost), and Iceberg commits that would lose are not tried at all.
+        Nothing on a SQLite catalog (one server per file)."""
+        if self.iceberg.engine.dialect.name != "postgresql":
+            yield
+            return
+        digest = hashlib.blake2b(f"flight-lakehouse/{name.lower()}".encode(), digest_size=8).digest()
+        key = {"key": int.from_bytes(digest, "big", signed=True)}
+        with self.iceberg.engine.connect() as connection:
+            connection.execute(text(f"SET lock_timeout = '{int(SERVER_LOCK_SECONDS * 1000)}ms'"))
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+                connection.execute(text("RESET lock_timeout"))
 
     def retried(self) -> None:
         """Count a commit applied again after losing to a concurrent one."""

@@ -567,12 +567,13 @@ class LanceTables(TableFormat):
         if options.mode != "upsert" and options.key is not None:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
-        if not self.exists(name):  # another server may have created it since the last listing
-            self._notice_other_servers(force=True)
         if self.exists(name):
             result, dataset = self._write_existing(options, schema, batches)
         else:
-            with names.write_lock(name):
+            with names.write_lock(name):  # on a shared catalog, other servers' creations wait for it too
+                created_elsewhere = self._try_open(name)  # since this server last listed the tables
+                if created_elsewhere is not None:
+                    self._found(name, created_elsewhere)
                 if self.exists(name):  # created meanwhile: write into it
                     result, dataset = self._write_existing(options, schema, batches)
                 else:
@@ -605,7 +606,11 @@ class LanceTables(TableFormat):
                 session=self._session,
             )
         except BaseException as exc:
-            with contextlib.suppress(Exception):
+            if self._try_open(name) is not None:  # another server sharing the root created it first
+                raise Unavailable(
+                    f"dataset {name!r} was created concurrently by another server; retry the upload"
+                ) from None
+            with contextlib.suppress(Exception):  # nothing committed under the name: remove what was written
                 self._delete_folder(name)
             raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
         self._adopt(name, dataset, new=True)
