@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.types import ListType, MapType, NestedField, StructType
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from flight_lakehouse.datasets.base import Retention
@@ -51,6 +52,8 @@ COMMIT_RETRY_SECONDS = 60.0
 #: Tries at setting up the catalog's tables and namespace while other servers do the same (a fresh
 #: PostgreSQL database: two ``CREATE TABLE`` at once fail one of them).
 SETUP_ATTEMPTS = 5
+#: How long a server waits for another's hold of a dataset's lock (``server_lock``) before UNAVAILABLE.
+SERVER_LOCK_SECONDS = 60.0
 
 
 #: No retries inside pyiceberg's ``commit_transaction``: they rebuild only the snapshot of a transaction,
@@ -108,9 +111,11 @@ class DatasetCatalog:
         #: Applied at every commit, so that repeated overwrites reach a steady disk use (with ``gc``).
         self.retention = retention or Retention()
         uri = catalog_uri or storage.default_catalog_uri()
-        #: A catalog server (PostgreSQL) may restart or drop idle connections: check each one taken from
-        #: the pool (a SQLite file needs no check).
-        ping = {} if uri.startswith("sqlite") else {"pool_pre_ping": "true"}
+        #: The catalog is a server (not a SQLite file): a commit whose answer is lost may have landed.
+        self.remote = not uri.startswith("sqlite")
+        # a catalog server (PostgreSQL) may restart or drop idle connections: each one taken from the pool
+        # is checked first (a SQLite file needs no check)
+        ping = {"pool_pre_ping": "true"} if self.remote else {}
         self.iceberg = self._open(
             uri, {"warehouse": storage.uri("tables"), **ping, **storage.iceberg_properties()}
         )
@@ -147,6 +152,28 @@ class DatasetCatalog:
                 log.info("catalog set up concurrently (%s); again", type(exc.orig).__name__)
                 time.sleep(0.1 * attempt)
         raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def server_lock(self, name: str) -> Iterator[None]:
+        """Hold dataset ``name``'s lock across the servers sharing a PostgreSQL catalog (a session advisory
+        lock, keyed by the name in lower case; PostgreSQL lets it go if the holder's connection dies),
+        waiting up to :data:`SERVER_LOCK_SECONDS`. Servers then create, commit to and drop a dataset one at
+        a time, as one server's threads do: Lance makes a second concurrent creation of a table an
+        overwrite of the first (its rows lost), and Iceberg commits that would lose are not tried at all.
+        Nothing on a SQLite catalog (one server per file)."""
+        if self.iceberg.engine.dialect.name != "postgresql":
+            yield
+            return
+        digest = hashlib.blake2b(f"flight-lakehouse/{name.lower()}".encode(), digest_size=8).digest()
+        key = {"key": int.from_bytes(digest, "big", signed=True)}
+        with self.iceberg.engine.connect() as connection:
+            connection.execute(text(f"SET lock_timeout = '{int(SERVER_LOCK_SECONDS * 1000)}ms'"))
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+                connection.execute(text("RESET lock_timeout"))
 
     def retried(self) -> None:
         """Count a commit applied again after losing to a concurrent one."""

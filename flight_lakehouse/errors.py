@@ -138,7 +138,7 @@ CATALOG_FAULTS = (
 )
 
 
-#: PostgreSQL's SQLSTATE classes (and codes) of faults of the moment, by what the client is told. The
+#: The SQLSTATE classes of PostgreSQL faults of the moment, with what the client is told of each. The
 #: messages are ours: PostgreSQL's name hosts, ports, users and databases.
 POSTGRES_FAULTS = {
     "08": "PostgreSQL connection failed",
@@ -164,6 +164,8 @@ def postgres_fault(driver_error: BaseException | None) -> str | None:
     if driver_error is None or not type(driver_error).__module__.startswith("psycopg"):
         return None
     sqlstate = getattr(driver_error, "sqlstate", None) or ""
+    if sqlstate == "55P03":  # lock_timeout: another server held a dataset's lock that long
+        return "another server holds the dataset's lock"
     if sqlstate[:2] in POSTGRES_FAULTS:
         return POSTGRES_FAULTS[sqlstate[:2]]
     if type(driver_error).__name__ == "OperationalError":  # no SQLSTATE: the server was not reached

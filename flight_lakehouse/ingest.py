@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
+from sqlalchemy.exc import DBAPIError
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, retry_conflicts, with_field_ids
 from flight_lakehouse.commands import IngestOptions
@@ -287,6 +288,14 @@ class IngestSession:
         try:
             files = self.writer.close()
             snapshot_id, created = self._commit(files)
+        except DBAPIError:
+            if not self.catalog.remote:
+                self.writer.abort()
+                raise
+            # the catalog server's answer was lost: the commit may have landed and use the files, so they
+            # stay (gc deletes them once no snapshot refers to them, past its grace period)
+            log.warning("catalog lost while committing to %s: its files are kept", self.options.dataset)
+            raise
         except BaseException:
             self.writer.abort()
             raise

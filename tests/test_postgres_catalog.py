@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from flight_lakehouse.catalog import DatasetCatalog, retry_conflicts
 from flight_lakehouse.errors import Unavailable, catalog_fault, to_client_error
-from tests.conftest import register_catalog, running_server
+from flight_lakehouse.storage import LocalStorage
+from tests.conftest import postgres_catalog, register_catalog, running_server
 from tests.postgres import PostgreSQL
 from tests.seaweedfs import free_port
 
@@ -77,4 +80,51 @@ def test_catalog_server_gone_is_unavailable(tmp_path: Path) -> None:
             message = str(refused.value)
             assert "PostgreSQL connection failed" in message and "retry later" in message, message
             assert pg.password not in message and "Traceback" not in message, message
+            with pytest.raises(pa.ArrowException, match="PostgreSQL connection failed"):
+                server.put("kept", pa.table({"x": [3]}))
             assert all(pg.password not in line for line in server.log_lines)
+
+
+def test_a_lost_commit_is_made_again_on_the_new_base(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Two catalogs (two servers) on one PostgreSQL database, committing without the servers' lock: the
+    commit built on a base the other moved is made again on the new one; an append adds its file once, an
+    overwrite replaces every file current then."""
+    uri = postgres_catalog(request)
+    first, second = (DatasetCatalog(LocalStorage(tmp_path / "root"), uri) for _ in range(2))
+    schema = pa.schema([("x", pa.int64())])
+    data = tmp_path / "root" / "tables" / "t" / "data"
+    data.mkdir(parents=True)
+
+    def file(number: int) -> str:
+        path = data / f"{number}.parquet"
+        pq.write_table(pa.table({"x": [number]}, schema=schema), path)
+        return str(path)
+
+    first.create_with_files("t", schema, [file(1)])
+
+    def stale_then_fresh(files: list[str], replace: bool) -> None:
+        stale = first.load("t")
+        second.add_files(second.load("t"), schema, [file(len(files) * 10 + 2)], replace=False, evolve=False)
+        tries: list[int] = []
+
+        def attempt() -> int | None:
+            tries.append(1)
+            table = stale if len(tries) == 1 else first.load("t")
+            return first.add_files(table, schema, files, replace=replace, evolve=False)
+
+        retry_conflicts("t", attempt, first.retried)
+        assert len(tries) == 2
+
+    stale_then_fresh([file(3)], replace=False)
+    assert first.commit_retries == 1
+    assert sorted(Path(f).name for f in first.snapshot_files(first.metadata_locations()["t"]).files) == [
+        "1.parquet",
+        "12.parquet",
+        "3.parquet",
+    ]
+    stale_then_fresh([file(4), file(5)], replace=True)  # second appends 22 first: replaced too
+    assert first.commit_retries == 2
+    assert sorted(Path(f).name for f in first.snapshot_files(first.metadata_locations()["t"]).files) == [
+        "4.parquet",
+        "5.parquet",
+    ]

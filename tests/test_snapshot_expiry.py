@@ -12,10 +12,12 @@ import pyarrow as pa
 import pytest
 
 from flight_lakehouse.datasets.base import Retention
-from tests.conftest import ServerProcess, assert_refusal, root_listing, vector_array
+from tests.conftest import POSTGRES_CATALOG, ServerProcess, assert_refusal, root_listing, vector_array
 from tests.test_s3 import gc, history_ids, table_files
 
 LOCAL = pytest.mark.parametrize("storage_root", ["local"], indirect=True)
+#: Expiry commits through the catalog: on SQLite and on PostgreSQL.
+BOTH_CATALOGS = pytest.mark.parametrize("storage_root", ["local", POSTGRES_CATALOG], indirect=True)
 #: Keep the newest 3 snapshots, whatever their age.
 KEEP_THREE = {"LAKEHOUSE_SNAPSHOT_KEEP_LAST": "3", "LAKEHOUSE_SNAPSHOT_KEEP_SECONDS": "0"}
 
@@ -63,7 +65,7 @@ def test_repeated_overwrites_reach_a_steady_disk_use(
     assert facts["snapshots"] == 3 and facts["rows"] == 2000
 
 
-@LOCAL
+@BOTH_CATALOGS
 def test_time_travel_to_an_expired_snapshot_is_not_found(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(env=KEEP_THREE)
     server.put("ledger", generation(0), mode="overwrite")
@@ -76,7 +78,7 @@ def test_time_travel_to_an_expired_snapshot_is_not_found(start_server: Callable[
     assert_refusal(exc, server, f"snapshot {first} not found")
 
 
-@LOCAL
+@BOTH_CATALOGS
 def test_expire_snapshots_action_and_optimize(start_server: Callable[..., ServerProcess]) -> None:
     """The server's default retention keeps them all (100, a week); the action and optimize let go of what
     their bodies say, for Parquet snapshots and Lance versions alike; appends keep every row."""

@@ -240,7 +240,8 @@ class LanceTables(TableFormat):
             for name, dataset in self._stored_tables(sorted(folders - known)).items():
                 self._found(name, dataset)
             for name in known - folders:
-                self._forget(name, "its folder is gone")
+                if self._try_open(name) is None:  # a listing that missed it is not a drop
+                    self._forget(name, "its folder is gone")
         except Exception:  # storage unreachable: the tables known stay as they are
             log.warning("cannot list the Lance tables", exc_info=True)
         finally:
@@ -254,7 +255,8 @@ class LanceTables(TableFormat):
         self._adopt(name, dataset, new=True)
         log.info("found Lance table %s (created by another server)", name)
         for listener in self.on_commit:
-            listener(name)
+            with contextlib.suppress(NotFound):  # dropped again meanwhile: the listeners were told
+                listener(name)
 
     def _forget(self, name: str, why: str) -> None:
         """Forget a table another server dropped (its files are that server's to delete)."""
@@ -340,7 +342,7 @@ class LanceTables(TableFormat):
         try:
             latest = known.latest_version
         except Exception as exc:
-            if is_missing(exc):  # dropped by another server: its manifests went first
+            if is_missing(exc) and self._try_open(name) is None:  # dropped elsewhere: manifests go first
                 self._forget(name, "its versions are gone")
                 raise NotFound(f"dataset {name!r} not found") from None
             log.debug("cannot read the versions of %s", name, exc_info=True)  # storage: try again later
@@ -381,9 +383,11 @@ class LanceTables(TableFormat):
             if not is_missing(exc):
                 raise
             versions = []
-        if not versions:
+        if not versions and self._try_open(name) is None:
             self._forget(name, "its versions are gone")
             raise NotFound(f"dataset {name!r} not found")
+        if not versions:  # read while another server dropped and re-created it: read again
+            versions = versions_of(self.dataset(name))
         return versions
 
     # -- catalog actions -------------------------------------------------------------------------
@@ -563,12 +567,13 @@ class LanceTables(TableFormat):
         if options.mode != "upsert" and options.key is not None:
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
-        if not self.exists(name):  # another server may have created it since the last listing
-            self._notice_other_servers(force=True)
         if self.exists(name):
             result, dataset = self._write_existing(options, schema, batches)
         else:
-            with names.write_lock(name):
+            with names.write_lock(name):  # on a shared catalog, other servers' creations wait for it too
+                created_elsewhere = self._try_open(name)  # since this server last listed the tables
+                if created_elsewhere is not None:
+                    self._found(name, created_elsewhere)
                 if self.exists(name):  # created meanwhile: write into it
                     result, dataset = self._write_existing(options, schema, batches)
                 else:
@@ -601,7 +606,11 @@ class LanceTables(TableFormat):
                 session=self._session,
             )
         except BaseException as exc:
-            with contextlib.suppress(Exception):
+            if self._try_open(name) is not None:  # another server sharing the root created it first
+                raise Unavailable(
+                    f"dataset {name!r} was created concurrently by another server; retry the upload"
+                ) from None
+            with contextlib.suppress(Exception):  # nothing committed under the name: remove what was written
                 self._delete_folder(name)
             raise stream.failure(exc, self.storage.root_uri, f"create {name!r}") from None
         self._adopt(name, dataset, new=True)

@@ -45,10 +45,11 @@ class Datasets:
 
     @contextmanager
     def write_lock(self, name: str) -> Iterator[None]:
-        """Serialise creations, commits and drops of one dataset (names differing in case share a lock)."""
+        """Serialise creations, commits and drops of one dataset (names differing in case share a lock), in
+        this server and, on a PostgreSQL catalog, across the servers sharing it."""
         with self._locks_guard:
             lock = self._locks.setdefault(name.lower(), threading.Lock())
-        with lock:
+        with lock, self.iceberg.catalog.server_lock(name):
             yield
 
     def refuse_taken(self, name: str) -> None:
