@@ -441,9 +441,16 @@ class ReadLeases:
             threading.Thread(target=run_all, args=(ready,), name="deferred-delete", daemon=True).start()
 
     def delete_when_unread(self, key: str, delete: Callable[[], None]) -> bool:
-        """Run ``delete`` now if no lease holds ``key`` (returns True), else once none does."""
+        """Run ``delete`` now if no lease holds ``key`` (returns True), else once none does; queries that
+        looked their tables up before taking their leases look again (:attr:`epoch`)."""
         with self._guard:
             self.epoch += 1
+        return self.run_when_unread(key, delete)
+
+    def run_when_unread(self, key: str, delete: Callable[[], None]) -> bool:
+        """Run ``delete`` now if no lease holds ``key`` (returns True; its errors are raised), else once
+        none does, at the latest after :attr:`max_wait_seconds` (errors then logged)."""
+        with self._guard:
             if not self._held.get(key):
                 now = True
             else:
@@ -484,6 +491,12 @@ class Lease:
     def release(self) -> None:
         """Give the leases back (later calls do nothing)."""
         self._release()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def run_all(deletes: list[Callable[[], None]]) -> None:

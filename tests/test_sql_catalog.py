@@ -333,6 +333,10 @@ def test_vector_search_lance_errors_are_clean(lake: ServerProcess, where: str) -
         ),
         ("IO Error: cannot open /srv/data/root/t.lance\nmore", "IO Error: cannot open <storage>/t.lance"),
         ("IO Error: cannot open /var/lib/other/t.lance", "IO Error: cannot open <path>"),
+        (  # Lance's object store names a local file without the leading slash
+            "External error: Not found: srv/data/root/lance/t.lance/data/01.lance",
+            "External error: Not found: <storage>/lance/t.lance/data/01.lance",
+        ),
         ("x" * 1000, "x" * 297 + "..."),
     ],
 )
