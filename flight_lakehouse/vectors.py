@@ -78,8 +78,8 @@ def lance_message(text: str, root: str = "") -> str:
     storage ``root`` reads ``<storage>``), Lance's hidden columns or the frames of Rust debug output.
 
     A message not from Lance keeps its first line only (DuckDB's caret under the query follows)."""
-    for form in root_forms(root):
-        text = text.replace(form, "<storage>")
+    for form, replacement in root_forms(root):
+        text = text.replace(form, replacement)
     text = PYTHON_FRAMES.sub("", text).strip()
     if from_lance(text):  # Lance's message runs over several lines (a regex error, a debug dump)
         lines = (line.strip() for line in text.splitlines())
@@ -95,13 +95,17 @@ def lance_message(text: str, root: str = "") -> str:
     return text or "Lance failed"
 
 
-def root_forms(root: str) -> list[str]:
-    """How messages may name the storage root: as given, then without scheme or leading slash (Lance's
-    object store names a local file ``tmp/x/...``, an S3 object ``bucket/prefix/...``)."""
+def root_forms(root: str) -> list[tuple[str, str]]:
+    """How messages may name the storage root, each with what replaces it: as given, then without scheme
+    or leading slash (Lance's object store names a local file ``tmp/x/...``), and an S3 root's key prefix
+    (Lance names an object by its key: ``prefix/lance/...``)."""
     if not root:
         return []
     bare = root.split("://", 1)[-1].lstrip("/")
-    return [root, bare] if bare != root else [root]
+    forms = [(root, "<storage>")] + ([(bare, "<storage>")] if bare != root else [])
+    if root.startswith("s3://") and "/" in bare:
+        forms.append((bare.split("/", 1)[1].rstrip("/") + "/", "<storage>/"))
+    return forms
 
 
 def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:

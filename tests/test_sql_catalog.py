@@ -344,3 +344,10 @@ def test_lance_message(raw: str, expected: str) -> None:
     cleaned = lance_message(raw, "/srv/data/root")
     assert cleaned == expected
     assert_clean(cleaned)
+
+
+def test_lance_message_s3_key_prefix() -> None:
+    """Lance names an S3 object by its key, the root's prefix included, without the bucket."""
+    raw = "LanceError(IO): single PUT of team-a/rooted/lance/t.lance/data/01.lance failed after 9.1s"
+    cleaned = lance_message(raw, "s3://bucket/team-a/rooted")
+    assert cleaned == "LanceError(IO): single PUT of <storage>/lance/t.lance/data/01.lance failed after 9.1s"
