@@ -39,6 +39,18 @@ LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
 NAMESPACE = "lakehouse"
 
+#: Table properties of every commit (set on tables made without them at their next commit). Each append
+#: writes a manifest, which every later commit lists and every new snapshot's query planning reads: the
+#: appends merge them once there are ``min-count-to-merge`` (one-row appends otherwise slowed down as
+#: manifests piled up). Each commit writes a metadata file: those beyond the newest
+#: ``previous-versions-max`` are deleted after a commit (``gc`` no longer finds one per commit).
+COMMIT_PROPERTIES = {
+    TableProperties.MANIFEST_MERGE_ENABLED: "true",
+    TableProperties.MANIFEST_MIN_MERGE_COUNT: "16",
+    TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
+    TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: "32",
+}
+
 
 @dataclass(frozen=True)
 class SnapshotFiles:
@@ -211,7 +223,7 @@ class DatasetCatalog:
                 self.identifier(name),
                 schema=schema,
                 location=self.table_location(name),
-                properties={"write.parquet.compression-codec": "zstd"},
+                properties={"write.parquet.compression-codec": "zstd", **COMMIT_PROPERTIES},
             )
         except TableAlreadyExistsError:
             raise Unavailable(f"dataset {name!r} was created concurrently; retry the upload") from None
@@ -230,6 +242,10 @@ class DatasetCatalog:
         if tx.table_metadata.name_mapping() is None:
             mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
+        properties = tx.table_metadata.properties
+        missing = {key: value for key, value in COMMIT_PROPERTIES.items() if key not in properties}
+        if missing:  # a table made before these were set: from its next commit on
+            tx.set_properties(**missing)
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
         new_files = data_files(tx, files) if files else []
@@ -240,8 +256,8 @@ class DatasetCatalog:
                     overwrite.delete_data_file(data_file)
                 for data_file in new_files:
                     overwrite.append_data_file(data_file)
-        elif new_files:
-            with tx.update_snapshot().fast_append() as append:
+        elif new_files:  # merges the manifests once there are COMMIT_PROPERTIES' min-count of them
+            with tx.update_snapshot().merge_append() as append:
                 for data_file in new_files:
                     append.append_data_file(data_file)
         expire(tx, self.retention)
