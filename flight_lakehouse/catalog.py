@@ -6,7 +6,9 @@ import base64
 import contextlib
 import functools
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 #: How long a catalog listing is reused while this process changes nothing (see ``metadata_locations``).
 LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
+#: How many data file names the cache of planned snapshots holds at most (~150 bytes each): the current
+#: snapshots of the datasets being queried, and a few old ones being scanned.
+CACHED_SNAPSHOT_FILES = 200_000
 NAMESPACE = "lakehouse"
 
 #: Table properties of every commit (set on tables made without them at their next commit). Each append
@@ -81,7 +86,10 @@ class DatasetCatalog:
         )
         with contextlib.suppress(NamespaceAlreadyExistsError):
             self.iceberg.create_namespace(NAMESPACE)
-        self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        #: Planned snapshots, newest use last, bounded by :data:`CACHED_SNAPSHOT_FILES` file names in all.
+        self._snapshot_cache: OrderedDict[tuple[str, int | None], SnapshotFiles] = OrderedDict()
+        self._cached_files = 0
+        self._cache_guard = threading.Lock()
         self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait
         #: Bumped by every commit and drop of this process; a listing is reused only within one.
         self._generation = 0
@@ -140,19 +148,42 @@ class DatasetCatalog:
     def snapshot_files(self, metadata_location: str, snapshot_id: int | None = None) -> SnapshotFiles:
         """Files and schema of a snapshot (the current one by default); cached, as snapshots are immutable."""
         key = (metadata_location, snapshot_id)
-        cached = self._snapshot_cache.get(key)
+        cached = self._cached_snapshot(key)
         if cached is not None:
             return cached
         with self._planning.held(key):
-            cached = self._snapshot_cache.get(key)  # planned while this call waited
+            cached = self._cached_snapshot(key)  # planned while this call waited
             if cached is not None:
                 return cached
             table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
             result = files_of(table, snapshot_id)
-            if len(self._snapshot_cache) > 4096:
-                self._snapshot_cache.clear()
-            self._snapshot_cache[key] = result
+            self._keep_snapshot(key, result)
             return result
+
+    def _cached_snapshot(self, key: tuple[str, int | None]) -> SnapshotFiles | None:
+        with self._cache_guard:
+            cached = self._snapshot_cache.get(key)
+            if cached is not None:
+                self._snapshot_cache.move_to_end(key)
+            return cached
+
+    def _keep_snapshot(self, key: tuple[str, int | None], planned: SnapshotFiles) -> None:
+        """Cache ``planned``, forgetting the least recently used snapshots beyond the bound (every commit
+        of a growing table makes a new snapshot listing all its files: 4,096 of them, the old bound, held
+        quadratically many names, and the soak's RSS grew by the minute)."""
+        with self._cache_guard:
+            if key in self._snapshot_cache:
+                return
+            self._snapshot_cache[key] = planned
+            self._cached_files += len(planned.files) + 1
+            while self._cached_files > CACHED_SNAPSHOT_FILES and len(self._snapshot_cache) > 1:
+                _, forgotten = self._snapshot_cache.popitem(last=False)
+                self._cached_files -= len(forgotten.files) + 1
+
+    def cached_snapshot_files(self) -> int:
+        """How many file names the snapshot cache holds (each snapshot counts one more)."""
+        with self._cache_guard:
+            return self._cached_files
 
     # -- catalog actions -------------------------------------------------------------------------
     def list_datasets(self) -> list[dict[str, Any]]:
