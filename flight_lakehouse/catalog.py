@@ -9,7 +9,9 @@ import hashlib
 import itertools
 import logging
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +47,9 @@ T = TypeVar("T")
 #: How long a catalog listing is reused while this process changes nothing (see ``metadata_locations``).
 LISTING_FRESH_SECONDS = 0.05
 CATALOG_NAME = "lakehouse"
+#: How many data file names the cache of planned snapshots holds at most (~150 bytes each): the current
+#: snapshots of the datasets being queried, and a few old ones being scanned.
+CACHED_SNAPSHOT_FILES = 200_000
 NAMESPACE = "lakehouse"
 #: How long a commit that lost to a concurrent one (another server's, on a shared catalog) is tried again
 #: on the new base before the upload is refused UNAVAILABLE.
@@ -89,6 +94,21 @@ def retry_conflicts(what: str, attempt: Callable[[], T], on_retry: Callable[[], 
     raise AssertionError("unreachable")
 
 
+#: Table properties of every commit (set on tables made without them at their next commit): no retries of
+#: pyiceberg's own (``OWN_RETRIES``). Each append writes a manifest, which every later commit lists and
+#: every new snapshot's query planning reads: the appends merge them once there are ``min-count-to-merge``
+#: (one-row appends otherwise slowed down as manifests piled up). Each commit writes a metadata file: those
+#: beyond the newest ``previous-versions-max`` are deleted after a commit (``gc`` no longer finds one per
+#: commit).
+COMMIT_PROPERTIES = {
+    TableProperties.MANIFEST_MERGE_ENABLED: "true",
+    TableProperties.MANIFEST_MIN_MERGE_COUNT: "16",
+    TableProperties.METADATA_DELETE_AFTER_COMMIT_ENABLED: "true",
+    TableProperties.METADATA_PREVIOUS_VERSIONS_MAX: "32",
+    **OWN_RETRIES,
+}
+
+
 @dataclass(frozen=True)
 class SnapshotFiles:
     """The data files and Arrow schema of one snapshot of a dataset."""
@@ -121,7 +141,10 @@ class DatasetCatalog:
         )
         #: Commits that lost to a concurrent one and were applied again on the new base (a metric).
         self.commit_retries = 0
-        self._snapshot_cache: dict[tuple[str, int | None], SnapshotFiles] = {}
+        #: Planned snapshots, newest use last, bounded by :data:`CACHED_SNAPSHOT_FILES` file names in all.
+        self._snapshot_cache: OrderedDict[tuple[str, int | None], SnapshotFiles] = OrderedDict()
+        self._cached_files = 0
+        self._cache_guard = threading.Lock()
         self._planning = OnePerKey()  # one planning of a snapshot's files at a time; the others wait
         #: Bumped by every commit and drop of this process; a listing is reused only within one.
         self._generation = 0
@@ -226,19 +249,42 @@ class DatasetCatalog:
     def snapshot_files(self, metadata_location: str, snapshot_id: int | None = None) -> SnapshotFiles:
         """Files and schema of a snapshot (the current one by default); cached, as snapshots are immutable."""
         key = (metadata_location, snapshot_id)
-        cached = self._snapshot_cache.get(key)
+        cached = self._cached_snapshot(key)
         if cached is not None:
             return cached
         with self._planning.held(key):
-            cached = self._snapshot_cache.get(key)  # planned while this call waited
+            cached = self._cached_snapshot(key)  # planned while this call waited
             if cached is not None:
                 return cached
             table = StaticTable.from_metadata(metadata_location, properties=self.iceberg.properties)
             result = files_of(table, snapshot_id)
-            if len(self._snapshot_cache) > 4096:
-                self._snapshot_cache.clear()
-            self._snapshot_cache[key] = result
+            self._keep_snapshot(key, result)
             return result
+
+    def _cached_snapshot(self, key: tuple[str, int | None]) -> SnapshotFiles | None:
+        with self._cache_guard:
+            cached = self._snapshot_cache.get(key)
+            if cached is not None:
+                self._snapshot_cache.move_to_end(key)
+            return cached
+
+    def _keep_snapshot(self, key: tuple[str, int | None], planned: SnapshotFiles) -> None:
+        """Cache ``planned``, forgetting the least recently used snapshots beyond the bound (every commit
+        of a growing table makes a new snapshot listing all its files: 4,096 of them, the old bound, held
+        quadratically many names, and the soak's RSS grew by the minute)."""
+        with self._cache_guard:
+            if key in self._snapshot_cache:
+                return
+            self._snapshot_cache[key] = planned
+            self._cached_files += len(planned.files) + 1
+            while self._cached_files > CACHED_SNAPSHOT_FILES and len(self._snapshot_cache) > 1:
+                _, forgotten = self._snapshot_cache.popitem(last=False)
+                self._cached_files -= len(forgotten.files) + 1
+
+    def cached_snapshot_files(self) -> int:
+        """How many file names the snapshot cache holds (each snapshot counts one more)."""
+        with self._cache_guard:
+            return self._cached_files
 
     # -- catalog actions -------------------------------------------------------------------------
     def list_datasets(self) -> list[dict[str, Any]]:
@@ -309,7 +355,7 @@ class DatasetCatalog:
                 self.identifier(name),
                 schema=schema,
                 location=self.table_location(name),
-                properties={"write.parquet.compression-codec": "zstd", **OWN_RETRIES},
+                properties={"write.parquet.compression-codec": "zstd", **COMMIT_PROPERTIES},
             )
             return self._commit_files(name, tx, schema, files, replace=False, evolve=False)
         except TableAlreadyExistsError:  # made by another server since this one looked (or during the commit)
@@ -329,8 +375,10 @@ class DatasetCatalog:
         if tx.table_metadata.name_mapping() is None:
             mapping = tx.table_metadata.schema().name_mapping.model_dump_json()
             tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING: mapping})
-        if not OWN_RETRIES.items() <= tx.table_metadata.properties.items():  # a table made before them
-            tx.set_properties(**OWN_RETRIES)
+        properties = tx.table_metadata.properties
+        missing = {key: value for key, value in COMMIT_PROPERTIES.items() if properties.get(key) != value}
+        if missing:  # a table made before these were set: from its next commit on
+            tx.set_properties(**missing)
         if evolve:
             evolve_schema(tx, schema, drop_absent=replace)
         if not field_ids_hold(schema, tx.table_metadata.schema()):
@@ -346,8 +394,8 @@ class DatasetCatalog:
                     overwrite.delete_data_file(data_file)
                 for data_file in new_files:
                     overwrite.append_data_file(data_file)
-        elif new_files:
-            with tx.update_snapshot().fast_append() as append:
+        elif new_files:  # merges the manifests once there are COMMIT_PROPERTIES' min-count of them
+            with tx.update_snapshot().merge_append() as append:
                 for data_file in new_files:
                     append.append_data_file(data_file)
         expire(tx, self.retention)

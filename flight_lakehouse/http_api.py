@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -104,7 +105,20 @@ class Readiness:
             return f"storage is unreachable ({storage_fault(exc)})"
         if storage.kind == "local" and info.type != pafs.FileType.Directory:
             return "the root directory is gone"
+        if storage.kind == "local":
+            return local_write_fault(storage.fs_path(storage.root_uri))
         return None
+
+
+def local_write_fault(root: str) -> str | None:
+    """Why uploads cannot write under a local ``root`` (None: they can): its file system is mounted
+    read-only (which stops root too), or the server may not write there."""
+    try:
+        if os.statvfs(root).f_flag & os.ST_RDONLY:
+            return "the root is read-only"
+    except OSError:
+        return "the root directory is gone"
+    return None if os.access(root, os.W_OK) else "the root is not writable"
 
 
 class HttpApi:

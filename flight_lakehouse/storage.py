@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 import logging
 import os
 import posixpath
@@ -402,54 +403,73 @@ def open_storage(settings: Settings, check: bool = True) -> Storage:
 
 
 class ReadLeases:
-    """Which tables running queries read, so that dropping one deletes its files only after them.
+    """Which tables running reads use, so that files a change removes (a drop, an optimize's clean-up of
+    old versions) are deleted only after the reads that were running when it happened.
 
-    A query holds a lease on each table it reads (keyed by the table's location) from before it looks
-    the table up until it ends. A dropped table's files are deleted at once when no lease holds them,
-    else when the last one is released, and at the latest after ``max_wait_seconds`` (a query ends by
-    its time limit, so no reader is left then). A drop bumps :attr:`epoch`, so that a query that looked
-    its tables up before taking its leases can tell that it must look again.
+    A query holds a lease on each table it reads (keyed by the table's name) from before it looks the
+    table up until it ends; a search holds one while it runs. A deletion runs at once when no lease holds
+    its table, else when the last of the leases holding it then is released (reads started later see the
+    change and are not waited for: under steady reads a deletion would wait for ever), and at the latest
+    after ``max_wait_seconds`` (a query ends by its time limit, so no reader is left then). A drop bumps
+    :attr:`epoch`, so that a query that looked its tables up before taking its leases can tell that it
+    must look again.
     """
 
     def __init__(self, max_wait_seconds: float = 330.0) -> None:
         self.max_wait_seconds = max_wait_seconds
         self.epoch = 0
-        self._held: dict[str, int] = {}
-        self._pending: dict[str, list[Callable[[], None]]] = {}
+        self._held: dict[str, set[int]] = {}  # key -> the leases holding it
+        #: key -> (the leases still awaited, the deletion waiting for them)
+        self._pending: dict[str, list[tuple[set[int], Callable[[], None]]]] = {}
+        self._tokens = itertools.count()
         self._guard = threading.Lock()
 
     def hold(self, keys: Iterable[str]) -> Lease:
         """Take a lease on each of ``keys`` (released by :meth:`Lease.release`, or when it is freed)."""
         held = tuple(keys)
+        token = next(self._tokens)
         with self._guard:
             for key in held:
-                self._held[key] = self._held.get(key, 0) + 1
-        return Lease(self, held)
+                self._held.setdefault(key, set()).add(token)
+        return Lease(self, held, token)
 
-    def release(self, keys: Iterable[str]) -> None:
-        """Give leases back; deletions waiting only for them start (on a thread of their own)."""
+    def release(self, keys: Iterable[str], token: int) -> None:
+        """Give a lease back; deletions waiting only for it start (on a thread of their own)."""
         ready: list[Callable[[], None]] = []
         with self._guard:
             for key in keys:
-                count = self._held.get(key, 0) - 1
-                if count > 0:
-                    self._held[key] = count
-                    continue
-                self._held.pop(key, None)
-                ready.extend(self._pending.pop(key, []))
+                holders = self._held.get(key)
+                if holders is not None:
+                    holders.discard(token)
+                    if not holders:
+                        del self._held[key]
+                waiting = self._pending.pop(key, [])
+                for awaited, delete in waiting:
+                    awaited.discard(token)
+                    if not awaited:
+                        ready.append(delete)
+                still = [entry for entry in waiting if entry[0]]
+                if still:
+                    self._pending[key] = still
         if ready:
             threading.Thread(target=run_all, args=(ready,), name="deferred-delete", daemon=True).start()
 
     def delete_when_unread(self, key: str, delete: Callable[[], None]) -> bool:
-        """Run ``delete`` now if no lease holds ``key`` (returns True), else once none does."""
+        """:meth:`run_when_unread`; queries that looked their tables up before taking their leases look
+        again (:attr:`epoch`)."""
         with self._guard:
             self.epoch += 1
-            if not self._held.get(key):
-                now = True
-            else:
-                now = False
-                self._pending.setdefault(key, []).append(delete)
-        if now:
+        return self.run_when_unread(key, delete)
+
+    def run_when_unread(self, key: str, delete: Callable[[], None]) -> bool:
+        """Run ``delete`` now if no lease holds ``key`` (returns True; its errors are raised), else once
+        the leases holding it now are released, at the latest after :attr:`max_wait_seconds` (errors then
+        logged)."""
+        with self._guard:
+            holders = set(self._held.get(key, ()))
+            if holders:
+                self._pending.setdefault(key, []).append((holders, delete))
+        if not holders:
             delete()
             return True
         timer = threading.Timer(self.max_wait_seconds, self._expire, args=(key, delete))
@@ -460,16 +480,19 @@ class ReadLeases:
     def _expire(self, key: str, delete: Callable[[], None]) -> None:
         with self._guard:
             waiting = self._pending.get(key, [])
-            if delete not in waiting:
+            entry = next((entry for entry in waiting if entry[1] is delete), None)
+            if entry is None:
                 return
-            waiting.remove(delete)
+            waiting.remove(entry)
+            if not waiting:
+                self._pending.pop(key, None)
         log.info("deleting the files of dropped table %s after %g s", key, self.max_wait_seconds)
         run_all([delete])
 
     def flush(self) -> None:
         """Run every waiting deletion now (at shutdown, after the queries have been stopped)."""
         with self._guard:
-            waiting = [delete for deletes in self._pending.values() for delete in deletes]
+            waiting = [delete for entries in self._pending.values() for _, delete in entries]
             self._pending.clear()
         run_all(waiting)
 
@@ -477,13 +500,19 @@ class ReadLeases:
 class Lease:
     """Leases on some tables, given back once (explicitly, or when the object is freed)."""
 
-    def __init__(self, leases: ReadLeases, keys: tuple[str, ...]) -> None:
+    def __init__(self, leases: ReadLeases, keys: tuple[str, ...], token: int) -> None:
         self.keys = keys
-        self._release = weakref.finalize(self, leases.release, keys)
+        self._release = weakref.finalize(self, leases.release, keys, token)
 
     def release(self) -> None:
         """Give the leases back (later calls do nothing)."""
         self._release()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def run_all(deletes: list[Callable[[], None]]) -> None:

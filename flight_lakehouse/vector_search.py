@@ -191,20 +191,21 @@ class VectorSearch:
         """The nearest (or best-scoring) rows of one request, nearest first."""
         request = plan.request
         vector = plan.query_vectors(request.vector)[0] if request.vector is not None else None
-        if request.text is not None and vector is None:
-            builder = plan.table.search(request.text, query_type="fts")
-        elif request.text is not None:
-            from lancedb.rerankers import RRFReranker
+        with self.tables.reading(request.dataset):  # an optimize meanwhile leaves the files read
+            if request.text is not None and vector is None:
+                builder = plan.table.search(request.text, query_type="fts")
+            elif request.text is not None:
+                from lancedb.rerankers import RRFReranker
 
-            builder = (
-                plan.table.search(query_type="hybrid", vector_column_name=plan.vector_column)
-                .vector(vector)
-                .text(request.text)
-                .rerank(RRFReranker(return_score="relevance"))
-            )
-        else:
-            return self._nearest(plan, vector)
-        return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
+                builder = (
+                    plan.table.search(query_type="hybrid", vector_column_name=plan.vector_column)
+                    .vector(vector)
+                    .text(request.text)
+                    .rerank(RRFReranker(return_score="relevance"))
+                )
+            else:
+                return self._nearest(plan, vector)
+            return self._run(plan, builder).select(plan.result_schema.names).cast(plan.result_schema)
 
     def exchange(self, plan: SearchPlan, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         """For every query vector of the stream, in order, its k nearest rows tagged ``_query_index``."""
@@ -212,7 +213,10 @@ class VectorSearch:
         queries_per_call = max(1, MAX_EXCHANGE_ROWS // plan.request.k)
         for batch in batches:
             for start in range(0, batch.num_rows, queries_per_call):
-                yield from self._exchange_batch(plan, batch.slice(start, queries_per_call), first_row)
+                queries = batch.slice(start, queries_per_call)
+                with self.tables.reading(plan.request.dataset):
+                    results = list(self._exchange_batch(plan, queries, first_row))
+                yield from results
                 first_row += min(queries_per_call, batch.num_rows - start)
 
     def _exchange_batch(

@@ -58,7 +58,7 @@ RUST_LOCATION = re.compile(r",?\s*[^\s,]*\.rs:\d+(?::\d+)?")
 #: The Python frames pyarrow appends to an error raised inside a scan (``At:`` then one frame a line).
 PYTHON_FRAMES = re.compile(r"\n\s*At:\n.*", re.DOTALL)
 #: An absolute file path (``/home/...``, ``/work/.../site-packages/...``); not the ``//`` of a URL.
-SERVER_PATH = re.compile(r"(?<![\w<:/.])/(?:[\w.@+-]+/)+[\w.@+-]*(?:\(\d+\))?")
+SERVER_PATH = re.compile(r"(?<![\w<>:/.])/(?:[\w.@+-]+/)+[\w.@+-]*(?:\(\d+\))?")
 #: Lance's hidden columns, offered as "did you mean" or listed among the valid fields.
 INTERNAL_COLUMN = r"_(?:rowid|rowaddr|rowoffset|fragid|row_created_at_version|row_last_updated_at_version)"
 INTERNAL_HINT = re.compile(rf"\s*Did you mean '{INTERNAL_COLUMN}'\?|,\s*(?:\w+\.)?{INTERNAL_COLUMN}\b")
@@ -78,8 +78,8 @@ def lance_message(text: str, root: str = "") -> str:
     storage ``root`` reads ``<storage>``), Lance's hidden columns or the frames of Rust debug output.
 
     A message not from Lance keeps its first line only (DuckDB's caret under the query follows)."""
-    if root:
-        text = text.replace(root, "<storage>")
+    for form, replacement in root_forms(root):
+        text = text.replace(form, replacement)
     text = PYTHON_FRAMES.sub("", text).strip()
     if from_lance(text):  # Lance's message runs over several lines (a regex error, a debug dump)
         lines = (line.strip() for line in text.splitlines())
@@ -93,6 +93,19 @@ def lance_message(text: str, root: str = "") -> str:
     if len(text) > MAX_LANCE_MESSAGE:
         text = text[: MAX_LANCE_MESSAGE - 3] + "..."
     return text or "Lance failed"
+
+
+def root_forms(root: str) -> list[tuple[str, str]]:
+    """How messages may name the storage root, each with what replaces it: as given, then without scheme
+    or leading slash (Lance's object store names a local file ``tmp/x/...``), and an S3 root's key prefix
+    (Lance names an object by its key: ``prefix/lance/...``)."""
+    if not root:
+        return []
+    bare = root.split("://", 1)[-1].lstrip("/")
+    forms = [(root, "<storage>")] + ([(bare, "<storage>")] if bare != root else [])
+    if root.startswith("s3://") and "/" in bare:
+        forms.append((bare.split("/", 1)[1].rstrip("/") + "/", "<storage>/"))
+    return forms
 
 
 def lance_error(exc: BaseException, root: str, doing: str) -> BaseException:

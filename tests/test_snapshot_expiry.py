@@ -9,9 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.table import TableProperties
 
+from flight_lakehouse import catalog as catalog_module
+from flight_lakehouse.catalog import COMMIT_PROPERTIES
 from flight_lakehouse.datasets.base import Retention
+from flight_lakehouse.storage import LocalStorage
 from tests.conftest import POSTGRES_CATALOG, ServerProcess, assert_refusal, root_listing, vector_array
 from tests.test_s3 import gc, history_ids, table_files
 
@@ -143,3 +149,63 @@ def test_gc_removes_the_folders_it_empties(
     listing = root_listing(storage_root)
     assert not any("lost" in entry for entry in listing), sorted(listing)
     assert any(entry.startswith("tables/live/data/") for entry in listing)
+
+
+@LOCAL
+def test_many_small_appends_keep_manifests_and_metadata_files_bounded(
+    start_server: Callable[..., ServerProcess], storage_root: str
+) -> None:
+    """One-row appends: the current snapshot lists at most ``min-count-to-merge`` manifests (each append
+    added one that every later commit listed: appends slowed down as they piled up), and the table's
+    metadata folder keeps at most ``previous-versions-max`` + 1 metadata files. A table made without
+    these properties (by an older server) gets them at its next commit."""
+    server = start_server()
+    server.put("small", one_row(0), mode="create")
+    server.stop()
+    catalog = SqlCatalog("lakehouse", uri=f"sqlite:///{storage_root}/catalog.db")
+    table = catalog.load_table(("lakehouse", "small"))
+    with table.transaction() as tx:
+        tx.remove_properties(*COMMIT_PROPERTIES)
+    assert not set(COMMIT_PROPERTIES) & set(catalog.load_table(("lakehouse", "small")).properties)
+    server = start_server()
+    appends = 60
+    for row_id in range(1, appends + 1):
+        server.put("small", one_row(row_id))
+    table = catalog.load_table(("lakehouse", "small"))
+    assert {key: table.properties.get(key) for key in COMMIT_PROPERTIES} == COMMIT_PROPERTIES
+    manifests = table.current_snapshot().manifests(table.io)
+    assert len(manifests) <= int(COMMIT_PROPERTIES[TableProperties.MANIFEST_MIN_MERGE_COUNT]), len(manifests)
+    metadata = list((Path(storage_root) / "tables" / "small" / "metadata").glob("*.metadata.json"))
+    assert len(metadata) <= int(COMMIT_PROPERTIES[TableProperties.METADATA_PREVIOUS_VERSIONS_MAX]) + 1
+    assert server.sql("select count(*) n, sum(id) s from small").to_pylist() == [
+        {"n": appends + 1, "s": appends * (appends + 1) // 2}
+    ]
+
+
+def one_row(row_id: int) -> pa.Table:
+    return pa.table({"id": pa.array([row_id], pa.int64())})
+
+
+def test_planned_snapshots_cache_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every commit of a growing table makes a new snapshot listing all its files; planning each one (as
+    the first query of every new snapshot does) kept every list, up to 4,096 of them: quadratically many
+    names (the soak's RSS grew by the minute). The cache now holds a bounded number of names, the least
+    recently used forgotten first, and answers the same."""
+    monkeypatch.setattr(catalog_module, "CACHED_SNAPSHOT_FILES", 100)
+    storage = LocalStorage(tmp_path / "root")
+    catalog = catalog_module.DatasetCatalog(storage)
+    schema = one_row(0).schema
+    for number in range(40):
+        uri = storage.uri("tables", "growing", "data", f"{number:05d}.parquet")
+        Path(storage.fs_path(uri)).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(one_row(number), storage.fs_path(uri))
+        if number == 0:
+            catalog.create_with_files("growing", schema, [uri])
+        else:
+            catalog.add_files(catalog.load("growing"), schema, [uri], replace=False, evolve=False)
+        planned = catalog.snapshot_files(catalog.metadata_locations()["growing"])
+        assert len(planned.files) == number + 1
+    held = sum(len(planned.files) + 1 for planned in catalog._snapshot_cache.values())
+    assert held <= 100 + 40, held  # all 40 would hold 860 names
+    again = catalog.snapshot_files(catalog.metadata_locations()["growing"])
+    assert len(again.files) == 40

@@ -333,6 +333,10 @@ def test_vector_search_lance_errors_are_clean(lake: ServerProcess, where: str) -
         ),
         ("IO Error: cannot open /srv/data/root/t.lance\nmore", "IO Error: cannot open <storage>/t.lance"),
         ("IO Error: cannot open /var/lib/other/t.lance", "IO Error: cannot open <path>"),
+        (  # Lance's object store names a local file without the leading slash
+            "External error: Not found: srv/data/root/lance/t.lance/data/01.lance",
+            "External error: Not found: <storage>/lance/t.lance/data/01.lance",
+        ),
         ("x" * 1000, "x" * 297 + "..."),
     ],
 )
@@ -340,3 +344,10 @@ def test_lance_message(raw: str, expected: str) -> None:
     cleaned = lance_message(raw, "/srv/data/root")
     assert cleaned == expected
     assert_clean(cleaned)
+
+
+def test_lance_message_s3_key_prefix() -> None:
+    """Lance names an S3 object by its key, the root's prefix included, without the bucket."""
+    raw = "LanceError(IO): single PUT of team-a/rooted/lance/t.lance/data/01.lance failed after 9.1s"
+    cleaned = lance_message(raw, "s3://bucket/team-a/rooted")
+    assert cleaned == "LanceError(IO): single PUT of <storage>/lance/t.lance/data/01.lance failed after 9.1s"

@@ -1,21 +1,29 @@
-"""Storage faults (issue 18, point 5): a full disk under a local root, and the SQLite catalog locked by
-another process.
+"""Storage faults (issue 18, point 5): a full disk under a local root, the SQLite catalog locked by another
+process, a root turned read-only, and S3 answering slowly.
 
 The full disk is a small tmpfs root (mounting one needs root: skipped otherwise). With the disk full, an
 upload gets a clear one-line UNAVAILABLE naming the cause, commits nothing and leaves no file behind; once
 space is freed the same server takes the same upload without a restart. The catalog locked by another
 process (a ``BEGIN EXCLUSIVE`` held open) is UNAVAILABLE too (it was INTERNAL), and the server commits again
-once the lock is gone. (S3 stopped mid-upload is in ``tests/test_s3.py``; a read-only root could not be made
-here: this runs as root, which file modes do not stop, and a tmpfs cannot be remounted read-only while the
-server holds its catalog open for writing.)
+once the lock is gone. A read-only root is a bind mount of the root over itself remounted read-only while
+the server runs (file modes do not stop root, a read-only mount does; the root's own file system cannot be
+remounted while the server holds its catalog open for writing). Slow S3 is a delaying TCP proxy between
+the server and SeaweedFS. (S3 stopped mid-upload is in ``tests/test_s3.py``.)
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +32,16 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import ServerProcess, assert_refusal, data_files
+from tests.conftest import (
+    ServerProcess,
+    assert_refusal,
+    data_files,
+    register_s3_root,
+    root_listing,
+    vector_array,
+    wait_until,
+)
+from tests.seaweedfs import SeaweedFS
 
 DISK_MB = 24
 KEEP_FREE_BYTES = 256 << 10
@@ -41,15 +58,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of :data:`DISK_MB` MB, unmounted after the test."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs", str(disk)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted(disk, "-t", "tmpfs", "-o", f"size={DISK_MB}m", "tmpfs"):
         yield disk
+
+
+@contextlib.contextmanager
+def mounted(folder: Path, *how: str) -> Iterator[Path]:
+    """``mount HOW FOLDER`` (mounting needs root: the test is skipped otherwise), unmounted after."""
+    done = subprocess.run(["mount", *how, str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here ({' '.join(how)}): {done.stderr.strip()}")
+    try:
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def fill(disk: Path) -> Path:
@@ -126,3 +148,171 @@ connection.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 time.sleep(600)
 """
+
+
+def remount(folder: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,bind,{mode}", str(folder)], check=True, capture_output=True)
+
+
+def test_read_only_root_refuses_writes_and_recovers(tmp_path: Path) -> None:
+    """The root's file system turns read-only under a running server: an append (Parquet and Lance) gets
+    one clear UNAVAILABLE line naming the cause and commits nothing, reads go on, /readyz says why; once the
+    file system is writable again the same server takes the same uploads."""
+    root = tmp_path / "lakehouse"
+    server = ServerProcess(str(root))
+    server.start()
+    try:
+        server.put("events", rows(1000, 1))
+        server.put("vecs", vectors(100, 0), mode="create")
+        before_files = root_listing(str(root))
+        # a mount made while the server runs has no file open for writing on it, so it can be made
+        # read-only; the server's later opens by path go through it (its catalog's open file does not)
+        with mounted(root, "--bind", str(root)):
+            remount(root, "ro")
+            for name, upload in faulted_uploads():
+                with pytest.raises(flight.FlightUnavailableError) as info:
+                    server.put(name, upload, expected_rows=upload.num_rows)
+                message = assert_refusal(info, server, "Read-only file system").split(". Detail:")[0]
+                assert "\n" not in message, message
+            assert_counts(server, 1000, 100)
+            assert wait_until(lambda: readyz(server)[0] == 503, timeout=5), readyz(server)
+            assert readyz(server)[1] == {"status": "not ready", "reason": "the root is read-only"}
+
+            remount(root, "rw")  # the fault ends: the same server, no restart
+            assert wait_until(lambda: readyz(server)[0] == 200, timeout=5), readyz(server)
+            assert root_listing(str(root)) == before_files, "the refused uploads left files"
+            assert_recovers(server)
+    finally:
+        server.stop()
+        server.kill()
+
+
+def assert_counts(server: ServerProcess, events: int, vecs: int) -> None:
+    """The rows of the Parquet dataset ``events`` and of the Lance table ``vecs``."""
+    assert server.sql("SELECT count(*) AS n FROM events").to_pylist() == [{"n": events}]
+    assert server.sql("SELECT count(*) AS n FROM vecs").to_pylist() == [{"n": vecs}]
+
+
+def faulted_uploads() -> list[tuple[str, pa.Table]]:
+    """The uploads a fault refuses and the recovered server then takes: to each dataset of a test."""
+    return [("events", rows(500, 2)), ("vecs", vectors(50, 100))]
+
+
+def assert_recovers(server: ServerProcess) -> None:
+    """The uploads the fault refused are taken, and the datasets hold exactly the rows committed."""
+    for name, upload in faulted_uploads():
+        assert server.put(name, upload, expected_rows=upload.num_rows)["rows_written"] == upload.num_rows
+    assert_counts(server, 1500, 150)
+
+
+def vectors(count: int, first: int) -> pa.Table:
+    """``count`` rows of a Lance table: ids from ``first`` and 8-dimensional vectors."""
+    values = np.random.default_rng(first).random((count, 8), dtype=np.float32)
+    return pa.table({"id": pa.array(range(first, first + count)), "vec": vector_array(values)})
+
+
+def readyz(server: ServerProcess) -> tuple[int, object]:
+    """``/readyz``: its status and JSON body."""
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/readyz", timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+class SlowProxy:
+    """A TCP proxy on a free loopback port in front of ``upstream`` (``host:port``) that holds every chunk a
+    client sends for :attr:`delay` seconds before passing it on: S3 answering slowly."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.delay = 0.0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._accepting = threading.Thread(target=self._accept, name="slow-proxy", daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            self._open += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, delayed: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                if delayed and self.delay:
+                    time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._listener.close()
+        self._accepting.join(5)
+        for end in self._open:
+            end.close()
+
+
+#: S3 settings under which a request left unanswered for a second fails, tried twice.
+QUICK_S3 = {
+    "LAKEHOUSE_S3_CONNECT_TIMEOUT_SECONDS": "1",
+    "LAKEHOUSE_S3_REQUEST_TIMEOUT_SECONDS": "1",
+    "LAKEHOUSE_S3_MAX_ATTEMPTS": "2",
+}
+#: How long a call may take while S3 is slow: its requests fail after QUICK_S3's timeouts, a few in turn.
+SLOW_CALL_BOUND = 45.0
+
+
+def test_slow_s3_fails_calls_within_the_timeouts_and_recovers(seaweedfs: SeaweedFS, tmp_path: Path) -> None:
+    """S3 behind a proxy that delays every request by 3 s, beyond the server's 1 s request timeout: an
+    upload (Parquet and Lance) ends within a bound with one clear UNAVAILABLE line and commits nothing, a
+    query ends within the bound (answered from the local copies, or refused cleanly), /readyz says S3 is
+    unreachable; once S3 answers promptly again the same server takes the same uploads."""
+    root = register_s3_root(seaweedfs, tmp_path / "state", "slow")
+    proxy = SlowProxy(seaweedfs.endpoint.removeprefix("http://"))
+    server = ServerProcess(root.url, env={**QUICK_S3, "LAKEHOUSE_S3_ENDPOINT": proxy.endpoint})
+    try:
+        server.start()
+        server.put("events", rows(1000, 1))
+        server.put("vecs", vectors(100, 0), mode="create")
+        proxy.delay = 3.0
+        for name, upload in faulted_uploads():
+            started = time.monotonic()
+            with pytest.raises(flight.FlightUnavailableError) as info:
+                server.put(name, upload, expected_rows=upload.num_rows)
+            assert time.monotonic() - started < SLOW_CALL_BOUND
+            message = assert_refusal(info, server).split(". Detail:")[0]
+            assert "\n" not in message and root.prefix not in message, message
+        started = time.monotonic()
+        with contextlib.suppress(flight.FlightUnavailableError):
+            assert server.sql("SELECT count(*) AS n FROM events").to_pylist() == [{"n": 1000}]
+        assert time.monotonic() - started < SLOW_CALL_BOUND
+        status, body = readyz(server)
+        assert status == 503 and "storage is unreachable" in str(body), body
+
+        proxy.delay = 0.0  # the fault ends: the same server, no restart
+        assert wait_until(lambda: readyz(server)[0] == 200, timeout=15), readyz(server)
+        assert_counts(server, 1000, 100)
+        assert_recovers(server)
+    finally:
+        server.stop()
+        server.kill()
+        proxy.close()

@@ -7,6 +7,7 @@ No server, no storage: each test runs in milliseconds (the sandbox ones parse wi
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from flight_lakehouse import sandbox
 from flight_lakehouse.errors import InvalidArgument, NotFound, SchemaConflict
 from flight_lakehouse.ingest import reconcile
 from flight_lakehouse.schema_types import storage_schema, storage_type
+from flight_lakehouse.storage import ReadLeases
 from flight_lakehouse.vector_memory import exact_distances, top_k, unit_rows
 from flight_lakehouse.vectors import check_vectors, problem_rows
 
@@ -676,3 +678,19 @@ def test_check_vectors_names_the_uploads_row(
 def test_check_vectors_passes_good_vectors() -> None:
     check_vectors(vector_column([[1.0, 2.0], [0.0, 0.0]]), "v", "l2", first_row=0)
     check_vectors(vector_column([[1.0, 2.0], [0.0, -1.0]]), "v", "cosine", first_row=0)
+
+
+def test_a_deletion_waits_only_for_the_reads_running_when_it_was_asked() -> None:
+    """A deletion (a drop's files, an optimize's old versions) waits for the leases held when it was asked
+    for, not for reads started later (they see the change): under steady reads it used to wait until the
+    time limit."""
+    leases = ReadLeases(max_wait_seconds=60)
+    done = threading.Event()
+    earlier = leases.hold(["t"])
+    assert leases.run_when_unread("t", done.set) is False
+    later = leases.hold(["t"])
+    earlier.release()
+    assert done.wait(5), "the deletion waited for a read started after it"
+    later.release()
+    now = threading.Event()
+    assert leases.run_when_unread("t", now.set) is True and now.is_set()

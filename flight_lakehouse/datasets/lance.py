@@ -24,7 +24,7 @@ from flight_lakehouse.commands import IngestOptions
 from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.storage import Storage
+from flight_lakehouse.storage import Lease, Storage
 from flight_lakehouse.vector_memory import ReadWriteLock
 from flight_lakehouse.vectors import (
     WRITE_BUFFER_BYTES,
@@ -507,8 +507,12 @@ class LanceTables(TableFormat):
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
         with self.rewrites(name).writing():
-            self._optimize_retrying(name, older_than_seconds)
+            self._optimize_retrying(name)
             self.committed(name)  # before a delete waiting for the lock takes its handle
+        # the versions up to the compaction's go once no running read uses them (a search or a query
+        # reading the version it started on would find its fragments gone)
+        cutoff = time.time() - older_than_seconds
+        cleaned = self.storage.leases.run_when_unread(name, functools.partial(self._clean_up, name, cutoff))
         after = self.dataset(name)
         versions = versions_of(after)
         bytes_after = total_bytes(after, versions)
@@ -522,14 +526,29 @@ class LanceTables(TableFormat):
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "bytes_removed": max(0, bytes_before - bytes_after),
+            "old_versions_removed": "now" if cleaned else "after the running reads",
             "seconds": round(time.monotonic() - started, 3),
         }
 
-    def _optimize_retrying(self, name: str, older_than_seconds: float) -> None:
+    def _clean_up(self, name: str, cutoff: float) -> None:
+        """Remove the versions of ``name`` made before ``cutoff`` (a wall-clock time), but the newest, and
+        the files only they use."""
+        with self.rewrites(name).writing():  # after running row changes, as optimize's compaction
+            try:
+                dataset = self.writable(name)
+                dataset.cleanup_old_versions(older_than=timedelta(seconds=max(0.0, time.time() - cutoff)))
+            except Exception as exc:
+                raise lance_error(exc, self.storage.root_uri, f"optimize on {name!r}") from None
+
+    def reading(self, name: str) -> Lease:
+        """A lease on ``name`` for a read outside a query (a search): its version's files stay meanwhile."""
+        return self.storage.leases.hold([name])
+
+    def _optimize_retrying(self, name: str) -> None:
         """:meth:`_optimize_once`, again when a write by another process preempted its commit."""
         for attempt in range(1, OPTIMIZE_ATTEMPTS + 1):
             try:
-                self._optimize_once(name, older_than_seconds)
+                self._optimize_once(name)
                 return
             except Exception as exc:
                 error = lance_error(exc, self.storage.root_uri, f"optimize on {name!r}")
@@ -537,13 +556,13 @@ class LanceTables(TableFormat):
                     raise error from None
                 log.info("optimize on %s preempted by a concurrent write (attempt %d); again", name, attempt)
 
-    def _optimize_once(self, name: str, older_than_seconds: float) -> None:
-        """One try of :meth:`optimize` on the newest version (a concurrent write may preempt it)."""
+    def _optimize_once(self, name: str) -> None:
+        """One try of :meth:`optimize`'s compaction on the newest version (a concurrent write may preempt
+        it)."""
         self.refresh_version(name)
         dataset = self.writable(name)
         dataset.optimize.compact_files()
         dataset.optimize.optimize_indices()  # rows added since an index was built join it
-        dataset.cleanup_old_versions(older_than=timedelta(seconds=older_than_seconds))
 
     # -- writes ----------------------------------------------------------------------------------
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
