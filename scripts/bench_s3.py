@@ -204,6 +204,7 @@ def _serve_read_paths(env: dict[str, str], uris: list[str]) -> None:
     storage = S3Storage(settings_of(env))
     _STATE.update(storage=storage, uris=uris, parent=tempfile.mkdtemp(prefix="bench-copies-"))
     arrow = duckdb.connect(":memory:")
+    arrow.execute("SET enable_progress_bar = false")  # DuckDB 2 draws one on stdout
     paths = [storage.fs_path(uri) for uri in uris]
     arrow.register(DATASET, pads.dataset(paths, format="parquet", filesystem=storage.filesystem))
     _STATE["arrow"] = arrow

@@ -164,6 +164,7 @@ def load_queries(path: Path = QUERIES_FILE) -> dict[int, str]:
 def inprocess_connection(files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with one view per table over its snapshot's files."""
     con = duckdb.connect(":memory:")
+    con.execute("SET enable_progress_bar = false")  # DuckDB 2 draws one on stdout
     for table, paths in files.items():
         listing = ", ".join("'" + str(path).replace("'", "''") + "'" for path in paths)
         con.execute(f"create view {table} as select * from read_parquet([{listing}])")

@@ -23,9 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+import sqlalchemy
 
 from tests.conftest import (
     BUCKET,
+    CATALOG_KINDS,
     ServerProcess,
     data_files,
     is_s3,
@@ -446,10 +448,29 @@ def test_s3_stopped_mid_ingest_then_back(private_s3: SeaweedFS, tmp_path: Path) 
 # -- catalog rebuild -------------------------------------------------------------------------------------
 
 
+def lose_catalog(root: str) -> None:
+    """Lose the catalog of ``root``: delete its SQLite file, or drop its tables in PostgreSQL."""
+    uri = storage_env(root).get("LAKEHOUSE_CATALOG_URI")
+    if uri is not None:
+        engine = sqlalchemy.create_engine(uri)
+        try:
+            with engine.begin() as connection:
+                connection.execute(sqlalchemy.text("DROP TABLE iceberg_tables, iceberg_namespace_properties"))
+        finally:
+            engine.dispose()
+        return
+    catalog = catalog_file(root)
+    assert catalog.is_file()
+    for path in catalog.parent.glob(catalog.name + "*"):
+        path.unlink()
+
+
+@pytest.mark.parametrize("storage_root", CATALOG_KINDS, indirect=True)
 def test_catalog_rebuild_after_losing_the_catalog(
     start_server: Callable[..., ServerProcess], storage_root: str
 ) -> None:
-    """Delete the catalog file, ``catalog rebuild``: every dataset is back at its last snapshot."""
+    """Lose the catalog (its file; its tables in PostgreSQL), ``catalog rebuild``: every dataset is back at
+    its last snapshot."""
     server = start_server()
     for seed in range(3):
         server.put("multi", rows(1000 + seed, seed))
@@ -464,10 +485,7 @@ def test_catalog_rebuild_after_losing_the_catalog(
     assert len(before["multi"][0]) >= 5 and before["multi"][1] == 507
     server.stop()
 
-    catalog = catalog_file(storage_root)
-    assert catalog.is_file()
-    for path in catalog.parent.glob(catalog.name + "*"):
-        path.unlink()
+    lose_catalog(storage_root)
     server.start()
     assert server.action("list_datasets") == [], "the catalog was not lost"
     server.stop()
@@ -490,6 +508,7 @@ def test_catalog_rebuild_after_losing_the_catalog(
 # -- gc --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("storage_root", CATALOG_KINDS, indirect=True)
 def test_gc_lists_and_deletes_exactly_the_orphans(
     start_server: Callable[..., ServerProcess], storage_root: str
 ) -> None:
