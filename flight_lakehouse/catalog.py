@@ -240,11 +240,15 @@ class DatasetCatalog:
         return name in self.metadata_locations()
 
     def load(self, name: str) -> Table:
-        """The dataset's table at its current metadata, or NOT_FOUND."""
+        """The dataset's table at its current metadata; NOT_FOUND, or UNAVAILABLE when storage has lost the
+        metadata file the catalog names."""
         try:
             return self.iceberg.load_table(self.identifier(name))
         except NoSuchTableError:
             raise NotFound(f"dataset {name!r} not found") from None
+        except FileNotFoundError as exc:  # the catalog names a metadata file storage no longer has
+            log.warning("cannot read the metadata of %s: %s", name, exc)
+            raise Unavailable(f"storage error: the metadata of dataset {name!r} cannot be read") from None
 
     def snapshot_files(self, metadata_location: str, snapshot_id: int | None = None) -> SnapshotFiles:
         """Files and schema of a snapshot (the current one by default); cached, as snapshots are immutable."""

@@ -14,7 +14,16 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from tests.conftest import ServerProcess, data_files, is_s3, s3_root, wait_until, written_files
+from tests.conftest import (
+    ServerProcess,
+    assert_refusal,
+    data_files,
+    is_s3,
+    root_listing,
+    s3_root,
+    wait_until,
+    written_files,
+)
 
 CHUNK = 10_000
 
@@ -207,3 +216,23 @@ def test_a_damaged_dataset_does_not_break_queries_on_others(server: ServerProces
         server.sql("select count(*) from damaged")
     assert "storage" in str(info.value) and server.root not in str(info.value)
     assert server.sql("select count(*) as n from good").to_pylist() == [{"n": CHUNK}]
+
+
+def test_lost_metadata_file_is_unavailable_not_internal(server: ServerProcess) -> None:
+    """Storage lost the metadata file the catalog names: uploads and queries on that dataset answer one
+    UNAVAILABLE line naming it (an upload answered INTERNAL before), other datasets keep working."""
+    server.put("good", tagged(CHUNK, "g"))
+    server.put("orphaned", tagged(CHUNK, "o"))
+    base = f"{s3_root(server.root).url}/" if is_s3(server.root) else f"{server.root}/"
+    metadata = [n for n in root_listing(server.root) if "/orphaned/metadata/" in n and n.endswith(".json")]
+    assert metadata
+    for name in metadata:
+        remove_file(server.root, base + name)
+    with pytest.raises(flight.FlightUnavailableError) as upload:
+        server.put("orphaned", tagged(5, "x"))
+    assert_refusal(upload, server, "metadata of dataset 'orphaned' cannot be read")
+    with pytest.raises(flight.FlightUnavailableError) as query:
+        server.sql("select count(*) from orphaned")
+    assert_refusal(query, server, "metadata of dataset 'orphaned' cannot be read")
+    assert server.sql("select count(*) as n from good").to_pylist() == [{"n": CHUNK}]
+    assert not [line for line in server.log_lines if "internal error" in line]
