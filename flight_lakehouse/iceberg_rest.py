@@ -72,6 +72,8 @@ ERROR_TYPES = {
     503: "ServiceUnavailableException",
     504: "TimeoutException",
 }
+#: What a caller does here, as a refusal of its role names it.
+READING = "read the Iceberg catalog"
 #: The longest name echoed in a message.
 NAME_SHOWN_CHARS = 200
 READ_ONLY = (
@@ -165,7 +167,7 @@ class IcebergRest:
             if endpoint:
                 defaults["s3.endpoint"] = endpoint
             defaults["s3.region"] = getattr(storage, "region", "us-east-1")
-        await self.api.run(call, require, Role.READER, "read the Iceberg catalog")
+        await self.api.run(call, require, Role.READER, READING)
         body = {"defaults": defaults, "overrides": {}, "endpoints": list(ENDPOINTS)}
         return self.api.answer(call, web.json_response(body))
 
@@ -174,14 +176,14 @@ class IcebergRest:
         parent = request.query.get("parent")
         if parent is not None:
             check_namespace(parent)
-        await self.api.run(call, require, Role.READER, "read the Iceberg catalog")
+        await self.api.run(call, require, Role.READER, READING)
         body = {"namespaces": [] if parent is not None else [[NAMESPACE]]}
         return self.api.answer(call, web.json_response(body))
 
     async def namespace(self, request: web.Request, call: HttpCall) -> web.StreamResponse:
         """``GET|HEAD /v1/namespaces/{namespace}``: the namespace and its (no) properties."""
         check_namespace(request.match_info["namespace"])
-        await self.api.run(call, require, Role.READER, "read the Iceberg catalog")
+        await self.api.run(call, require, Role.READER, READING)
         if request.method == "HEAD":
             return self.api.answer(call, web.Response(status=204))
         return self.api.answer(call, web.json_response({"namespace": [NAMESPACE], "properties": {}}))
@@ -231,19 +233,21 @@ class IcebergRest:
     # -- work on a worker thread, as the caller --------------------------------------------------
     def visible_tables(self) -> list[str]:
         """The Iceberg datasets the caller sees, sorted."""
-        require(Role.READER, "read the Iceberg catalog")
+        require(Role.READER, READING)
         return [name for name in self.services.datasets.iceberg.names() if visible(name)]
 
     def resolve(self, name: str) -> str:
         """The stored name of Iceberg dataset ``name`` (exact, else ignoring case as SQL and engines that
         fold identifiers do), or NoSuchTableException."""
-        require(Role.READER, "read the Iceberg catalog")
+        require(Role.READER, READING)
         datasets = self.services.datasets
-        shown = name[:NAME_SHOWN_CHARS]
-        stored = name if datasets.format_of(name) is not None else datasets.find(name)
-        if stored is None:
-            raise NoSuchTable(f"table {NAMESPACE}.{shown} not found")
-        if datasets.format_of(stored) is not datasets.iceberg:
+        stored, table_format = name, datasets.format_of(name)
+        if table_format is None:  # the name in another case, as engines that fold identifiers send it
+            stored = datasets.find(name) or name
+            table_format = datasets.format_of(stored)
+        if table_format is None:
+            raise NoSuchTable(f"table {NAMESPACE}.{name[:NAME_SHOWN_CHARS]} not found")
+        if table_format is not datasets.iceberg:
             raise NoSuchTable(
                 f"dataset {stored!r} is a Lance table, not an Iceberg table: read it with Lance "
                 "(lance, lancedb, daft.read_lance) at the location describe_dataset gives"

@@ -193,6 +193,8 @@ class SnapshotDatabase:
         self._planning = self._running
         if files.location is not None and views:
             self._planning = ViewDatabase(views, self._paths(files.footer_path), {**config, "threads": 1})
+        #: The URIs of the Parquet files of every dataset of this database (what its queries read).
+        self.data_files = [uri for snapshot in views.values() for uri in snapshot.files]
         self._by_lower = {name.lower(): name for name in [*views, *self.lance]}
         self.names = set(self._by_lower)  # what queries may read, lower-case (SQL names are case-insensitive)
         #: Result schemas of queries planned on this database without values, by text and number of
@@ -211,10 +213,6 @@ class SnapshotDatabase:
         if len(self.schemas) >= REMEMBERED_SCHEMAS:
             self.schemas.clear()
         self.schemas[key] = schema
-
-    def data_files(self) -> list[str]:
-        """The URIs of the Parquet files of every dataset of this database (what its queries read)."""
-        return [uri for snapshot in self.views.values() for uri in snapshot.files]
 
     def schema_of(self, name: str) -> pa.Schema:
         """The schema of a dataset of this database."""
@@ -1093,7 +1091,7 @@ class QueryEngine:
         """Keep the database's data files where DuckDB reads them (fetching those not there yet; for
         ``planning``, their footers)."""
         try:
-            return self.files.hold(database.data_files(), footers=planning)
+            return self.files.hold(database.data_files, footers=planning)
         except OSError as exc:
             log.warning("fetching data files for a query failed: %s", exc)
             raise Unavailable(

@@ -40,7 +40,6 @@ from scripts.workloads import SCAN_SQL, Source, generate_source
 
 SERVERS = 3
 PARTS = 6
-DEFAULT_ROWS = 5_000_000
 
 
 def fetch(location: str, ticket: bytes) -> int:
@@ -187,11 +186,8 @@ def report(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS)
-    parser.add_argument("--repeats", type=int, default=3)
-    harness.add_work_arguments(parser, "LAKEHOUSE_QUERY_THREADS=1")
-    return parser.parse_args(argv)
+    """Command-line arguments."""
+    return harness.rows_and_repeats(__doc__.splitlines()[0], 3, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
