@@ -8,6 +8,7 @@ datasets of its own. Data is small and generated with fixed seeds; brute force i
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import datetime
 import json
 from collections.abc import Iterator
@@ -296,6 +297,25 @@ def test_append_overwrite_and_create_on_existing(shared: ServerProcess) -> None:
         shared.put("grow", vec_table(range(5), random_vectors(5, seed=8)), mode="create")
     assert_already_exists(exc, shared, "grow")
     assert state(shared, "grow") == before
+
+
+def test_concurrent_upserts_of_the_same_new_keys_insert_each_key_once(start_server) -> None:
+    """Eight uploads at once upsert the same new keys, five rounds: every key is stored once, never twice
+    (two concurrent merges each inserted the key they did not find: seen in the load generator)."""
+    server = start_server(env={"LAKEHOUSE_MAX_CONCURRENT_INGESTS": "8"})
+    server.put("keyed", vec_table(range(100), random_vectors(100, seed=40)), mode="upsert", key="id")
+
+    def upsert(round_and_client: tuple[int, int]) -> None:
+        number, client = round_and_client
+        keys = range(1000 + 10 * number, 1010 + 10 * number)  # new keys, the same for every client
+        vectors = random_vectors(10, seed=100 * number + client)
+        server.put("keyed", vec_table(keys, vectors), mode="upsert", key="id")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for number in range(5):
+            list(pool.map(upsert, [(number, client) for client in range(8)]))
+    counts = server.sql("select count(*) as n, count(distinct id) as keys from keyed").to_pylist()
+    assert counts == [{"n": 150, "keys": 150}]
 
 
 def test_upsert_replaces_by_key(shared: ServerProcess) -> None:

@@ -587,7 +587,11 @@ class LanceTables(TableFormat):
             raise InvalidArgument("field 'key' is only used with mode 'upsert'")
         started = time.monotonic()
         if self.exists(name):
-            result, dataset = self._write_existing(options, schema, batches)
+            # Upserts run one at a time (across servers on a shared catalog), each on the newest version:
+            # two merges inserting the same new key would both insert it (Lance sees no conflict
+            # between two inserts), as would a merge into a version older than another's insert.
+            with names.write_lock(name) if options.mode == "upsert" else contextlib.nullcontext():
+                result, dataset = self._write_existing(options, schema, batches)
         else:
             with names.write_lock(name):  # on a shared catalog, other servers' creations wait for it too
                 created_elsewhere = self._try_open(name)  # since this server last listed the tables
@@ -651,6 +655,8 @@ class LanceTables(TableFormat):
             )
         plan = UploadPlan.for_table(self.schema(name), schema, options)
         stream = plan.stream(batches, self.settings.max_batch_mb << 20)
+        if options.mode == "upsert":  # under the write lock: merge into the newest version, whoever made it
+            self.refresh_version(name)
         dataset = self.writable(name)
         result: dict[str, Any] = {"created": False}
         try:
