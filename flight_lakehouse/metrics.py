@@ -165,6 +165,14 @@ class StateCollector(Collector):
             "made again on the new base.",
             self.s.datasets.iceberg.catalog.commit_retries,
         )
+        lance_caches = GaugeMetricFamily(
+            "flight_lakehouse_lance_cache_bytes",
+            "Memory held by Lance's caches of index parts and table metadata, by session.",
+            labels=["session"],
+        )
+        for session, held in self.s.datasets.lance.cache_bytes().items():
+            lance_caches.add_metric([session], held)
+        yield lance_caches
         results = self.s.engine.results.facts()
         yield gauge("flight_lakehouse_result_cache_bytes", "Memory held by cached results.", results["bytes"])
         yield counter(

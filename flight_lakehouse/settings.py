@@ -146,6 +146,14 @@ class Settings(BaseSettings):
         ge=0,
         description="how stale a Lance table may look to searches (writes by other servers)",
     )
+    lance_cache_mb: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "memory for Lance's caches of index parts and table metadata (manifests, fragments), for "
+            "pylance and for lancedb's searches each; a quarter of it for metadata"
+        ),
+    )
     vector_cache_mb: int = Field(
         default=1024, ge=0, description="memory for in-memory vector search graphs; 0 = serve from Lance"
     )

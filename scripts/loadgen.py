@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -523,14 +524,38 @@ class Sample:
     from_memory: bool | None = None
     version_lag: int | None = None
     state: str | None = None
+    caches: int | None = None  # bytes held by the server's bounded caches (its /metrics), when known
+
+
+#: The gauges of the server's caches, each bounded by a setting (result, Lance, in-memory vector).
+CACHE_GAUGES = (
+    "flight_lakehouse_result_cache_bytes",
+    "flight_lakehouse_lance_cache_bytes",
+    "flight_lakehouse_vector_cache_bytes",
+)
+
+
+def cache_bytes(metrics_url: str) -> int | None:
+    """The bytes the server's bounded caches hold, summed from its ``/metrics`` (None when unreadable)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    families = text_string_to_metric_families(text)
+    return int(sum(sample.value for f in families if f.name in CACHE_GAUGES for sample in f.samples))
 
 
 class Sampler:
-    """Samples the server process (psutil) and the serving of ``load_churn`` every second, in a thread."""
+    """Samples the server process (psutil), its caches (``/metrics``, when ``metrics_url`` is given) and
+    the serving of ``load_churn`` every second, in a thread."""
 
-    def __init__(self, pid: int, location: str) -> None:
+    def __init__(self, pid: int, location: str, metrics_url: str = "") -> None:
         self.process = psutil.Process(pid)
         self.location = location
+        self.metrics_url = metrics_url
         self.samples: list[Sample] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -559,6 +584,8 @@ class Sampler:
                 self.process.num_fds(),
                 self.process.num_threads(),
             )
+        if self.metrics_url:
+            sample.caches = cache_bytes(self.metrics_url)
         try:
             body = json.dumps({"dataset": CHURN}).encode()
             facts = json.loads(
@@ -675,13 +702,19 @@ class LoadReport:
         start = first + self.limits.warmup_share * (last - first)
         return [sample for sample in self.samples if start <= sample.time <= last]
 
-    def rss_slope(self) -> float:
-        """RSS growth after the warm-up, MB per minute (least squares)."""
-        steady = self.steady
+    def rss_slope(self, less_caches: bool = False) -> float:
+        """RSS growth after the warm-up, MB per minute (least squares); with ``less_caches``, of the RSS
+        less what the server's bounded caches hold (0 when they were not sampled)."""
+        steady = [s for s in self.steady if s.caches is not None or not less_caches]
         if len(steady) < 3:
             return 0.0
         minutes = np.array([s.time for s in steady]) / 60
-        return float(np.polyfit(minutes - minutes[0], np.array([s.rss for s in steady]) / 1e6, 1)[0])
+        held = np.array([(s.rss - (s.caches or 0) if less_caches else s.rss) for s in steady]) / 1e6
+        return float(np.polyfit(minutes - minutes[0], held, 1)[0])
+
+    def caches_sampled(self) -> bool:
+        """Whether the server's caches were read in the steady samples."""
+        return sum(s.caches is not None for s in self.steady) >= 3
 
     def growth(self, attribute: str) -> int:
         """How much ``files`` or ``threads`` rose after the warm-up: the median of the last fifth of the
@@ -760,6 +793,7 @@ class LoadReport:
             f"{self.rss_slope():+.2f} MB/min"
             if rss
             else "- no samples of the server",
+            self._cache_line(),
             f"- open files {steady[0].files} -> {steady[-1].files} (growth {self.growth('files'):+d}), "
             f"threads {steady[0].threads} -> {steady[-1].threads} (growth {self.growth('threads'):+d}) "
             f"after the warm-up (max {max(s.files for s in self.samples)} files, "
@@ -781,6 +815,17 @@ class LoadReport:
             )
         facts.append("- problems: " + ("; ".join(self.problems()) or "none"))
         return [fact for fact in facts if fact]
+
+    def _cache_line(self) -> str:
+        """How much of the RSS growth the bounded caches explain ("" when they were not sampled)."""
+        if not self.caches_sampled():
+            return ""
+        held = [s.caches / 1e6 for s in self.steady if s.caches is not None]
+        net = self.rss_slope(less_caches=True)
+        return (
+            f"- the bounded caches (result, Lance, in-memory vector) held {held[0]:.0f} MB after the "
+            f"warm-up, {held[-1]:.0f} MB at the end; RSS less them grows {net:+.2f} MB/min"
+        )
 
     def chart(self, path: Path) -> None:
         """A PNG: throughput over time, latency percentiles per scenario, RSS, open files and threads."""
@@ -807,7 +852,13 @@ class LoadReport:
         latency.set(title="latency per scenario (ms)")
         latency.legend(fontsize=7)
         times = [s.time - start for s in self.samples]
-        memory.plot(times, [s.rss / 1e6 for s in self.samples])
+        memory.plot(times, [s.rss / 1e6 for s in self.samples], label="RSS")
+        cached = [
+            (t, s.caches / 1e6) for t, s in zip(times, self.samples, strict=True) if s.caches is not None
+        ]
+        if cached:
+            memory.plot(*zip(*cached, strict=True), label="bounded caches")
+            memory.legend(fontsize=7)
         memory.set(title=f"server RSS (MB); after warm-up {self.rss_slope():+.2f} MB/min", xlabel="s")
         handles.plot(times, [s.files for s in self.samples], label="open files")
         handles.plot(times, [s.threads for s in self.samples], label="threads")
@@ -856,12 +907,18 @@ class LoadPlan:
         ]
 
 
-def run_load(fixture: Fixture, pid: int, plan: LoadPlan, limits: Limits | None = None) -> LoadReport:
-    """Run ``plan`` against the server at ``fixture.location`` (process ``pid``) and check the datasets."""
+def run_load(
+    fixture: Fixture, pid: int, plan: LoadPlan, limits: Limits | None = None, metrics_url: str = ""
+) -> LoadReport:
+    """Run ``plan`` against the server at ``fixture.location`` (process ``pid``; its HTTP port at
+    ``metrics_url``, if any) and check the datasets."""
     specs = plan.specs(fixture)
     outcomes = Outcomes()
     context = multiprocessing.get_context("spawn")
-    with Sampler(pid, fixture.location) as sampler, ProcessPoolExecutor(len(specs), context) as pool:
+    with (
+        Sampler(pid, fixture.location, metrics_url) as sampler,
+        ProcessPoolExecutor(len(specs), context) as pool,
+    ):
         started = time.monotonic()
         for result in pool.map(run_worker, specs):
             outcomes.merge(result)
@@ -888,7 +945,7 @@ def run_with_server(work: Path, plan: LoadPlan, env: dict[str, str], limits: Lim
     work.mkdir(parents=True, exist_ok=True)
     with Server(work / "lakehouse", work / "server.log", env) as server:
         fixture = prepare(server.location)
-        return run_load(fixture, server.pid, plan, limits)
+        return run_load(fixture, server.pid, plan, limits, server.http_url)
 
 
 def parse_weights(text: str) -> tuple[tuple[str, float], ...]:

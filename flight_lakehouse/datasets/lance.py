@@ -36,6 +36,7 @@ from flight_lakehouse.vectors import (
 
 if TYPE_CHECKING:
     import lance
+    import lancedb
     from lancedb.db import DBConnection
     from lancedb.table import LanceTable
 
@@ -53,8 +54,8 @@ def summary(name: str, dataset: lance.LanceDataset, versions: list[dict[str, Any
     }
 
 
-#: Bytes of Lance metadata (manifests, fragment metadata of the versions read) kept for all tables.
-LANCE_METADATA_CACHE_BYTES = 64 << 20
+#: The share of ``lance_cache_mb`` for metadata (manifests, fragment metadata of the versions read).
+METADATA_CACHE_SHARE = 0.25
 #: Tries at reading a table's versions while another call's ``optimize`` removes old ones.
 VERSION_READS = 5
 
@@ -140,6 +141,7 @@ class LanceTables(TableFormat):
         self.storage = storage
         self.settings = settings
         self._db: DBConnection | None = None
+        self._db_session: lancedb.Session | None = None
         #: The newest version of each table this server knows, and when the store was last asked.
         self._datasets: dict[str, lance.LanceDataset] = {}
         self._checked: dict[str, float] = {}
@@ -176,12 +178,25 @@ class LanceTables(TableFormat):
 
     @functools.cached_property
     def _session(self) -> lance.Session:
-        """The caches every table shares, the metadata cache bounded: Lance keeps each version's manifest
-        and fragment metadata in it, and its default let a server grow ~0.3 MB per one-row write (87 MB/min
-        under sustained one-row appends and deletes)."""
+        """The caches every table shares, bounded: Lance keeps each version's manifest and fragment metadata
+        and every index part it loads, and its defaults (1 GiB and 6 GiB) let a server grow with the writes
+        (~0.3 MB per one-row write: 87 MB/min under sustained one-row appends and deletes)."""
         import lance
 
-        return lance.Session(metadata_cache_size_bytes=LANCE_METADATA_CACHE_BYTES)
+        return lance.Session(**self._cache_sizes())
+
+    def _cache_sizes(self) -> dict[str, int]:
+        """The bounds of a Lance session's caches (pylance's and lancedb's have the same parameters)."""
+        total = self.settings.lance_cache_mb << 20
+        metadata = int(total * METADATA_CACHE_SHARE)
+        return {"index_cache_size_bytes": total - metadata, "metadata_cache_size_bytes": metadata}
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes held by Lance's caches: pylance's session, and lancedb's once a search opened it."""
+        held = {"pylance": self._session.size_bytes() if "_session" in self.__dict__ else 0, "lancedb": 0}
+        if self._db_session is not None:
+            held["lancedb"] = self._db_session.size_bytes
+        return held
 
     @property
     def _connection(self) -> DBConnection:
@@ -189,10 +204,12 @@ class LanceTables(TableFormat):
         if self._db is None:
             import lancedb
 
+            self._db_session = lancedb.Session(**self._cache_sizes())
             self._db = lancedb.connect(
                 self.storage.lance_uri,
                 storage_options=self.storage.lance_storage_options(),
                 read_consistency_interval=timedelta(seconds=self.settings.lance_refresh_seconds),
+                session=self._db_session,
             )
         return self._db
 
