@@ -163,13 +163,9 @@ class Actions:
 
     def optimize(self, ctx: CallContext, body: Optimize) -> dict[str, Any]:
         """The ``optimize`` action: Lance tables are compacted and cleaned up, Iceberg snapshots expired."""
-        datasets = self.s.datasets
-        if datasets.table_format(body.dataset) is not datasets.lance:
-            return datasets.expire(
-                body.dataset, Retention(self.s.settings.snapshot_keep_last, body.older_than_seconds)
-            )
+        retention = Retention(self.s.settings.snapshot_keep_last, body.older_than_seconds)
         try:
-            return datasets.lance.optimize(body.dataset, body.older_than_seconds)
+            return self.s.datasets.optimize(body.dataset, retention)
         finally:
             large_work_finished()
 

@@ -757,15 +757,15 @@ class LoadReport:
         lines = [
             f"mix `{self.mix}`, {self.clients} clients in {self.processes} processes, {self.seconds:.0f} s",
             "",
-            "| scenario | ok | ok/s | p50 ms | p95 ms | p99 ms | limited | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| scenario | ok | ok/s | p50 ms | p95 ms | p99 ms | p50 first / last fifth | limited | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         names = sorted(set(self.outcomes.latencies) | set(self.outcomes.failures))
         for name in names:
             lines.append(self._row(name))
         total = sum(len(v) for v in self.outcomes.latencies.values())
         lines.append(
-            f"| **all** | {total:,} | {total / self.seconds:,.0f} | | | | {self._limited():,} | "
+            f"| **all** | {total:,} | {total / self.seconds:,.0f} | | | | | {self._limited():,} | "
             f"{sum(self.errors.values())} |"
         )
         return "\n".join([*lines, "", *self._server_lines()]) + "\n"
@@ -775,9 +775,27 @@ class LoadReport:
         failures = self.outcomes.failures.get(name, Counter())
         errors = ", ".join(f"{kind} {count}" for kind, count in sorted(failures.items()) if kind != "limited")
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if len(latencies) else (np.nan,) * 3
+        early, late = self.fifths(name)
         return (
             f"| {name} | {len(latencies):,} | {len(latencies) / self.seconds:,.1f} | {p50:.1f} | {p95:.1f} | "
-            f"{p99:.1f} | {failures.get('limited', 0):,} | {errors or 0} |"
+            f"{p99:.1f} | {early:.0f} / {late:.0f} | {failures.get('limited', 0):,} | {errors or 0} |"
+        )
+
+    def fifths(self, name: str) -> tuple[float, float]:
+        """The p50 latency (ms) of ``name``'s calls that ended in the first and in the last fifth of the run
+        (NaN without any): whether a scenario slows down as the run goes on."""
+        latencies = np.array(self.outcomes.latencies.get(name, [])) * 1e3
+        ends = np.array(self.outcomes.ends.get(name, []))
+        every = np.concatenate([np.asarray(v) for v in self.outcomes.ends.values() if v] or [np.empty(0)])
+        if not len(latencies) or not len(every):
+            return np.nan, np.nan
+        first, last = every.min(), every.max()
+        span = last - first
+        early = latencies[ends <= first + span / 5]
+        late = latencies[ends >= last - span / 5]
+        return (
+            float(np.median(early)) if len(early) else np.nan,
+            float(np.median(late)) if len(late) else np.nan,
         )
 
     def _limited(self) -> int:

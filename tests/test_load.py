@@ -215,3 +215,30 @@ def test_optimize_waits_for_a_running_read_of_the_old_version(server: ServerProc
     assert first.num_rows + rest.num_rows == pieces * per_piece
     history = lambda: server.action("dataset_history", {"dataset": "held"})  # noqa: E731
     assert wait_until(lambda: len(history()) == 1), history()
+
+
+def test_expire_snapshots_waits_for_a_running_read_of_an_old_version(server: ServerProcess) -> None:
+    """``expire_snapshots`` keeping one version of a Lance table while a scan streams the version before a
+    compaction: the scan reads every row (Lance's clean-up deleted the fragments under it), and the old
+    versions go once it has ended."""
+    pieces, per_piece = 40, 20_000
+    for piece in range(pieces):
+        ids = list(range(piece * per_piece, (piece + 1) * per_piece))
+        server.put("kept", loadgen.churn_table(ids), mode="create" if piece == 0 else "append")
+    with flight.connect(server.location) as client:
+        reader = client.do_get(flight.Ticket(json.dumps({"sql": "SELECT id, vec FROM kept"}).encode()))
+        first = reader.read_chunk().data
+        optimized = server.action("optimize", {"dataset": "kept", "older_than_seconds": 3600})
+        assert optimized["fragments_after"] == 1, optimized  # the old fragments stay with their versions
+        expired = server.action(
+            "expire_snapshots", {"dataset": "kept", "keep_last": 1, "older_than_seconds": 0}
+        )
+        assert expired["old_versions_removed"] == "after the running reads", expired
+        assert expired["snapshots_expired"] == expired["snapshots_before"] - 1, expired
+        rest = reader.read_all()
+    assert first.num_rows + rest.num_rows == pieces * per_piece
+    history = lambda: server.action("dataset_history", {"dataset": "kept"})  # noqa: E731
+    assert wait_until(lambda: len(history()) == 1), history()
+    assert server.sql("SELECT count(*) AS n FROM kept").column("n")[0].as_py() == pieces * per_piece
+    idle = server.action("expire_snapshots", {"dataset": "kept", "keep_last": 1, "older_than_seconds": 0})
+    assert (idle["snapshots_expired"], idle["old_versions_removed"]) == (0, "now"), idle

@@ -85,6 +85,11 @@ class TableFormat(ABC):
         write lock); returns ``{"dataset", "snapshots_before", "snapshots_expired", "snapshots_after"}``."""
 
     @abstractmethod
+    def optimize(self, name: str, retention: Retention, names: Namespace) -> Facts:
+        """The ``optimize`` action: make the table cheaper to read and let go of the snapshots or versions
+        ``retention`` does not keep (the format takes the locks it needs)."""
+
+    @abstractmethod
     def drop(self, name: str) -> None:
         """Drop the table (the caller holds its write lock); NOT_FOUND when it does not exist."""
 

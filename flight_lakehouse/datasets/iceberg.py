@@ -47,6 +47,11 @@ class IcebergTables(TableFormat):
         """Expired snapshots leave the metadata at once; files only they used are left to ``gc``."""
         return self.catalog.expire_snapshots(name, retention)
 
+    def optimize(self, name: str, retention: Retention, names: Namespace) -> Facts:
+        """Expire the snapshots ``retention`` lets go (their files are left to ``gc``)."""
+        with names.write_lock(name):
+            return self.expire(name, retention)
+
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
         """Every upload without a reason to be a Lance table is tabular (the registry asks Lance first)."""
         return options.format in (None, "parquet")

@@ -72,6 +72,18 @@ def versions_of(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
+def expiring(versions: list[dict[str, Any]], retention: Retention) -> list[dict[str, Any]]:
+    """The versions ``retention`` lets go: beyond the newest ``keep_last`` and older than ``keep_seconds``."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention.keep_seconds)
+    older = sorted(versions, key=lambda version: version["version"])[: -retention.keep_last]
+    return [version for version in older if as_utc(version["timestamp"]) < cutoff]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC time (Lance's naive timestamps are UTC, as :func:`iso` reads them)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 #: Tries of an ``optimize`` whose commit a concurrent write preempted (it changes no rows: it tries again).
 OPTIMIZE_ATTEMPTS = 5
 
@@ -121,9 +133,7 @@ def indexes(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
 
 def iso(value: datetime) -> str:
     """ISO-8601 UTC time, to the millisecond."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return as_utc(value).isoformat(timespec="milliseconds")
 
 
 class LanceTables(TableFormat):
@@ -482,22 +492,32 @@ class LanceTables(TableFormat):
             return self._rewrites.setdefault(name, ReadWriteLock())
 
     def expire(self, name: str, retention: Retention) -> Facts:
-        """Remove the versions ``retention`` lets go, and the files only they used (Lance deletes them)."""
-        try:
+        """Remove the versions ``retention`` lets go, and the files only they used (Lance deletes them), once
+        the reads of the table running now have ended: a search or query of an old version would find its
+        files gone."""
+        removed: dict[str, int] = {}
+
+        def clean_up() -> None:
             with self.rewrites(name).writing():  # as optimize's clean-up: after running row changes
-                dataset = self.writable(name)
-                before = len(versions_of(dataset))
-                stats = dataset.cleanup_old_versions(
-                    older_than=timedelta(seconds=retention.keep_seconds), retain_versions=retention.keep_last
-                )
-        except Exception as exc:
-            raise lance_error(exc, self.storage.root_uri, f"expiring versions of {name!r}") from None
+                try:
+                    stats = self.writable(name).cleanup_old_versions(
+                        older_than=timedelta(seconds=retention.keep_seconds),
+                        retain_versions=retention.keep_last,
+                    )
+                except Exception as exc:
+                    raise lance_error(exc, self.storage.root_uri, f"expiring versions of {name!r}") from None
+            removed.update(versions=stats.old_versions, bytes=stats.bytes_removed)
+
+        versions = versions_of(self.dataset(name))
+        now = self.storage.leases.run_when_unread(name, clean_up)
+        expired = removed["versions"] if now else len(expiring(versions, retention))
         return {
             "dataset": name,
-            "snapshots_before": before,
-            "snapshots_expired": stats.old_versions,
-            "snapshots_after": before - stats.old_versions,
-            "bytes_removed": stats.bytes_removed,
+            "snapshots_before": len(versions),
+            "snapshots_expired": expired,
+            "snapshots_after": len(versions) - expired,
+            "bytes_removed": removed.get("bytes", 0),
+            "old_versions_removed": "now" if now else "after the running reads",
         }
 
     def delete_rows(self, name: str, where: str) -> dict[str, Any]:
@@ -517,8 +537,10 @@ class LanceTables(TableFormat):
         known = self._known(name)
         return known.checkout_version(known.version)
 
-    def optimize(self, name: str, older_than_seconds: float) -> dict[str, Any]:
-        """Compact small fragments, bring indexes up to date, remove versions older than the retention."""
+    def optimize(self, name: str, retention: Retention, names: Namespace) -> Facts:
+        """Compact small fragments, bring indexes up to date, remove versions older than
+        ``retention.keep_seconds`` but the newest (concurrent writes go on: no write lock)."""
+        older_than_seconds = retention.keep_seconds
         before = self.dataset(name)
         versions = versions_of(before)
         versions_before, bytes_before = len(versions), total_bytes(before, versions)

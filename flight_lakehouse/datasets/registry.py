@@ -136,6 +136,11 @@ class Datasets:
         with self.write_lock(name):
             return self.table_format(name).expire(name, retention)
 
+    def optimize(self, name: str, retention: Retention) -> dict[str, Any]:
+        """The ``optimize`` action on ``name``, in its format."""
+        check_writable(name)
+        return self.table_format(name).optimize(name, retention, self)
+
     def drop(self, name: str, if_exists: bool) -> bool:
         """Drop a dataset; False when it does not exist and ``if_exists`` allows that, else NOT_FOUND."""
         with self.write_lock(name):
