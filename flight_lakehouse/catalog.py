@@ -407,6 +407,24 @@ class DatasetCatalog:
         snapshot = table.current_snapshot()
         return snapshot.snapshot_id if snapshot else None
 
+    def replace_files(self, name: str, replaced: list[str], files: list[str]) -> int | None:
+        """Commit ``files`` in place of the data files ``replaced`` (a compaction: the same rows), as one
+        snapshot; the caller holds the dataset's write lock. CONFLICT (UNAVAILABLE) when a file of
+        ``replaced`` left the current snapshot meanwhile (an overwrite); an append meanwhile is kept."""
+        tx = self.load(name).transaction()
+        current = {task.file.file_path: task.file for task in tx._table.scan().plan_files()}
+        if not all(path in current for path in replaced):
+            raise CommitConflict(f"dataset {name!r} was overwritten during the compaction; nothing changed")
+        new_files = data_files(tx, files)
+        with tx.update_snapshot().overwrite() as overwrite:
+            for path in replaced:
+                overwrite.delete_data_file(current[path])
+            for data_file in new_files:
+                overwrite.append_data_file(data_file)
+        expire(tx, self.retention)
+        snapshot = self._commit(name, tx).current_snapshot()
+        return snapshot.snapshot_id if snapshot else None
+
     def _commit(self, name: str, tx: Transaction) -> Table:
         try:
             return tx.commit_transaction()

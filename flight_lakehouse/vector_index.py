@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from flight_lakehouse.commands import CreateIndex
-from flight_lakehouse.datasets.lance import LanceTables
+from flight_lakehouse.datasets.lance import LanceTables, is_conflict
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, Unavailable
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.settings import Settings
@@ -47,6 +47,10 @@ class IndexSpec:
             dataset.create_scalar_index(column, self.lance_type, name=name, replace=replace, **self.options)
 
 
+#: Tries of an index build whose commit a concurrent one preempted.
+BUILD_ATTEMPTS = 3
+
+
 @dataclass
 class IndexBuild:
     """One build, queued or running."""
@@ -59,6 +63,7 @@ class IndexBuild:
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     error: str | None = None
+    retryable: bool = False  # the error is a conflict that a later try may not meet (UNAVAILABLE)
     future: Future[None] | None = None
 
     def facts(self) -> dict[str, Any]:
@@ -118,20 +123,18 @@ class IndexBuilder:
         except FutureTimeout:
             return {**answer, "state": "building"}
         if build.error is not None:
-            raise InvalidArgument(build.error)
+            raise (Unavailable if build.retryable else InvalidArgument)(build.error)
         return {**answer, "state": "ready"}
 
     def _build(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
         build.started_at = time.monotonic()
         try:
-            dataset = self.tables.writable(build.dataset)
-            spec.build(dataset, build.column, build.name, replace)
-            self.tables.committed(build.dataset)
+            self._build_retrying(build, spec, replace)
         except Exception as exc:
             error = lance_error(
                 exc, self.tables.storage.root_uri, f"index {build.name!r} on {build.dataset!r}"
             )
-            build.error = str(error)
+            build.error, build.retryable = str(error), isinstance(error, Unavailable)
             self.failures += 1
             logging.getLogger(__name__).warning("index build failed: %s", build.error)
             return
@@ -140,6 +143,26 @@ class IndexBuilder:
         with self._guard:
             if self._builds.get((build.dataset, build.column)) is build:
                 del self._builds[(build.dataset, build.column)]
+
+    def _build_retrying(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
+        """Build on the newest version, again when a commit meanwhile (an ``optimize``'s compaction, a
+        write by another server) preempted the index's commit."""
+        for attempt in range(1, BUILD_ATTEMPTS + 1):
+            try:
+                self.tables.refresh_version(build.dataset)
+                spec.build(self.tables.writable(build.dataset), build.column, build.name, replace)
+                self.tables.committed(build.dataset)
+                return
+            except Exception as exc:
+                error = lance_error(exc, self.tables.storage.root_uri, f"index {build.name!r}")
+                if attempt == BUILD_ATTEMPTS or not is_conflict(error):
+                    raise
+                logging.getLogger(__name__).info(
+                    "index %s on %s preempted by a concurrent commit (attempt %d); again",
+                    build.name,
+                    build.dataset,
+                    attempt,
+                )
 
     def describe(self, dataset: str, facts: dict[str, Any]) -> None:
         """Add the builds not finished (and failed ones) to a table's ``describe_dataset`` indexes."""

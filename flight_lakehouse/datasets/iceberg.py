@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pyarrow as pa
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, summarise
 from flight_lakehouse.commands import IngestOptions
+from flight_lakehouse.compaction import compact
 from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
 from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.settings import Settings
@@ -48,9 +50,13 @@ class IcebergTables(TableFormat):
         return self.catalog.expire_snapshots(name, retention)
 
     def optimize(self, name: str, retention: Retention, names: Namespace) -> Facts:
-        """Expire the snapshots ``retention`` lets go (their files are left to ``gc``)."""
+        """Compact the small data files, then expire the snapshots ``retention`` lets go (their files are
+        left to ``gc``)."""
+        started = time.monotonic()
+        compacted = compact(self.catalog, names, self.settings, name)
         with names.write_lock(name):
-            return self.expire(name, retention)
+            expired = self.expire(name, retention)
+        return {**expired, **compacted, "seconds": round(time.monotonic() - started, 3)}
 
     def claims(self, options: IngestOptions, schema: pa.Schema) -> bool:
         """Every upload without a reason to be a Lance table is tabular (the registry asks Lance first)."""
