@@ -414,7 +414,10 @@ class DatasetCatalog:
         tx = self.load(name).transaction()
         current = {task.file.file_path: task.file for task in tx._table.scan().plan_files()}
         if not all(path in current for path in replaced):
-            raise CommitConflict(f"dataset {name!r} was overwritten during the compaction; nothing changed")
+            raise CommitConflict(
+                f"files of dataset {name!r} were replaced during the compaction (an overwrite, or a "
+                "compaction by another server); nothing changed, retry"
+            )
         new_files = data_files(tx, files)
         with tx.update_snapshot().overwrite() as overwrite:
             for path in replaced:

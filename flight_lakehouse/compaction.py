@@ -11,6 +11,7 @@ without the dataset's write lock; the commit takes it, keeps what was appended m
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -69,8 +70,22 @@ class CompactionPlan:
         return sum(task.file.file_size_in_bytes for task in self.tasks)
 
 
+#: One compaction of a dataset at a time in this server: two would rewrite the same files, and the second
+#: commit would find them gone.
+_RUNNING: dict[str, threading.Lock] = {}
+_RUNNING_GUARD = threading.Lock()
+
+
 def compact(catalog: DatasetCatalog, names: Namespace, settings: Settings, name: str) -> dict[str, Any]:
-    """Rewrite the small data files of dataset ``name`` into files of the target size, in one commit."""
+    """Rewrite the small data files of dataset ``name`` into files of the target size, in one commit (after
+    a compaction of it already running here, planned on what that one left)."""
+    with _RUNNING_GUARD:
+        running = _RUNNING.setdefault(name.lower(), threading.Lock())
+    with running:
+        return _compact(catalog, names, settings, name)
+
+
+def _compact(catalog: DatasetCatalog, names: Namespace, settings: Settings, name: str) -> dict[str, Any]:
     started = time.monotonic()
     plan = CompactionPlan.of(catalog, name, settings)
     facts: dict[str, Any] = {"files_compacted": 0, "files_written": 0, "bytes_compacted": 0}

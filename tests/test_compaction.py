@@ -125,3 +125,19 @@ def test_an_overwrite_during_a_compaction_wins(
         rows = server.sql("SELECT min(id) AS lo, count(*) AS n FROM replaced").to_pylist()
         assert rows == [{"lo": 1000 * (round_number + 1), "n": 7}], (rows, outcome)
     assert data_files(storage_root, "replaced") > 0
+
+
+def test_concurrent_optimizes_of_one_dataset_both_answer(server: ServerProcess) -> None:
+    """Two optimizes at once: one compacts, the other waits for it and finds nothing left to compact (the
+    soak's concurrent optimizes answered UNAVAILABLE: the second commit found its files gone)."""
+    for number in range(30):
+        server.put("twice", batch(10 * number))
+    outcomes: list[object] = []
+    threads = [threading.Thread(target=optimize_into, args=(server, "twice", outcomes)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(isinstance(outcome, dict) for outcome in outcomes), outcomes
+    assert sorted(outcome["files_compacted"] for outcome in outcomes) == [0, 0, 30]  # type: ignore[index]
+    assert current_files(server, "twice") == 1
