@@ -152,6 +152,7 @@ class IndexBuilder:
                 self.tables.refresh_version(build.dataset)
                 spec.build(self.tables.writable(build.dataset), build.column, build.name, replace)
                 self.tables.committed(build.dataset)
+                self.tables.renew_caches()  # let go of the readers of a replaced index
                 return
             except Exception as exc:
                 error = lance_error(exc, self.tables.storage.root_uri, f"index {build.name!r}")
