@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import heapq
 import itertools
 import logging
 import os
@@ -15,6 +16,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -423,6 +425,11 @@ class ReadLeases:
         self._pending: dict[str, list[tuple[set[int], Callable[[], None]]]] = {}
         self._tokens = itertools.count()
         self._guard = threading.Lock()
+        #: (deadline, tiebreak, key, deletion): when a waiting deletion runs anyway, watched by one thread
+        #: (a timer thread each lived ``max_wait_seconds``: under steady optimizes, dozens at once)
+        self._deadlines: list[tuple[float, int, str, Callable[[], None]]] = []
+        self._deadline_added = threading.Condition(self._guard)
+        self._watchdog: threading.Thread | None = None
 
     def hold(self, keys: Iterable[str]) -> Lease:
         """Take a lease on each of ``keys`` (released by :meth:`Lease.release`, or when it is freed)."""
@@ -469,13 +476,30 @@ class ReadLeases:
             holders = set(self._held.get(key, ()))
             if holders:
                 self._pending.setdefault(key, []).append((holders, delete))
+                deadline = time.monotonic() + self.max_wait_seconds
+                heapq.heappush(self._deadlines, (deadline, next(self._tokens), key, delete))
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch, name="lease-deadlines", daemon=True)
+                    self._watchdog.start()
+                self._deadline_added.notify()
         if not holders:
             delete()
             return True
-        timer = threading.Timer(self.max_wait_seconds, self._expire, args=(key, delete))
-        timer.daemon = True
-        timer.start()
         return False
+
+    def _watch(self) -> None:
+        """Run each waiting deletion whose deadline has come (:meth:`_expire`: unless it already ran)."""
+        while True:
+            with self._guard:
+                if not self._deadlines:
+                    self._deadline_added.wait()
+                    continue
+                deadline, _, key, delete = self._deadlines[0]
+                if deadline > time.monotonic():
+                    self._deadline_added.wait(deadline - time.monotonic())
+                    continue
+                heapq.heappop(self._deadlines)
+            self._expire(key, delete)
 
     def _expire(self, key: str, delete: Callable[[], None]) -> None:
         with self._guard:

@@ -694,3 +694,21 @@ def test_a_deletion_waits_only_for_the_reads_running_when_it_was_asked() -> None
     later.release()
     now = threading.Event()
     assert leases.run_when_unread("t", now.set) is True and now.is_set()
+
+
+def test_waiting_deletions_run_at_their_deadline_from_one_thread() -> None:
+    """A deletion whose reads never end runs after ``max_wait_seconds``; many waiting deletions are
+    watched by one thread (a timer thread each, alive for the whole wait, piled up under steady optimizes:
+    +36 threads in the soak)."""
+    leases = ReadLeases(max_wait_seconds=0.5)
+    before = threading.active_count()
+    held = leases.hold(["t"])
+    done = [threading.Event() for _ in range(40)]
+    for event in done:
+        assert leases.run_when_unread("t", event.set) is False
+    assert threading.active_count() <= before + 1
+    assert all(event.wait(5) for event in done), "a deletion did not run at its deadline"
+    early = threading.Event()
+    assert leases.run_when_unread("t", early.set) is False
+    held.release()
+    assert early.wait(5)
