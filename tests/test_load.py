@@ -199,21 +199,34 @@ def test_result_cache_counts_what_its_results_hold(tmp_path: Path) -> None:
         assert 0 < kept["results"] <= budget // 4096 and kept["bytes"] <= budget, kept
 
 
+#: A Lance table of 40 fragments (one per append) of 20,000 rows: a scan of it streams for a while.
+PIECES, PER_PIECE = 40, 20_000
+
+
+def fragmented_table(server: ServerProcess, name: str) -> None:
+    """Create ``name`` by ``PIECES`` appends of ``PER_PIECE`` rows each."""
+    for piece in range(PIECES):
+        ids = list(range(piece * PER_PIECE, (piece + 1) * PER_PIECE))
+        server.put(name, loadgen.churn_table(ids), mode="create" if piece == 0 else "append")
+
+
+def slow_scan(client: flight.FlightClient, name: str) -> flight.FlightStreamReader:
+    """A scan of every row of ``name``, started (its version pinned) and left for the caller to read."""
+    return client.do_get(flight.Ticket(json.dumps({"sql": f"SELECT id, vec FROM {name}"}).encode()))
+
+
 def test_optimize_waits_for_a_running_read_of_the_old_version(server: ServerProcess) -> None:
     """A scan of a Lance table streamed slowly while ``optimize`` with ``older_than_seconds: 0`` compacts it:
     the scan reads every row of the version it started on (the clean-up removed the old fragments under it:
     "Not found" on S3), and the old version's files go once the scan has ended."""
-    pieces, per_piece = 40, 20_000
-    for piece in range(pieces):
-        ids = list(range(piece * per_piece, (piece + 1) * per_piece))
-        server.put("held", loadgen.churn_table(ids), mode="create" if piece == 0 else "append")
+    fragmented_table(server, "held")
     with flight.connect(server.location) as client:
-        reader = client.do_get(flight.Ticket(json.dumps({"sql": "SELECT id, vec FROM held"}).encode()))
+        reader = slow_scan(client, "held")
         first = reader.read_chunk().data
         optimized = server.action("optimize", {"dataset": "held", "older_than_seconds": 0})
         assert optimized["fragments_after"] == 1, optimized
         rest = reader.read_all()
-    assert first.num_rows + rest.num_rows == pieces * per_piece
+    assert first.num_rows + rest.num_rows == PIECES * PER_PIECE
     history = lambda: server.action("dataset_history", {"dataset": "held"})  # noqa: E731
     assert wait_until(lambda: len(history()) == 1), history()
 
@@ -250,12 +263,9 @@ def test_expire_snapshots_waits_for_a_running_read_of_an_old_version(server: Ser
     """``expire_snapshots`` keeping one version of a Lance table while a scan streams the version before a
     compaction: the scan reads every row (Lance's clean-up deleted the fragments under it), and the old
     versions go once it has ended."""
-    pieces, per_piece = 40, 20_000
-    for piece in range(pieces):
-        ids = list(range(piece * per_piece, (piece + 1) * per_piece))
-        server.put("kept", loadgen.churn_table(ids), mode="create" if piece == 0 else "append")
+    fragmented_table(server, "kept")
     with flight.connect(server.location) as client:
-        reader = client.do_get(flight.Ticket(json.dumps({"sql": "SELECT id, vec FROM kept"}).encode()))
+        reader = slow_scan(client, "kept")
         first = reader.read_chunk().data
         optimized = server.action("optimize", {"dataset": "kept", "older_than_seconds": 3600})
         assert optimized["fragments_after"] == 1, optimized  # the old fragments stay with their versions
@@ -265,9 +275,9 @@ def test_expire_snapshots_waits_for_a_running_read_of_an_old_version(server: Ser
         assert expired["old_versions_removed"] == "after the running reads", expired
         assert expired["snapshots_expired"] == expired["snapshots_before"] - 1, expired
         rest = reader.read_all()
-    assert first.num_rows + rest.num_rows == pieces * per_piece
+    assert first.num_rows + rest.num_rows == PIECES * PER_PIECE
     history = lambda: server.action("dataset_history", {"dataset": "kept"})  # noqa: E731
     assert wait_until(lambda: len(history()) == 1), history()
-    assert server.sql("SELECT count(*) AS n FROM kept").column("n")[0].as_py() == pieces * per_piece
+    assert server.sql("SELECT count(*) AS n FROM kept").column("n")[0].as_py() == PIECES * PER_PIECE
     idle = server.action("expire_snapshots", {"dataset": "kept", "keep_last": 1, "older_than_seconds": 0})
     assert (idle["snapshots_expired"], idle["old_versions_removed"]) == (0, "now"), idle
