@@ -89,14 +89,14 @@ def run_plan(
 
 
 #: Growth bounds of the short runs: files and threads must come back to their level after the warm-up; RSS
-#: over ~15 s cannot show a slope below the noise, so only a gross leak fails (the soak states the slope).
+#: over ~30 s cannot show a slope below the noise, so only a gross leak fails (the soak states the slope).
 SHORT_LIMITS = loadgen.Limits(warmup_share=0.3, rss_mb_per_min=600.0, files_growth=15, threads_growth=30)
 
 
 def test_mixed_load(tmp_path: Path) -> None:
     """Every scenario of the mix at small concurrency: no error but intended limits, every answer right,
     every dataset holding exactly what the clients committed, no file-descriptor or thread growth."""
-    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=12, mix="mixed")
+    plan = loadgen.LoadPlan(clients=6, processes=2, seconds=30, mix="mixed")
     report, _ = run_plan(tmp_path / "root", plan, SHORT_LIMITS)
     assert report.problems() == [], report.markdown()
     ran = {name for name, latencies in report.outcomes.latencies.items() if latencies}
