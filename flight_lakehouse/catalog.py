@@ -28,6 +28,7 @@ from pyiceberg.exceptions import (
     TableAlreadyExistsError,
 )
 from pyiceberg.io.pyarrow import parquet_file_to_data_file, schema_to_pyarrow
+from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import StaticTable, Table, TableProperties, Transaction
 from pyiceberg.table.update.snapshot import ExpireSnapshots
@@ -392,20 +393,12 @@ class DatasetCatalog:
             )
         new_files = data_files(tx, files) if files else []
         if replace:
-            replaced = [task.file for task in tx._table.scan().plan_files()]
-            with tx.update_snapshot().overwrite() as overwrite:  # one snapshot: old files out, new in
-                for data_file in replaced:
-                    overwrite.delete_data_file(data_file)
-                for data_file in new_files:
-                    overwrite.append_data_file(data_file)
+            overwrite(tx, [task.file for task in tx._table.scan().plan_files()], new_files)
         elif new_files:  # merges the manifests once there are COMMIT_PROPERTIES' min-count of them
             with tx.update_snapshot().merge_append() as append:
                 for data_file in new_files:
                     append.append_data_file(data_file)
-        expire(tx, self.retention)
-        table = self._commit(name, tx)
-        snapshot = table.current_snapshot()
-        return snapshot.snapshot_id if snapshot else None
+        return self._commit_snapshot(name, tx)
 
     def replace_files(self, name: str, replaced: list[str], files: list[str]) -> int | None:
         """Commit ``files`` in place of the data files ``replaced`` (a compaction: the same rows), as one
@@ -418,12 +411,12 @@ class DatasetCatalog:
                 f"files of dataset {name!r} were replaced during the compaction (an overwrite, or a "
                 "compaction by another server); nothing changed, retry"
             )
-        new_files = data_files(tx, files)
-        with tx.update_snapshot().overwrite() as overwrite:
-            for path in replaced:
-                overwrite.delete_data_file(current[path])
-            for data_file in new_files:
-                overwrite.append_data_file(data_file)
+        overwrite(tx, [current[path] for path in replaced], data_files(tx, files))
+        return self._commit_snapshot(name, tx)
+
+    def _commit_snapshot(self, name: str, tx: Transaction) -> int | None:
+        """Commit ``tx`` with the expiry of the snapshots the server's retention lets go; the new current
+        snapshot's id."""
         expire(tx, self.retention)
         snapshot = self._commit(name, tx).current_snapshot()
         return snapshot.snapshot_id if snapshot else None
@@ -457,6 +450,15 @@ class DatasetCatalog:
             "snapshots_after": before - len(expired),
             "seconds": round(time.monotonic() - started, 3),
         }
+
+
+def overwrite(tx: Transaction, removed: list[DataFile], added: list[DataFile]) -> None:
+    """Add to ``tx`` one snapshot taking the data files ``removed`` out and putting ``added`` in."""
+    with tx.update_snapshot().overwrite() as change:
+        for data_file in removed:
+            change.delete_data_file(data_file)
+        for data_file in added:
+            change.append_data_file(data_file)
 
 
 def expire(tx: Transaction, retention: Retention) -> list[int]:
@@ -580,7 +582,7 @@ def field_with_id(field: pa.Field, nested: NestedField) -> pa.Field:
     return pa.field(field.name, kind, field.nullable, metadata)
 
 
-def data_files(tx: Transaction, files: Iterable[str]) -> list:
+def data_files(tx: Transaction, files: Iterable[str]) -> list[DataFile]:
     """Iceberg DataFile entries (with column statistics) of freshly written Parquet files."""
     metadata = tx.table_metadata
     io = tx._table.io

@@ -24,7 +24,7 @@ from flight_lakehouse.ingest import RollingParquetWriter, conform
 from flight_lakehouse.settings import Settings
 
 if TYPE_CHECKING:
-    from pyiceberg.table import FileScanTask
+    from pyiceberg.table import FileScanTask, Table
 
     from flight_lakehouse.datasets.base import Namespace
 
@@ -38,15 +38,15 @@ MAX_INPUT_BYTES = 2 << 30
 
 @dataclass(frozen=True)
 class CompactionPlan:
-    """The small files of one snapshot that a compaction rewrites."""
+    """The small files of one snapshot of a table that a compaction rewrites."""
 
+    table: Table
     tasks: list[FileScanTask]
 
     @classmethod
-    def of(cls, catalog: DatasetCatalog, name: str, settings: Settings) -> CompactionPlan:
-        """The small files of the dataset's current snapshot, smallest first, within ``MAX_INPUT_BYTES``."""
+    def of(cls, table: Table, settings: Settings) -> CompactionPlan:
+        """The small files of the table's current snapshot, smallest first, within ``MAX_INPUT_BYTES``."""
         small_bytes = (settings.target_file_mb << 20) * SMALL_SHARE
-        table = catalog.load(name)
         small = sorted(
             (task for task in table.scan().plan_files() if task.file.file_size_in_bytes < small_bytes),
             key=lambda task: task.file.file_size_in_bytes,
@@ -57,7 +57,7 @@ class CompactionPlan:
                 break
             chosen.append(task)
             total += task.file.file_size_in_bytes
-        return cls(chosen if len(chosen) >= 2 else [])
+        return cls(table, chosen if len(chosen) >= 2 else [])
 
     @property
     def paths(self) -> list[str]:
@@ -70,62 +70,61 @@ class CompactionPlan:
         return sum(task.file.file_size_in_bytes for task in self.tasks)
 
 
-#: One compaction of a dataset at a time in this server: two would rewrite the same files, and the second
-#: commit would find them gone.
-_RUNNING: dict[str, threading.Lock] = {}
-_RUNNING_GUARD = threading.Lock()
+class Compactor:
+    """Compacts the Parquet datasets of one catalog, one compaction of a dataset at a time (two would
+    rewrite the same files, and the second commit would find them gone)."""
 
+    def __init__(self, catalog: DatasetCatalog, settings: Settings) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self._running: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
-def compact(catalog: DatasetCatalog, names: Namespace, settings: Settings, name: str) -> dict[str, Any]:
-    """Rewrite the small data files of dataset ``name`` into files of the target size, in one commit (after
-    a compaction of it already running here, planned on what that one left)."""
-    with _RUNNING_GUARD:
-        running = _RUNNING.setdefault(name.lower(), threading.Lock())
-    with running:
-        return _compact(catalog, names, settings, name)
+    def compact(self, names: Namespace, name: str) -> dict[str, Any]:
+        """Rewrite the small data files of dataset ``name`` into files of the target size, in one commit
+        (after a compaction of it already running here, planned on what that one left)."""
+        with self._guard:
+            running = self._running.setdefault(name.lower(), threading.Lock())
+        with running:
+            return self._compact(names, name)
 
+    def _compact(self, names: Namespace, name: str) -> dict[str, Any]:
+        started = time.monotonic()
+        plan = CompactionPlan.of(self.catalog.load(name), self.settings)
+        if not plan.tasks:
+            return {"files_compacted": 0, "files_written": 0, "bytes_compacted": 0}
+        writer = self._rewrite(name, plan)
+        try:
+            with names.write_lock(name):
+                self.catalog.replace_files(name, plan.paths, writer.files)
+        except BaseException:
+            writer.abort()
+            raise
+        log.info(
+            "compacted %d files of %s into %d (%d rows) in %.1f s",
+            len(plan.tasks),
+            name,
+            len(writer.files),
+            writer.rows,
+            time.monotonic() - started,
+        )
+        return {
+            "files_compacted": len(plan.tasks),
+            "files_written": len(writer.files),
+            "bytes_compacted": plan.input_bytes,
+        }
 
-def _compact(catalog: DatasetCatalog, names: Namespace, settings: Settings, name: str) -> dict[str, Any]:
-    started = time.monotonic()
-    plan = CompactionPlan.of(catalog, name, settings)
-    facts: dict[str, Any] = {"files_compacted": 0, "files_written": 0, "bytes_compacted": 0}
-    if not plan.tasks:
-        return facts
-    writer = rewrite(catalog, name, settings, plan)
-    try:
-        with names.write_lock(name):
-            catalog.replace_files(name, plan.paths, writer.files)
-    except BaseException:
-        writer.abort()
-        raise
-    log.info(
-        "compacted %d files of %s into %d (%d rows) in %.1f s",
-        len(plan.tasks),
-        name,
-        len(writer.files),
-        writer.rows,
-        time.monotonic() - started,
-    )
-    return {
-        "files_compacted": len(plan.tasks),
-        "files_written": len(writer.files),
-        "bytes_compacted": plan.input_bytes,
-    }
-
-
-def rewrite(
-    catalog: DatasetCatalog, name: str, settings: Settings, plan: CompactionPlan
-) -> RollingParquetWriter:
-    """The rows of ``plan``'s files written anew (batch by batch) in the table's current schema."""
-    table = catalog.load(name)
-    schema = with_field_ids(arrow_schema(table), table, evolve=False)
-    writer = RollingParquetWriter(catalog, name, schema, settings)
-    try:
-        scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
-        for batch in scan.to_record_batches(plan.tasks):
-            writer.write(conform(batch, schema))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return writer
+    def _rewrite(self, name: str, plan: CompactionPlan) -> RollingParquetWriter:
+        """The rows of ``plan``'s files written anew (batch by batch) in the table's current schema."""
+        table = plan.table
+        schema = with_field_ids(arrow_schema(table), table, evolve=False)
+        writer = RollingParquetWriter(self.catalog, name, schema, self.settings)
+        try:
+            scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
+            for batch in scan.to_record_batches(plan.tasks):
+                writer.write(conform(batch, schema))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer

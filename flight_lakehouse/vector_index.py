@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from flight_lakehouse.commands import CreateIndex
-from flight_lakehouse.datasets.lance import LanceTables, is_conflict
+from flight_lakehouse.datasets.lance import LanceTables, retry_preempted
 from flight_lakehouse.errors import AlreadyExists, InvalidArgument, Unavailable
 from flight_lakehouse.process import large_work_finished
 from flight_lakehouse.settings import Settings
-from flight_lakehouse.vectors import lance_error, table_metric, vector_columns
+from flight_lakehouse.vectors import table_metric, vector_columns
 
 if TYPE_CHECKING:
     import lance
@@ -129,11 +129,13 @@ class IndexBuilder:
     def _build(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
         build.started_at = time.monotonic()
         try:
-            self._build_retrying(build, spec, replace)
-        except Exception as exc:
-            error = lance_error(
-                exc, self.tables.storage.root_uri, f"index {build.name!r} on {build.dataset!r}"
+            retry_preempted(
+                lambda: self._build_once(build, spec, replace),
+                BUILD_ATTEMPTS,
+                self.tables.storage.root_uri,
+                f"index {build.name!r} on {build.dataset!r}",
             )
+        except Exception as error:  # as lance_error made it
             build.error, build.retryable = str(error), isinstance(error, Unavailable)
             self.failures += 1
             logging.getLogger(__name__).warning("index build failed: %s", build.error)
@@ -144,26 +146,13 @@ class IndexBuilder:
             if self._builds.get((build.dataset, build.column)) is build:
                 del self._builds[(build.dataset, build.column)]
 
-    def _build_retrying(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
-        """Build on the newest version, again when a commit meanwhile (an ``optimize``'s compaction, a
-        write by another server) preempted the index's commit."""
-        for attempt in range(1, BUILD_ATTEMPTS + 1):
-            try:
-                self.tables.refresh_version(build.dataset)
-                spec.build(self.tables.writable(build.dataset), build.column, build.name, replace)
-                self.tables.committed(build.dataset)
-                self.tables.renew_caches()  # let go of the readers of a replaced index
-                return
-            except Exception as exc:
-                error = lance_error(exc, self.tables.storage.root_uri, f"index {build.name!r}")
-                if attempt == BUILD_ATTEMPTS or not is_conflict(error):
-                    raise
-                logging.getLogger(__name__).info(
-                    "index %s on %s preempted by a concurrent commit (attempt %d); again",
-                    build.name,
-                    build.dataset,
-                    attempt,
-                )
+    def _build_once(self, build: IndexBuild, spec: IndexSpec, replace: bool) -> None:
+        """One try of the build, on the newest version (a commit meanwhile, an ``optimize``'s compaction or
+        a write by another server, may preempt the index's commit: :func:`retry_preempted` tries again)."""
+        self.tables.refresh_version(build.dataset)
+        spec.build(self.tables.writable(build.dataset), build.column, build.name, replace)
+        self.tables.committed(build.dataset)
+        self.tables.renew_caches()  # let go of the readers of a replaced index
 
     def describe(self, dataset: str, facts: dict[str, Any]) -> None:
         """Add the builds not finished (and failed ones) to a table's ``describe_dataset`` indexes."""

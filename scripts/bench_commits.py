@@ -19,17 +19,15 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from scripts.harness import Server, log
+from scripts.harness import Server, log, metric_sum
 from tests.postgres import PostgreSQL
 from tests.seaweedfs import SeaweedFS
 
@@ -64,10 +62,7 @@ def append_for(location: str, seconds: float, client: int, results: multiprocess
 
 def retries(server: Server) -> float:
     """The server's ``flight_lakehouse_commit_retries_total``."""
-    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    found = re.search(r"^flight_lakehouse_commit_retries_total (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return metric_sum(server.http_url, ["flight_lakehouse_commit_retries"])
 
 
 def count(server: Server) -> int:

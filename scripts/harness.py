@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,6 +194,22 @@ class PeakRss:
         match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
         assert match is not None, status
         self.peak = int(match.group(1)) * 1024
+
+
+def metric_sum(http_url: str, families: Iterable[str], timeout: float = 10.0) -> float:
+    """The sum of every sample of the metric ``families`` (a counter's family is named without its
+    ``_total``) in the server's ``/metrics`` at ``http_url``; ``OSError`` when it cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{http_url}/metrics", timeout=timeout) as answer:
+        text = answer.read().decode()
+    wanted = set(families)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name in wanted
+        for sample in family.samples
+    )
 
 
 def cpu_seconds(pid: int | None = None) -> float:

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -547,15 +546,12 @@ CACHE_GAUGES = (
 
 def cache_bytes(metrics_url: str) -> int | None:
     """The bytes the server's bounded caches hold, summed from its ``/metrics`` (None when unreadable)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from scripts.harness import metric_sum
 
     try:
-        with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
+        return int(metric_sum(metrics_url, CACHE_GAUGES, timeout=5))
     except OSError:
         return None
-    families = text_string_to_metric_families(text)
-    return int(sum(sample.value for f in families if f.name in CACHE_GAUGES for sample in f.samples))
 
 
 class Sampler:

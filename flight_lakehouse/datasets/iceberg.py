@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from flight_lakehouse.catalog import DatasetCatalog, arrow_schema, summarise
 from flight_lakehouse.commands import IngestOptions
-from flight_lakehouse.compaction import compact
+from flight_lakehouse.compaction import Compactor
 from flight_lakehouse.datasets.base import Batches, Facts, Namespace, Retention, TableFormat
 from flight_lakehouse.ingest import IngestSession
 from flight_lakehouse.settings import Settings
@@ -23,6 +23,7 @@ class IcebergTables(TableFormat):
     def __init__(self, catalog: DatasetCatalog, settings: Settings) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.compactor = Compactor(catalog, settings)
 
     def names(self) -> list[str]:
         return self.catalog.names()
@@ -53,7 +54,7 @@ class IcebergTables(TableFormat):
         """Compact the small data files, then expire the snapshots ``retention`` lets go (their files are
         left to ``gc``)."""
         started = time.monotonic()
-        compacted = compact(self.catalog, names, self.settings, name)
+        compacted = self.compactor.compact(names, name)
         with names.write_lock(name):
             expired = self.expire(name, retention)
         return {**expired, **compacted, "seconds": round(time.monotonic() - started, 3)}

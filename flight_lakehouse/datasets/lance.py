@@ -72,13 +72,6 @@ def versions_of(dataset: lance.LanceDataset) -> list[dict[str, Any]]:
     raise AssertionError("unreachable")
 
 
-def expiring(versions: list[dict[str, Any]], retention: Retention) -> list[dict[str, Any]]:
-    """The versions ``retention`` lets go: beyond the newest ``keep_last`` and older than ``keep_seconds``."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention.keep_seconds)
-    older = sorted(versions, key=lambda version: version["version"])[: -retention.keep_last]
-    return [version for version in older if as_utc(version["timestamp"]) < cutoff]
-
-
 def as_utc(moment: datetime) -> datetime:
     """``moment`` as an aware UTC time (Lance's naive timestamps are UTC, as :func:`iso` reads them)."""
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
@@ -91,6 +84,21 @@ OPTIMIZE_ATTEMPTS = 5
 def is_conflict(error: BaseException) -> bool:
     """Whether :func:`~flight_lakehouse.vectors.lance_error` made ``error`` of a commit conflict."""
     return isinstance(error, Unavailable) and "a concurrent write won" in str(error)
+
+
+def retry_preempted(attempt: Callable[[], None], attempts: int, root: str, doing: str) -> None:
+    """Run ``attempt`` (a change that leaves the rows as they are: a compaction, an index), again when a
+    concurrent commit preempted its own; anything else, or the last preemption, is raised as
+    :func:`~flight_lakehouse.vectors.lance_error` makes it."""
+    for number in range(1, attempts + 1):
+        try:
+            attempt()
+            return
+        except Exception as exc:
+            error = lance_error(exc, root, doing)
+            if number == attempts or not is_conflict(error):
+                raise error from None
+            log.info("%s preempted by a concurrent commit (attempt %d); again", doing, number)
 
 
 def total_bytes(dataset: lance.LanceDataset, versions: list[dict[str, Any]]) -> int:
@@ -540,7 +548,8 @@ class LanceTables(TableFormat):
 
         versions = versions_of(self.dataset(name))
         now = self.storage.leases.run_when_unread(name, clean_up)
-        expired = removed["versions"] if now else len(expiring(versions, retention))
+        in_order = sorted((v["version"], as_utc(v["timestamp"]).timestamp() * 1000) for v in versions)
+        expired = removed["versions"] if now else len(retention.expired(in_order))
         return {
             "dataset": name,
             "snapshots_before": len(versions),
@@ -576,7 +585,12 @@ class LanceTables(TableFormat):
         versions_before, bytes_before = len(versions), total_bytes(before, versions)
         started = time.monotonic()
         with self.rewrites(name).writing():
-            self._optimize_retrying(name)
+            retry_preempted(
+                lambda: self._optimize_once(name),
+                OPTIMIZE_ATTEMPTS,
+                self.storage.root_uri,
+                f"optimize on {name!r}",
+            )
             self.committed(name)  # before a delete waiting for the lock takes its handle
         self.renew_caches()  # let go of the readers of the index versions optimize replaced
         # the versions up to the compaction's go once no running read uses them (a search or a query
@@ -613,18 +627,6 @@ class LanceTables(TableFormat):
     def reading(self, name: str) -> Lease:
         """A lease on ``name`` for a read outside a query (a search): its version's files stay meanwhile."""
         return self.storage.leases.hold([name])
-
-    def _optimize_retrying(self, name: str) -> None:
-        """:meth:`_optimize_once`, again when a write by another process preempted its commit."""
-        for attempt in range(1, OPTIMIZE_ATTEMPTS + 1):
-            try:
-                self._optimize_once(name)
-                return
-            except Exception as exc:
-                error = lance_error(exc, self.storage.root_uri, f"optimize on {name!r}")
-                if attempt == OPTIMIZE_ATTEMPTS or not is_conflict(error):
-                    raise error from None
-                log.info("optimize on %s preempted by a concurrent write (attempt %d); again", name, attempt)
 
     def _optimize_once(self, name: str) -> None:
         """One try of :meth:`optimize`'s compaction on the newest version (a concurrent write may preempt
